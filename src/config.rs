@@ -1,0 +1,631 @@
+//! Configuration: the TOML file (or the quick-start flags) read into all-defaulted file
+//! structs, then validated into the [`Config`] the rest of the code sees.
+//!
+//! Every error names the key (`pool[0].backend[1].address`) and, for a file, its line: serde
+//! errors carry both through `serde_path_to_error` and toml's spans; checks that span several
+//! keys (duplicate names, ranges) name their key and the line is found in the parsed document.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::core::affinity::TableLimits;
+use crate::core::balance::Policy;
+use crate::core::backend::BackendId;
+use crate::core::route::HostMatch;
+use crate::core::session_id::{IdRules, SessionNames};
+use crate::error::ConfigError;
+
+/// The default traffic listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// The whole file, as written. Every field has a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Plain HTTP listeners (HTTP/1.1 and h2c).
+    pub listen: Vec<SocketAddr>,
+    /// How tidegate talks to backends.
+    pub upstream: UpstreamFile,
+    /// The pools; the first `[[pool]]` with no `hosts` is the catch-all.
+    #[serde(rename = "pool")]
+    pub pools: Vec<PoolFile>,
+}
+
+/// `[upstream]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamFile {
+    /// Seconds to wait for a backend connection before answering 502.
+    pub connect_timeout: u64,
+    /// Seconds an idle pooled backend connection is kept.
+    pub idle_timeout: u64,
+    /// Most idle connections kept per backend.
+    pub max_idle_per_backend: usize,
+}
+
+impl Default for UpstreamFile {
+    fn default() -> Self {
+        UpstreamFile {
+            connect_timeout: 3,
+            idle_timeout: 90,
+            max_idle_per_backend: 64,
+        }
+    }
+}
+
+/// `[[pool]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolFile {
+    /// Pool name, unique.
+    pub name: String,
+    /// Host patterns (`example.com`, `*.example.com`); empty matches any host.
+    pub hosts: Vec<String>,
+    /// Path prefix, matched at a segment boundary.
+    pub path_prefix: String,
+    /// `session` or `client-ip`.
+    pub affinity: AffinityMode,
+    /// `round-robin` or `least-sessions`.
+    pub policy: PolicyName,
+    /// Session id names, rules and table limits.
+    pub session: SessionFile,
+    /// The inserted affinity cookie; absent means off.
+    pub affinity_cookie: Option<AffinityCookieFile>,
+    /// The backends.
+    #[serde(rename = "backend")]
+    pub backends: Vec<BackendFile>,
+}
+
+impl Default for PoolFile {
+    fn default() -> Self {
+        PoolFile {
+            name: "default".into(),
+            hosts: Vec::new(),
+            path_prefix: "/".into(),
+            affinity: AffinityMode::Session,
+            policy: PolicyName::RoundRobin,
+            session: SessionFile::default(),
+            affinity_cookie: None,
+            backends: Vec::new(),
+        }
+    }
+}
+
+/// `affinity = "session" | "client-ip"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AffinityMode {
+    /// Pin session ids through the affinity table.
+    Session,
+    /// Hash the client address; no table, no parsing.
+    ClientIp,
+}
+
+/// `policy = "round-robin" | "least-sessions"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyName {
+    /// Weighted round-robin.
+    RoundRobin,
+    /// Fewest live pins per weight.
+    LeastSessions,
+}
+
+/// `[pool.session]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionFile {
+    /// Query and form field carrying the id.
+    pub param: String,
+    /// Cookie names carrying the id.
+    pub cookies: Vec<String>,
+    /// Path parameter carrying the id (`""` disables).
+    pub path_param: String,
+    /// Shortest valid id.
+    pub id_min_length: usize,
+    /// Longest valid id.
+    pub id_max_length: usize,
+    /// Characters of a valid id, as ranges.
+    pub id_chars: String,
+    /// Bytes of a form POST body read to find the id (0 disables).
+    pub form_peek_bytes: usize,
+    /// Bytes of an HTML reply scanned for the id in links (0 disables).
+    pub page_scan_bytes: usize,
+    /// Seconds without use before a pin expires.
+    pub idle_timeout: u32,
+    /// Seconds after creation before a pin expires.
+    pub max_lifetime: u32,
+    /// Most pins held.
+    pub max_pins: usize,
+}
+
+impl Default for SessionFile {
+    fn default() -> Self {
+        let limits = TableLimits::default();
+        SessionFile {
+            param: "_s".into(),
+            cookies: vec!["_s".into()],
+            path_param: "jsessionid".into(),
+            id_min_length: 1,
+            id_max_length: 64,
+            id_chars: "A-Za-z0-9_-".into(),
+            form_peek_bytes: 64 * 1024,
+            page_scan_bytes: 32 * 1024,
+            idle_timeout: limits.idle_timeout,
+            max_lifetime: limits.max_lifetime,
+            max_pins: limits.max_pins,
+        }
+    }
+}
+
+/// `[pool.affinity_cookie]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityCookieFile {
+    /// Cookie name.
+    #[serde(default = "default_cookie_name")]
+    pub name: String,
+    /// HMAC secret, at least 16 bytes.
+    pub secret: String,
+}
+
+fn default_cookie_name() -> String {
+    "tidegate".into()
+}
+
+/// `[[pool.backend]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendFile {
+    /// `host:port` (an IP address and port).
+    pub address: SocketAddr,
+    /// Stable name; defaults to the address.
+    pub name: Option<String>,
+    /// Share of new sessions, 1–256.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Plain HTTP listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Upstream settings.
+    pub upstream: UpstreamConfig,
+    /// Pools, in file order.
+    pub pools: Vec<PoolConfig>,
+}
+
+/// Validated `[upstream]`.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamConfig {
+    /// Connect timeout.
+    pub connect_timeout: std::time::Duration,
+    /// Idle pooled connection lifetime.
+    pub idle_timeout: std::time::Duration,
+    /// Idle connections kept per backend.
+    pub max_idle_per_backend: usize,
+}
+
+/// A validated pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Name.
+    pub name: String,
+    /// Host patterns (`Any` when none were given).
+    pub hosts: Vec<HostMatch>,
+    /// Path prefix.
+    pub path_prefix: String,
+    /// Session affinity settings, or `None` for client-IP mode.
+    pub session: Option<SessionConfig>,
+    /// New-session policy.
+    pub policy: Policy,
+    /// Affinity cookie name and secret.
+    pub affinity_cookie: Option<(String, Vec<u8>)>,
+    /// Backends.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// Validated session settings.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Where ids travel.
+    pub names: SessionNames,
+    /// What ids look like.
+    pub rules: IdRules,
+    /// Table limits.
+    pub limits: TableLimits,
+    /// Form peek bound.
+    pub form_peek_bytes: usize,
+    /// Page scan bound.
+    pub page_scan_bytes: usize,
+}
+
+/// A validated backend.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    /// Stable name.
+    pub name: String,
+    /// Address.
+    pub address: SocketAddr,
+    /// Weight.
+    pub weight: u32,
+}
+
+/// A validation failure: the key it concerns and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// Dotted key path, e.g. `pool[0].backend[1].weight`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `file` names it in errors.
+    pub fn from_toml(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let at = |key: String, message: String, span: Option<std::ops::Range<usize>>| {
+            ConfigError::Invalid {
+                file: file.to_string(),
+                line: span.map(|s| line_of(text, s.start)),
+                key,
+                message,
+            }
+        };
+        let deserializer = toml::Deserializer::parse(text)
+            .map_err(|e| at(String::new(), e.message().to_string(), e.span()))?;
+        let parsed: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let key = if key == "." { String::new() } else { key };
+            at(key, inner.message().to_string(), inner.span())
+        })?;
+        parsed.validate().map_err(|inv| {
+            let span = span_of(text, &inv.key);
+            at(inv.key, inv.message, span)
+        })
+    }
+}
+
+impl FileConfig {
+    /// Checks every value and builds the [`Config`].
+    pub fn validate(self) -> Result<Config, Invalid> {
+        if self.pools.is_empty() {
+            return Err(invalid("pool", "at least one [[pool]] with a backend is required"));
+        }
+        let u = &self.upstream;
+        if u.connect_timeout == 0 {
+            return Err(invalid("upstream.connect_timeout", "must be at least 1 second"));
+        }
+        let upstream = UpstreamConfig {
+            connect_timeout: std::time::Duration::from_secs(u.connect_timeout),
+            idle_timeout: std::time::Duration::from_secs(u.idle_timeout),
+            max_idle_per_backend: u.max_idle_per_backend,
+        };
+        let mut pools: Vec<PoolConfig> = Vec::with_capacity(self.pools.len());
+        for (i, pool) in self.pools.into_iter().enumerate() {
+            let key = format!("pool[{i}]");
+            let pool = pool.validate(&key)?;
+            if let Some(first) = pools.iter().position(|p| p.name == pool.name) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("pool name {:?} is already used by pool[{first}]", pool.name),
+                ));
+            }
+            if let Some(first) = pools
+                .iter()
+                .position(|p| p.hosts == pool.hosts && p.path_prefix == pool.path_prefix)
+            {
+                return Err(invalid(
+                    format!("{key}.path_prefix"),
+                    format!(
+                        "pool[{first}] already serves the same hosts and path prefix {:?}",
+                        pool.path_prefix
+                    ),
+                ));
+            }
+            pools.push(pool);
+        }
+        let listen = if self.listen.is_empty() {
+            vec![DEFAULT_LISTEN.parse().expect("default listen address")]
+        } else {
+            self.listen
+        };
+        Ok(Config {
+            listen,
+            upstream,
+            pools,
+        })
+    }
+}
+
+impl PoolFile {
+    fn validate(self, key: &str) -> Result<PoolConfig, Invalid> {
+        if self.name.is_empty() || !self.name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                format!("{key}.name"),
+                "must be non-empty printable ASCII without spaces",
+            ));
+        }
+        if !self.path_prefix.starts_with('/') {
+            return Err(invalid(format!("{key}.path_prefix"), "must start with '/'"));
+        }
+        let mut hosts = Vec::with_capacity(self.hosts.len());
+        for (j, h) in self.hosts.iter().enumerate() {
+            if h.is_empty() || h.contains(['/', ' ', ':']) {
+                return Err(invalid(
+                    format!("{key}.hosts[{j}]"),
+                    format!("{h:?} is not a host name or *.domain pattern"),
+                ));
+            }
+            hosts.push(HostMatch::parse(h));
+        }
+        if hosts.is_empty() {
+            hosts.push(HostMatch::Any);
+        }
+        if self.backends.is_empty() {
+            return Err(invalid(
+                format!("{key}.backend"),
+                "a pool needs at least one [[pool.backend]]",
+            ));
+        }
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(self.backends.len());
+        for (j, b) in self.backends.into_iter().enumerate() {
+            let bkey = format!("{key}.backend[{j}]");
+            if !(1..=256).contains(&b.weight) {
+                return Err(invalid(format!("{bkey}.weight"), "must be between 1 and 256"));
+            }
+            let name = b.name.unwrap_or_else(|| b.address.to_string());
+            if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic()) {
+                return Err(invalid(
+                    format!("{bkey}.name"),
+                    "must be non-empty printable ASCII without spaces",
+                ));
+            }
+            let id = BackendId::from_name(&name);
+            if let Some(k) = backends.iter().position(|o| o.name == name) {
+                return Err(invalid(
+                    format!("{bkey}.name"),
+                    format!("backend name {name:?} is already used by {key}.backend[{k}]"),
+                ));
+            }
+            if let Some(k) = backends
+                .iter()
+                .position(|o| BackendId::from_name(&o.name) == id)
+            {
+                return Err(invalid(
+                    format!("{bkey}.name"),
+                    format!("backend name {name:?} hashes to the same id as {key}.backend[{k}]; rename one"),
+                ));
+            }
+            backends.push(BackendConfig {
+                name,
+                address: b.address,
+                weight: b.weight,
+            });
+        }
+        let session = match self.affinity {
+            AffinityMode::ClientIp => None,
+            AffinityMode::Session => Some(self.session.validate(&format!("{key}.session"))?),
+        };
+        let affinity_cookie = match self.affinity_cookie {
+            None => None,
+            Some(c) => {
+                let ckey = format!("{key}.affinity_cookie");
+                if c.name.is_empty() || !c.name.bytes().all(is_token_byte) {
+                    return Err(invalid(format!("{ckey}.name"), "must be a cookie name (an HTTP token)"));
+                }
+                if c.secret.len() < 16 {
+                    return Err(invalid(format!("{ckey}.secret"), "must be at least 16 bytes"));
+                }
+                if session.is_none() {
+                    return Err(invalid(ckey, "needs affinity = \"session\""));
+                }
+                Some((c.name, c.secret.into_bytes()))
+            }
+        };
+        Ok(PoolConfig {
+            name: self.name,
+            hosts,
+            path_prefix: self.path_prefix,
+            session,
+            policy: match self.policy {
+                PolicyName::RoundRobin => Policy::RoundRobin,
+                PolicyName::LeastSessions => Policy::LeastSessions,
+            },
+            affinity_cookie,
+            backends,
+        })
+    }
+}
+
+impl SessionFile {
+    fn validate(self, key: &str) -> Result<SessionConfig, Invalid> {
+        let name_ok = |n: &str| !n.is_empty() && n.bytes().all(is_token_byte);
+        if !name_ok(&self.param) {
+            return Err(invalid(format!("{key}.param"), "must be a non-empty field name"));
+        }
+        for (i, c) in self.cookies.iter().enumerate() {
+            if !name_ok(c) {
+                return Err(invalid(format!("{key}.cookies[{i}]"), "must be a cookie name"));
+            }
+        }
+        if !self.path_param.is_empty() && !name_ok(&self.path_param) {
+            return Err(invalid(format!("{key}.path_param"), "must be a parameter name or \"\""));
+        }
+        let rules = IdRules::new(self.id_min_length, self.id_max_length, &self.id_chars)
+            .map_err(|m| {
+                let which = if m.contains("class") { "id_chars" } else { "id_max_length" };
+                invalid(format!("{key}.{which}"), m)
+            })?;
+        if self.form_peek_bytes > 1 << 20 {
+            return Err(invalid(format!("{key}.form_peek_bytes"), "must be at most 1048576"));
+        }
+        if self.page_scan_bytes > 1 << 20 {
+            return Err(invalid(format!("{key}.page_scan_bytes"), "must be at most 1048576"));
+        }
+        if self.idle_timeout == 0 {
+            return Err(invalid(format!("{key}.idle_timeout"), "must be at least 1 second"));
+        }
+        if self.max_lifetime < self.idle_timeout {
+            return Err(invalid(
+                format!("{key}.max_lifetime"),
+                "must be at least idle_timeout",
+            ));
+        }
+        if self.max_pins == 0 {
+            return Err(invalid(format!("{key}.max_pins"), "must be at least 1"));
+        }
+        Ok(SessionConfig {
+            names: SessionNames {
+                param: self.param.into(),
+                cookies: self.cookies.into_iter().map(Into::into).collect(),
+                path_param: (!self.path_param.is_empty()).then(|| self.path_param.into()),
+            },
+            rules,
+            limits: TableLimits {
+                idle_timeout: self.idle_timeout,
+                max_lifetime: self.max_lifetime,
+                max_pins: self.max_pins,
+            },
+            form_peek_bytes: self.form_peek_bytes,
+            page_scan_bytes: self.page_scan_bytes,
+        })
+    }
+}
+
+/// RFC 9110 token characters (cookie and field names).
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The span of the value at a key path such as `pool[0].backend[1].name` (or of its closest
+/// ancestor present in the file, when the key itself was defaulted).
+fn span_of(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let mut span = None;
+    let mut table: Option<&DeTable<'_>> = Some(root.get_ref());
+    for segment in key.split('.') {
+        let (name, index) = match segment.split_once('[') {
+            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (segment, None),
+        };
+        let Some(value) = table.and_then(|t| t.get(name)) else {
+            break;
+        };
+        span = Some(value.span());
+        let mut current = value.get_ref();
+        if let (Some(i), DeValue::Array(items)) = (index, current) {
+            let Some(item) = items.get(i) else { break };
+            span = Some(item.span());
+            current = item.get_ref();
+        }
+        table = match current {
+            DeValue::Table(t) => Some(t),
+            _ => None,
+        };
+    }
+    span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, String> {
+        Config::from_toml(text, "t.toml").map_err(|e| e.to_string())
+    }
+
+    const MINIMAL: &str = r#"
+[[pool]]
+name = "app"
+[[pool.backend]]
+address = "127.0.0.1:9001"
+"#;
+
+    #[test]
+    fn minimal_file_gets_seaside_defaults() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.listen, vec![DEFAULT_LISTEN.parse::<SocketAddr>().unwrap()]);
+        let s = c.pools[0].session.as_ref().unwrap();
+        assert_eq!(&*s.names.param, "_s");
+        assert_eq!(s.limits, TableLimits::default());
+        assert_eq!(c.pools[0].backends[0].name, "127.0.0.1:9001");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = load("listen = [\"127.0.0.1:1\"]\n[[pool]]\nname = \"a\"\nbogus = 1\n").unwrap_err();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named_with_key_and_line() {
+        let text = "[[pool]]\nname = \"a\"\n[[pool.backend]]\naddress = \"nowhere\"\n";
+        let err = load(text).unwrap_err();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("pool[0].backend[0].address"), "{err}");
+    }
+
+    #[test]
+    fn cross_key_errors_find_their_line() {
+        let text = "[[pool]]\nname = \"a\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\nname = \"x\"\n\
+[[pool.backend]]\naddress = \"127.0.0.1:2\"\nname = \"x\"\n";
+        let err = load(text).unwrap_err();
+        assert!(err.contains("line 8"), "{err}");
+        assert!(err.contains("pool[0].backend[1].name"), "{err}");
+        let text = "[[pool]]\nname = \"a\"\n[pool.session]\nidle_timeout = 0\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n";
+        let err = load(text).unwrap_err();
+        assert!(err.contains("line 4") && err.contains("idle_timeout"), "{err}");
+        let text = "[[pool]]\nname = \"a\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\nweight = 0\n";
+        let err = load(text).unwrap_err();
+        assert!(err.contains("line 5") && err.contains("weight"), "{err}");
+    }
+
+    #[test]
+    fn broken_toml_is_reported_with_its_line() {
+        let err = load("[[pool]\nname = 1").unwrap_err();
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn short_cookie_secret_is_refused() {
+        let text = format!("{MINIMAL}[pool.affinity_cookie]\nsecret = \"short\"\n");
+        let err = load(&text).unwrap_err();
+        assert!(err.contains("affinity_cookie.secret") && err.contains("line 7"), "{err}");
+    }
+}

@@ -1,0 +1,516 @@
+//! The affinity table: session id → owning backend, concurrent, bounded, expiring.
+//!
+//! Keys are a 128-bit fixed-seed hash of the id ([`PinKey`]), so a pin costs the same 32 bytes
+//! whatever the id's length, a lookup never allocates, and every instance derives the same key
+//! from the same id. Values are plain data ([`Pin`]) with the last-use time kept atomic, so a
+//! lookup refreshes it under the shard's *read* lock: readers never block one another.
+//!
+//! Time comes in as an argument (`now`, unix seconds), which keeps the table free of clocks.
+//! Expiry is lazy on lookup plus [`AffinityTable::sweep`], which an edge task runs off the
+//! request path; the bound is kept by evicting the stalest pins.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use dashmap::DashMap;
+
+use crate::core::backend::{BackendId, FIXED_SEED};
+
+/// The table key of a session id: 128 bits of a fixed-seed hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinKey([u64; 2]);
+
+impl PinKey {
+    /// The key of `id`.
+    #[inline]
+    pub fn of(id: &str) -> Self {
+        let h = xxhash_rust::xxh3::xxh3_128_with_seed(id.as_bytes(), FIXED_SEED);
+        PinKey([h as u64, (h >> 64) as u64])
+    }
+}
+
+impl Hash for PinKey {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // The key already is a uniform hash: hand the map 64 of its bits as they are.
+        state.write_u64(self.0[0]);
+    }
+}
+
+/// A hasher that passes a [`PinKey`]'s own bits through.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        // Only write_u64 is used by PinKey; fold anything else in for safety.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct BuildPassThrough;
+
+impl BuildHasher for BuildPassThrough {
+    type Hasher = PassThrough;
+    #[inline]
+    fn build_hasher(&self) -> PassThrough {
+        PassThrough(0)
+    }
+}
+
+/// One pin as plain data: who owns the session, and when it was created and last used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pin {
+    /// The owning backend.
+    pub backend: BackendId,
+    /// Unix seconds at creation.
+    pub created: u32,
+    /// Unix seconds at last use.
+    pub last_used: u32,
+}
+
+/// The stored form of a pin: last use is atomic so lookups refresh it under a read lock.
+struct Slot {
+    backend: BackendId,
+    created: u32,
+    last_used: AtomicU32,
+}
+
+/// How long pins live and how many there may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableLimits {
+    /// Seconds without use after which a pin expires (Seaside 3: 1800).
+    pub idle_timeout: u32,
+    /// Seconds after creation after which a pin expires however busy (Seaside 3: 28800).
+    pub max_lifetime: u32,
+    /// Most pins held; beyond it the stalest are evicted.
+    pub max_pins: usize,
+}
+
+impl Default for TableLimits {
+    fn default() -> Self {
+        TableLimits {
+            idle_timeout: 1800,
+            max_lifetime: 28800,
+            max_pins: 1_000_000,
+        }
+    }
+}
+
+impl TableLimits {
+    fn expired(&self, created: u32, last_used: u32, now: u32) -> bool {
+        now.saturating_sub(last_used) >= self.idle_timeout
+            || now.saturating_sub(created) >= self.max_lifetime
+    }
+}
+
+/// What [`AffinityTable::pin`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinOutcome {
+    /// A new pin was created.
+    Created,
+    /// The id was pinned elsewhere and now points at the new backend.
+    Moved {
+        /// Where the session was pinned before.
+        from: BackendId,
+    },
+    /// The id was already pinned to this backend; its last use was refreshed.
+    Refreshed,
+}
+
+/// Counts from one sweep or eviction pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// Pins that had expired.
+    pub expired: usize,
+    /// Live pins dropped to keep the bound.
+    pub evicted: usize,
+}
+
+/// The concurrent session → backend table of one pool.
+pub struct AffinityTable {
+    map: DashMap<PinKey, Slot, BuildPassThrough>,
+    len: AtomicUsize,
+    limits: TableLimits,
+    per_backend: RwLock<HashMap<BackendId, Arc<AtomicI64>>>,
+}
+
+/// Age histogram resolution for eviction: the stalest share is found in two passes over the
+/// table with this many counters, instead of sorting every pin.
+const AGE_BUCKETS: usize = 1024;
+
+impl AffinityTable {
+    /// An empty table with these limits.
+    pub fn new(limits: TableLimits) -> Self {
+        // Enough shards that one shard holds a few thousand pins at the bound, so a sweep
+        // holds any one shard's lock only briefly.
+        let shards = (limits.max_pins / 4096).next_power_of_two().clamp(64, 4096);
+        AffinityTable {
+            map: DashMap::with_capacity_and_hasher_and_shard_amount(0, BuildPassThrough, shards),
+            len: AtomicUsize::new(0),
+            limits,
+            per_backend: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The limits this table keeps.
+    pub fn limits(&self) -> TableLimits {
+        self.limits
+    }
+
+    /// The backend owning `key`, refreshing the pin's last use. An expired pin is removed
+    /// and reported as absent.
+    #[inline]
+    pub fn lookup(&self, key: PinKey, now: u32) -> Option<BackendId> {
+        let expired = {
+            let slot = self.map.get(&key)?;
+            let last = slot.last_used.load(Ordering::Relaxed);
+            if !self.limits.expired(slot.created, last, now) {
+                if last != now {
+                    slot.last_used.store(now, Ordering::Relaxed);
+                }
+                return Some(slot.backend);
+            }
+            true
+        };
+        if expired
+            && let Some((_, slot)) = self.map.remove_if(&key, |_, s| {
+                self.limits
+                    .expired(s.created, s.last_used.load(Ordering::Relaxed), now)
+            })
+        {
+            self.dropped(slot.backend);
+        }
+        None
+    }
+
+    /// The pin of `key` without refreshing it.
+    pub fn get(&self, key: PinKey) -> Option<Pin> {
+        self.map.get(&key).map(|s| Pin {
+            backend: s.backend,
+            created: s.created,
+            last_used: s.last_used.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Pins `key` to `backend`. Only what a backend said may reach here: the request path
+    /// calls it when a reply names a session, never for an id a client sent on its own.
+    pub fn pin(&self, key: PinKey, backend: BackendId, now: u32) -> PinOutcome {
+        if self.len.load(Ordering::Relaxed) >= self.limits.max_pins && self.map.get(&key).is_none()
+        {
+            // The sweeper normally keeps the table below its bound; this is the backstop.
+            self.evict_stalest(self.low_watermark(), now);
+        }
+        let fresh = Slot {
+            backend,
+            created: now,
+            last_used: AtomicU32::new(now),
+        };
+        let mut outcome = PinOutcome::Created;
+        self.map
+            .entry(key)
+            .and_modify(|slot| {
+                if slot.backend == backend {
+                    slot.last_used.store(now, Ordering::Relaxed);
+                    outcome = PinOutcome::Refreshed;
+                } else {
+                    outcome = PinOutcome::Moved { from: slot.backend };
+                    *slot = Slot {
+                        backend,
+                        created: now,
+                        last_used: AtomicU32::new(now),
+                    };
+                }
+            })
+            .or_insert(fresh);
+        match outcome {
+            PinOutcome::Created => {
+                self.len.fetch_add(1, Ordering::Relaxed);
+                self.counter(backend).fetch_add(1, Ordering::Relaxed);
+            }
+            PinOutcome::Moved { from } => {
+                self.forget(from, 1);
+                self.counter(backend).fetch_add(1, Ordering::Relaxed);
+            }
+            PinOutcome::Refreshed => {}
+        }
+        outcome
+    }
+
+    /// Removes the pin of `key`, if any.
+    pub fn unpin(&self, key: PinKey) -> Option<Pin> {
+        let (_, slot) = self.map.remove(&key)?;
+        self.dropped(slot.backend);
+        Some(Pin {
+            backend: slot.backend,
+            created: slot.created,
+            last_used: slot.last_used.into_inner(),
+        })
+    }
+
+    /// Number of pins held (expired ones count until swept).
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// Whether the table holds no pin.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Pins held for `backend`.
+    pub fn pins_of(&self, backend: BackendId) -> u64 {
+        self.per_backend
+            .read()
+            .expect("pin counters lock")
+            .get(&backend)
+            .map_or(0, |c| c.load(Ordering::Relaxed).max(0) as u64)
+    }
+
+    /// Removes expired pins, then evicts the stalest if the table is above its high-water
+    /// mark. Walks one shard at a time, so a request waits at most for one shard.
+    pub fn sweep(&self, now: u32) -> Removed {
+        let mut removed = Removed::default();
+        let mut gone: HashMap<BackendId, i64> = HashMap::new();
+        self.map.retain(|_, slot| {
+            let keep =
+                !self
+                    .limits
+                    .expired(slot.created, slot.last_used.load(Ordering::Relaxed), now);
+            if !keep {
+                *gone.entry(slot.backend).or_default() += 1;
+                removed.expired += 1;
+            }
+            keep
+        });
+        self.settle(&gone, removed.expired);
+        if self.len() > self.high_watermark() {
+            removed.evicted = self.evict_stalest(self.low_watermark(), now);
+        }
+        removed
+    }
+
+    /// Evicts the least recently used pins until at most `target` remain (a little below:
+    /// pins of the cut-off age go together). Returns how many were evicted.
+    pub fn evict_stalest(&self, target: usize, now: u32) -> usize {
+        let len = self.len();
+        if len <= target {
+            return 0;
+        }
+        // Pass 1: histogram of ages since last use.
+        let span = self.limits.idle_timeout.max(1) as u64;
+        let bucket_of = |last_used: u32| -> usize {
+            let age = u64::from(now.saturating_sub(last_used)).min(span);
+            ((age * (AGE_BUCKETS as u64 - 1)) / span) as usize
+        };
+        let mut histogram = vec![0usize; AGE_BUCKETS];
+        for slot in self.map.iter() {
+            histogram[bucket_of(slot.last_used.load(Ordering::Relaxed))] += 1;
+        }
+        // The youngest buckets that fit in `target` stay; the rest go.
+        let mut kept = 0;
+        let mut cutoff = AGE_BUCKETS;
+        for (bucket, count) in histogram.iter().enumerate() {
+            if kept + count > target {
+                cutoff = bucket;
+                break;
+            }
+            kept += count;
+        }
+        // Pass 2: drop every pin at or beyond the cut-off age.
+        let mut gone: HashMap<BackendId, i64> = HashMap::new();
+        let mut evicted = 0;
+        self.map.retain(|_, slot| {
+            let keep = bucket_of(slot.last_used.load(Ordering::Relaxed)) < cutoff;
+            if !keep {
+                *gone.entry(slot.backend).or_default() += 1;
+                evicted += 1;
+            }
+            keep
+        });
+        self.settle(&gone, evicted);
+        evicted
+    }
+
+    /// Above this many pins the sweeper evicts.
+    fn high_watermark(&self) -> usize {
+        self.limits.max_pins - self.limits.max_pins / 50
+    }
+
+    /// Eviction brings the table down to this many pins.
+    fn low_watermark(&self) -> usize {
+        self.limits.max_pins - self.limits.max_pins / 20
+    }
+
+    fn counter(&self, backend: BackendId) -> Arc<AtomicI64> {
+        if let Some(c) = self
+            .per_backend
+            .read()
+            .expect("pin counters lock")
+            .get(&backend)
+        {
+            return c.clone();
+        }
+        self.per_backend
+            .write()
+            .expect("pin counters lock")
+            .entry(backend)
+            .or_default()
+            .clone()
+    }
+
+    fn forget(&self, backend: BackendId, n: i64) {
+        if let Some(c) = self
+            .per_backend
+            .read()
+            .expect("pin counters lock")
+            .get(&backend)
+        {
+            c.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    fn dropped(&self, backend: BackendId) {
+        self.forget(backend, 1);
+        self.len.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn settle(&self, gone: &HashMap<BackendId, i64>, total: usize) {
+        for (&backend, &n) in gone {
+            self.forget(backend, n);
+        }
+        self.len.fetch_sub(total, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const A: BackendId = BackendId(1);
+    const B: BackendId = BackendId(2);
+
+    fn table(max_pins: usize) -> AffinityTable {
+        AffinityTable::new(TableLimits {
+            idle_timeout: 100,
+            max_lifetime: 1000,
+            max_pins,
+        })
+    }
+
+    #[test]
+    fn pinned_id_is_found_and_unknown_is_not() {
+        let t = table(10);
+        assert_eq!(t.pin(PinKey::of("s1"), A, 0), PinOutcome::Created);
+        assert_eq!(t.lookup(PinKey::of("s1"), 1), Some(A));
+        assert_eq!(t.lookup(PinKey::of("s2"), 1), None);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.pins_of(A), 1);
+    }
+
+    #[test]
+    fn repinning_moves_and_counts_follow() {
+        let t = table(10);
+        t.pin(PinKey::of("s1"), A, 0);
+        assert_eq!(t.pin(PinKey::of("s1"), A, 5), PinOutcome::Refreshed);
+        assert_eq!(t.pin(PinKey::of("s1"), B, 6), PinOutcome::Moved { from: A });
+        assert_eq!((t.pins_of(A), t.pins_of(B), t.len()), (0, 1, 1));
+        assert_eq!(t.unpin(PinKey::of("s1")).map(|p| p.backend), Some(B));
+        assert_eq!((t.pins_of(B), t.len()), (0, 0));
+    }
+
+    #[test]
+    fn idle_pin_expires_and_use_keeps_it_alive() {
+        let t = table(10);
+        t.pin(PinKey::of("busy"), A, 0);
+        t.pin(PinKey::of("idle"), A, 0);
+        for now in (50..=450).step_by(50) {
+            assert_eq!(t.lookup(PinKey::of("busy"), now), Some(A), "at {now}");
+        }
+        assert_eq!(t.lookup(PinKey::of("idle"), 450), None);
+        assert_eq!(t.len(), 1, "the lazy lookup removed the expired pin");
+        assert_eq!(t.pins_of(A), 1);
+    }
+
+    #[test]
+    fn absolute_lifetime_ends_even_a_busy_pin() {
+        let t = table(10);
+        t.pin(PinKey::of("s"), A, 0);
+        for now in (50..1000).step_by(50) {
+            assert_eq!(t.lookup(PinKey::of("s"), now), Some(A));
+        }
+        assert_eq!(t.lookup(PinKey::of("s"), 1000), None);
+    }
+
+    #[test]
+    fn sweep_removes_only_expired_pins() {
+        let t = table(100);
+        for i in 0..10 {
+            t.pin(PinKey::of(&format!("old{i}")), A, 0);
+            t.pin(PinKey::of(&format!("new{i}")), B, 60);
+        }
+        let removed = t.sweep(120);
+        assert_eq!(removed, Removed { expired: 10, evicted: 0 });
+        assert_eq!((t.len(), t.pins_of(A), t.pins_of(B)), (10, 0, 10));
+    }
+
+    #[test]
+    fn table_never_exceeds_its_bound_and_evicts_the_stalest() {
+        let t = table(1000);
+        for i in 0..1000u32 {
+            t.pin(PinKey::of(&format!("s{i}")), A, i / 20);
+        }
+        assert_eq!(t.len(), 1000);
+        // The newest pins (used at second 50) must survive the eviction that the next
+        // insert triggers; the oldest must go.
+        t.pin(PinKey::of("newest"), B, 50);
+        assert!(t.len() <= 1000);
+        assert!(t.len() >= 900, "eviction removed far too much: {}", t.len());
+        assert_eq!(t.lookup(PinKey::of("newest"), 50), Some(B));
+        assert_eq!(t.lookup(PinKey::of("s999"), 50), Some(A));
+        assert_eq!(t.get(PinKey::of("s0")), None);
+        assert_eq!(t.pins_of(A) + t.pins_of(B), t.len() as u64);
+    }
+
+    #[test]
+    fn sweep_evicts_above_the_high_water_mark() {
+        let t = table(100);
+        for i in 0..99u32 {
+            t.pin(PinKey::of(&format!("s{i}")), A, i);
+        }
+        let removed = t.sweep(99);
+        assert_eq!(removed.expired, 0);
+        assert!(removed.evicted >= 4);
+        assert!(t.len() <= 95);
+        assert!(t.get(PinKey::of("s98")).is_some());
+    }
+
+    proptest! {
+        #[test]
+        fn lookups_of_unknown_ids_never_change_the_table(ids in proptest::collection::vec("[A-Za-z0-9]{1,40}", 1..200)) {
+            let t = table(1000);
+            t.pin(PinKey::of("known"), A, 0);
+            for id in &ids {
+                if id != "known" {
+                    prop_assert_eq!(t.lookup(PinKey::of(id), 1), None);
+                }
+            }
+            prop_assert_eq!(t.len(), 1);
+        }
+    }
+}

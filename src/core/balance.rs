@@ -1,0 +1,252 @@
+//! Choosing a backend for a new session: weighted round-robin, least-sessions, and
+//! rendezvous hashing of the client address for the table-free client-IP mode.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::core::backend::{Backend, BackendId, BackendSet, FIXED_SEED};
+
+/// How a pool spreads new sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Weighted round-robin over backends that take new sessions.
+    RoundRobin,
+    /// The backend with the fewest live pins per unit of weight, so a new backend fills up.
+    LeastSessions,
+}
+
+impl Policy {
+    /// A short stable label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::LeastSessions => "least-sessions",
+        }
+    }
+}
+
+/// The next backend in weighted round-robin order that takes new sessions. One relaxed
+/// `fetch_add`; ineligible backends are skipped in order.
+#[inline]
+pub fn round_robin<'s>(set: &'s BackendSet, cursor: &AtomicUsize) -> Option<&'s Arc<Backend>> {
+    let schedule = set.schedule();
+    if schedule.is_empty() {
+        return None;
+    }
+    let start = cursor.fetch_add(1, Ordering::Relaxed);
+    (0..schedule.len())
+        .map(|i| &set.all()[schedule[(start + i) % schedule.len()] as usize])
+        .find(|b| b.takes_new_sessions())
+}
+
+/// The backend with the fewest pins per unit of weight among those taking new sessions;
+/// ties go round-robin so equal backends share new sessions.
+pub fn least_sessions<'s>(
+    set: &'s BackendSet,
+    cursor: &AtomicUsize,
+    pins_of: impl Fn(BackendId) -> u64,
+) -> Option<&'s Arc<Backend>> {
+    let n = set.len();
+    if n == 0 {
+        return None;
+    }
+    let start = cursor.fetch_add(1, Ordering::Relaxed);
+    let mut best: Option<(&Arc<Backend>, u128)> = None;
+    for i in 0..n {
+        let b = &set.all()[(start + i) % n];
+        if !b.takes_new_sessions() {
+            continue;
+        }
+        // Compare pins/weight without division: scale by the product of the other weights
+        // would overflow, so compare a/w_a < b/w_b as a*w_b < b*w_a.
+        let load = u128::from(pins_of(b.id));
+        let better = match best {
+            None => true,
+            Some((cur, cur_load)) => load * u128::from(cur.weight) < cur_load * u128::from(b.weight),
+        };
+        if better {
+            best = Some((b, load));
+        }
+    }
+    best.map(|(b, _)| b)
+}
+
+/// The backend for a client address by weighted rendezvous hashing: every backend scores the
+/// address and the highest score wins. Adding one backend to n moves only the addresses the
+/// newcomer now wins, about 1/(n+1) of them, all to the newcomer; removing one moves only its
+/// own. The hash has a fixed seed, so every instance and restart agrees.
+pub fn by_client_address(set: &BackendSet, addr: IpAddr) -> Option<&Arc<Backend>> {
+    let mut key = [0u8; 20];
+    let len = match addr {
+        IpAddr::V4(v4) => {
+            key[..4].copy_from_slice(&v4.octets());
+            4
+        }
+        IpAddr::V6(v6) => {
+            key[..16].copy_from_slice(&v6.octets());
+            16
+        }
+    };
+    let mut best: Option<(&Arc<Backend>, f64)> = None;
+    for b in set.all() {
+        if !b.takes_new_sessions() {
+            continue;
+        }
+        key[len..len + 4].copy_from_slice(&b.id.0.to_le_bytes());
+        let h = xxhash_rust::xxh3::xxh3_64_with_seed(&key[..len + 4], FIXED_SEED);
+        // Map to (0, 1] and weight it: score = -w / ln(u) is the standard weighted
+        // rendezvous score, monotone in u for equal weights.
+        let u = ((h >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let score = -f64::from(b.weight) / u.ln();
+        if best.is_none_or(|(_, s)| score > s) {
+            best = Some((b, score));
+        }
+    }
+    best.map(|(b, _)| b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::backend::BackendState;
+    use std::collections::HashMap;
+    use std::net::Ipv4Addr;
+
+    fn set(names: &[(&str, u32)]) -> BackendSet {
+        BackendSet::new(
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, (n, w))| {
+                    Arc::new(Backend::new(
+                        n,
+                        format!("127.0.0.1:{}", 9000 + i).parse().unwrap(),
+                        *w,
+                    ))
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn round_robin_cycles_and_skips_ineligible() {
+        let s = set(&[("a", 1), ("b", 1), ("c", 1)]);
+        let cursor = AtomicUsize::new(0);
+        let picks: Vec<_> = (0..6)
+            .map(|_| round_robin(&s, &cursor).unwrap().name.to_string())
+            .collect();
+        assert_eq!(picks, ["a", "b", "c", "a", "b", "c"]);
+        s.all()[1].set_state(BackendState::Draining);
+        let picks: Vec<_> = (0..4)
+            .map(|_| round_robin(&s, &cursor).unwrap().name.to_string())
+            .collect();
+        assert!(!picks.contains(&"b".to_string()));
+        for b in s.all() {
+            b.set_state(BackendState::Down);
+        }
+        assert!(round_robin(&s, &cursor).is_none());
+    }
+
+    #[test]
+    fn round_robin_honours_weights() {
+        let s = set(&[("a", 3), ("b", 1)]);
+        let cursor = AtomicUsize::new(0);
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for _ in 0..400 {
+            *counts
+                .entry(round_robin(&s, &cursor).unwrap().name.to_string())
+                .or_default() += 1;
+        }
+        assert_eq!(counts["a"], 300);
+        assert_eq!(counts["b"], 100);
+    }
+
+    #[test]
+    fn least_sessions_prefers_the_emptiest_per_weight() {
+        let s = set(&[("a", 1), ("b", 1), ("c", 2)]);
+        let cursor = AtomicUsize::new(0);
+        let pins: HashMap<BackendId, u64> = [
+            (BackendId::from_name("a"), 10),
+            (BackendId::from_name("b"), 3),
+            (BackendId::from_name("c"), 8),
+        ]
+        .into();
+        let pick = least_sessions(&s, &cursor, |id| pins[&id]).unwrap();
+        assert_eq!(&*pick.name, "b");
+        let pins: HashMap<BackendId, u64> = [
+            (BackendId::from_name("a"), 10),
+            (BackendId::from_name("b"), 5),
+            (BackendId::from_name("c"), 8),
+        ]
+        .into();
+        let pick = least_sessions(&s, &cursor, |id| pins[&id]).unwrap();
+        assert_eq!(&*pick.name, "c", "8 pins at weight 2 is lighter than 5 at weight 1");
+    }
+
+    #[test]
+    fn least_sessions_rotates_among_equals() {
+        let s = set(&[("a", 1), ("b", 1)]);
+        let cursor = AtomicUsize::new(0);
+        let first = least_sessions(&s, &cursor, |_| 0).unwrap().name.clone();
+        let second = least_sessions(&s, &cursor, |_| 0).unwrap().name.clone();
+        assert_ne!(first, second);
+    }
+
+    fn client(i: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7919))
+    }
+
+    #[test]
+    fn client_address_choice_is_stable_and_spread() {
+        let s = set(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]);
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for i in 0..20_000 {
+            let first = by_client_address(&s, client(i)).unwrap();
+            let again = by_client_address(&s, client(i)).unwrap();
+            assert_eq!(first.id, again.id);
+            *counts.entry(first.name.to_string()).or_default() += 1;
+        }
+        for (name, n) in counts {
+            assert!((4_500..=5_500).contains(&n), "{name} got {n} of 20000");
+        }
+    }
+
+    #[test]
+    fn adding_a_backend_moves_about_one_in_n_plus_one_all_to_it() {
+        let names = ["a", "b", "c", "d", "e"];
+        for n in 2..names.len() {
+            let before = set(&names[..n].iter().map(|&x| (x, 1)).collect::<Vec<_>>());
+            let after = set(&names[..=n].iter().map(|&x| (x, 1)).collect::<Vec<_>>());
+            let total = 20_000;
+            let mut moved = 0;
+            for i in 0..total {
+                let was = by_client_address(&before, client(i)).unwrap();
+                let now = by_client_address(&after, client(i)).unwrap();
+                if was.id != now.id {
+                    assert_eq!(&*now.name, names[n], "a moved client went to an old backend");
+                    moved += 1;
+                }
+            }
+            let expected = total as f64 / (n + 1) as f64;
+            let ratio = moved as f64 / expected;
+            assert!((0.9..=1.1).contains(&ratio), "n={n}: moved {moved}, expected ~{expected}");
+        }
+    }
+
+    #[test]
+    fn client_address_choice_skips_down_backends_and_moves_only_theirs() {
+        let s = set(&[("a", 1), ("b", 1), ("c", 1)]);
+        let before: Vec<_> = (0..3000)
+            .map(|i| by_client_address(&s, client(i)).unwrap().id)
+            .collect();
+        s.all()[0].set_state(BackendState::Down);
+        for (i, was) in before.iter().enumerate() {
+            let now = by_client_address(&s, client(i as u32)).unwrap().id;
+            assert_ne!(now, s.all()[0].id);
+            if *was != s.all()[0].id {
+                assert_eq!(now, *was, "a client of a healthy backend moved");
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The pure core: every decision tidegate makes, with no I/O, no tasks and no clocks.
+//! Time comes in as `now` (unix seconds), so tests drive it without sleeping.
+
+pub mod affinity;
+pub mod affinity_cookie;
+pub mod backend;
+pub mod balance;
+pub mod learn;
+pub mod pool;
+pub mod route;
+pub mod session_id;

@@ -1,0 +1,117 @@
+//! Error types, and the one place where a request-path failure becomes an HTTP status,
+//! a short text body for the client, and a metrics label.
+
+use http::StatusCode;
+
+/// A configuration that cannot be used, naming the file, line and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read the configuration: {source}")]
+    Read {
+        /// The path.
+        file: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A key has a bad value, or the file is not valid TOML.
+    #[error("{file}{}: {}{message}", line.map(|l| format!(", line {l}")).unwrap_or_default(), if key.is_empty() { String::new() } else { format!("key `{key}`: ") })]
+    Invalid {
+        /// The file (or `command line`).
+        file: String,
+        /// 1-based line, when known.
+        line: Option<usize>,
+        /// Dotted key path; empty for syntax errors.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Why an upstream exchange failed, as far as a client and the metrics need to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// The backend refused the connection.
+    Refused,
+    /// Connecting timed out.
+    ConnectTimeout,
+    /// Any other failure to connect.
+    Connect,
+    /// The connection broke before a complete reply head arrived.
+    Reset,
+}
+
+/// Request-path failures a client sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyError {
+    /// No pool serves this host and path.
+    NoRoute,
+    /// The pool has no backend able to take the request.
+    NoBackend {
+        /// The pool.
+        pool: Box<str>,
+    },
+    /// The chosen backend could not be reached or broke off.
+    Upstream {
+        /// Backend name.
+        backend: Box<str>,
+        /// Backend address.
+        address: std::net::SocketAddr,
+        /// What went wrong.
+        failure: UpstreamFailure,
+    },
+    /// The request body failed while it was being read.
+    BadRequestBody,
+}
+
+impl ProxyError {
+    /// The status a client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// A short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no-route",
+            ProxyError::NoBackend { .. } => "no-backend",
+            ProxyError::Upstream { failure, .. } => match failure {
+                UpstreamFailure::Refused => "connect-refused",
+                UpstreamFailure::ConnectTimeout => "connect-timeout",
+                UpstreamFailure::Connect => "connect-error",
+                UpstreamFailure::Reset => "reset",
+            },
+            ProxyError::BadRequestBody => "bad-request-body",
+        }
+    }
+}
+
+impl std::fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProxyError::NoRoute => write!(f, "no pool serves this host and path"),
+            ProxyError::NoBackend { pool } => {
+                write!(f, "no backend of pool {pool} can take requests")
+            }
+            ProxyError::Upstream {
+                backend,
+                address,
+                failure,
+            } => {
+                let why = match failure {
+                    UpstreamFailure::Refused => "connection refused",
+                    UpstreamFailure::ConnectTimeout => "connect timed out",
+                    UpstreamFailure::Connect => "cannot connect",
+                    UpstreamFailure::Reset => "connection closed before a complete reply",
+                };
+                write!(f, "backend {backend} ({address}) unreachable: {why}")
+            }
+            ProxyError::BadRequestBody => write!(f, "the request body could not be read"),
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! tidegate: a session-affinity layer-7 load balancer for Seaside farms (and any stateful
+//! HTTP application).
+//!
+//! Module map — the pure core decides, the edges do I/O:
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`core::session_id`] | where a request names its session; id validation |
+//! | [`core::affinity`] | the concurrent, bounded, expiring session → backend table |
+//! | [`core::affinity_cookie`] | the signed cookie naming a backend |
+//! | [`core::backend`] | backend ids, states, and the swappable backend set |
+//! | [`core::balance`] | round-robin, least-sessions, client-address rendezvous hashing |
+//! | [`core::learn`] | reading session ids out of reply headers and page bodies |
+//! | [`core::pool`] | one pool's settings and the routing decision for a request |
+//! | [`core::route`] | Host / path prefix → pool |
+//! | [`config`] | the TOML file and flags, validated into a `Config` |
+//! | [`error`] | config errors; request failures → status and text in one place |
+//! | [`proxy`] | the request path: route, extract, decide, forward, stream back |
+//! | [`learn`] | learning pins from reply heads and streaming HTML bodies |
+//! | [`upstream`] | pooled keep-alive client to backends; the peeked request body |
+//! | [`listener`] | accepting connections, HTTP/1.1 and h2c, graceful shutdown |
+//! | [`server`] | assembling a running balancer; the pin sweeper |
+//! | [`shutdown`] | the signal that stops listeners, sweepers and demo images |
+//! | [`demo`] | Seaside-like demo images (used by `tidegate demo` and the tests) |
+//! | [`clock`] | unix seconds for pin timestamps |
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod clock;
+pub mod config;
+pub mod core;
+pub mod demo;
+pub mod error;
+pub mod learn;
+pub mod listener;
+pub mod proxy;
+pub mod server;
+pub mod shutdown;
+pub mod upstream;

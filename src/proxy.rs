@@ -1,0 +1,520 @@
+//! The proxy service: one request's straight path from route to reply.
+//!
+//! route (Host/path → pool) → session id (query, path parameter, cookie; a bounded peek of a
+//! form body only when those are silent) → pool decision → header rewrite → upstream →
+//! learn from the reply head → stream the reply back (through the page learner when the
+//! request named no known session).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{
+    CONNECTION, CONTENT_TYPE, COOKIE, HOST, HeaderName, HeaderValue, SET_COOKIE, UPGRADE,
+};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::clock;
+use crate::core::pool::{Affinity, Pool, RequestView, Routing, SessionAffinity};
+use crate::core::route::Router;
+use crate::core::session_id::{self, IdSource};
+use crate::error::ProxyError;
+use crate::learn::{self, PageLearner};
+use crate::upstream::{self, RequestBody, UpstreamClient};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1) that never cross the proxy, besides those a
+/// `Connection` header lists.
+fn hop_by_hop() -> [&'static HeaderName; 7] {
+    [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &http::header::TE,
+        &http::header::TRAILER,
+        &http::header::TRANSFER_ENCODING,
+        &UPGRADE,
+    ]
+}
+
+/// Per-connection facts, computed once when the connection is accepted.
+#[derive(Clone, Debug)]
+pub struct ClientConn {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The client's IP as an `X-Forwarded-For` value, formatted once.
+    pub forwarded_for: HeaderValue,
+    /// `http` or `https`.
+    pub proto: HeaderValue,
+}
+
+impl ClientConn {
+    /// Facts of a plain-HTTP connection from `peer`.
+    pub fn plain(peer: SocketAddr) -> Self {
+        ClientConn {
+            peer,
+            forwarded_for: HeaderValue::try_from(peer.ip().to_string())
+                .expect("an IP address is a valid header value"),
+            proto: HeaderValue::from_static("http"),
+        }
+    }
+}
+
+/// The shared state of the request path.
+pub struct Proxy {
+    router: Router,
+    pools: Box<[Arc<Pool>]>,
+    client: UpstreamClient,
+}
+
+/// What the client receives: the backend's reply streamed (optionally through the page
+/// learner), or tidegate's own short text.
+pub enum ReplyBody {
+    /// The backend's body, untouched.
+    Upstream(Incoming),
+    /// The backend's body, scanned for a new session id as it passes.
+    Learning(Box<PageLearner>),
+    /// A message from tidegate itself.
+    Text(Option<Bytes>),
+}
+
+impl ReplyBody {
+    fn text(message: String) -> Self {
+        ReplyBody::Text(Some(Bytes::from(message)))
+    }
+}
+
+impl Body for ReplyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReplyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ReplyBody::Learning(b) => Pin::new(b.as_mut()).poll_frame(cx),
+            ReplyBody::Text(t) => Poll::Ready(t.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReplyBody::Upstream(b) => b.is_end_stream(),
+            ReplyBody::Learning(b) => b.is_end_stream(),
+            ReplyBody::Text(t) => t.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReplyBody::Upstream(b) => b.size_hint(),
+            ReplyBody::Learning(b) => b.size_hint(),
+            ReplyBody::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+impl Proxy {
+    /// The request path over these pools.
+    pub fn new(router: Router, pools: Vec<Arc<Pool>>, client: UpstreamClient) -> Self {
+        Proxy {
+            router,
+            pools: pools.into_boxed_slice(),
+            client,
+        }
+    }
+
+    /// The pools, in configuration order.
+    pub fn pools(&self) -> &[Arc<Pool>] {
+        &self.pools
+    }
+
+    /// Serves one request; every failure becomes a short text reply.
+    pub async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<ClientConn>,
+    ) -> Result<Response<ReplyBody>, std::convert::Infallible> {
+        Ok(match self.forward(req, &conn).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                match &e {
+                    ProxyError::Upstream { .. } | ProxyError::NoBackend { .. } => {
+                        tracing::warn!(client = %conn.peer, kind = e.kind(), "{e}")
+                    }
+                    _ => tracing::debug!(client = %conn.peer, kind = e.kind(), "{e}"),
+                }
+                refusal(&e)
+            }
+        })
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        conn: &ClientConn,
+    ) -> Result<Response<ReplyBody>, ProxyError> {
+        let now = clock::unix_now();
+        let (mut parts, body) = req.into_parts();
+        let host = request_host(&parts.headers, &parts.uri);
+        let pool = self
+            .router
+            .select(host, parts.uri.path())
+            .map(|i| &self.pools[i])
+            .ok_or(ProxyError::NoRoute)?;
+        let set = pool.backends();
+        let (routing, body) = match &pool.affinity {
+            Affinity::ClientIp => {
+                let view = RequestView {
+                    id: None,
+                    affinity_cookie: None,
+                    client: conn.peer.ip(),
+                };
+                (pool.route(&set, &view, now), RequestBody::Streaming(body))
+            }
+            Affinity::Session(session) => {
+                let cookie_value = pool
+                    .cookie
+                    .as_ref()
+                    .and_then(|c| cookie_in(&parts.headers, c.name()));
+                let mut view = RequestView {
+                    id: id_in_head(session, &parts.uri, &parts.headers),
+                    affinity_cookie: cookie_value,
+                    client: conn.peer.ip(),
+                };
+                if view.id.is_none()
+                    && let Some(form) = form_kind(&parts.headers, session)
+                {
+                    let peek = upstream::peek(body, session.form_peek_bytes)
+                        .await
+                        .map_err(|_| ProxyError::BadRequestBody)?;
+                    let found = id_in_form(session, form, &peek.head, peek.complete);
+                    view.id = found.map(|id| (id, IdSource::FormBody));
+                    (pool.route(&set, &view, now), peek.body)
+                } else {
+                    (pool.route(&set, &view, now), RequestBody::Streaming(body))
+                }
+            }
+        };
+        let routing = routing.ok_or_else(|| ProxyError::NoBackend {
+            pool: pool.name.clone(),
+        })?;
+        drop(set);
+
+        let client_upgrade = if is_upgrade(&parts.headers) {
+            parts.extensions.remove::<OnUpgrade>()
+        } else {
+            None
+        };
+        rewrite_request_head(&mut parts, &routing, conn, client_upgrade.is_some());
+        let upstream_req = Request::from_parts(parts, body);
+        let backend = &routing.backend;
+        let mut reply = self.client.request(upstream_req).await.map_err(|e| {
+            ProxyError::Upstream {
+                backend: backend.name.clone(),
+                address: backend.address,
+                failure: upstream::classify(&e),
+            }
+        })?;
+
+        if reply.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let backend_upgrade = hyper::upgrade::on(&mut reply);
+            tokio::spawn(tunnel(client_upgrade, backend_upgrade));
+            let (mut head, _) = reply.into_parts();
+            strip_hop_by_hop(&mut head.headers, true);
+            return Ok(Response::from_parts(head, ReplyBody::Text(None)));
+        }
+
+        let (mut head, body) = reply.into_parts();
+        let mut scan_page = false;
+        if let Affinity::Session(session) = &pool.affinity {
+            let learned = learn::from_head(
+                session,
+                &head.headers,
+                head.status.is_redirection(),
+                backend.id,
+                now,
+            );
+            scan_page = routing.scan_page
+                && learned.is_none()
+                && session.page_scan_bytes > 0
+                && head.status.is_success()
+                && is_html(&head.headers);
+        }
+        strip_hop_by_hop(&mut head.headers, false);
+        if routing.insert_cookie
+            && let Some(cookie) = &backend.affinity_cookie
+        {
+            head.headers.append(SET_COOKIE, cookie.set_cookie.clone());
+        }
+        let body = if scan_page {
+            let limit = match &pool.affinity {
+                Affinity::Session(s) => s.page_scan_bytes,
+                Affinity::ClientIp => 0,
+            };
+            ReplyBody::Learning(Box::new(PageLearner::new(
+                body,
+                pool.clone(),
+                backend.id,
+                limit,
+                now,
+            )))
+        } else {
+            ReplyBody::Upstream(body)
+        };
+        Ok(Response::from_parts(head, body))
+    }
+}
+
+/// The short text reply for a failure.
+fn refusal(e: &ProxyError) -> Response<ReplyBody> {
+    let mut reply = Response::new(ReplyBody::text(format!("tidegate: {e}\n")));
+    *reply.status_mut() = e.status();
+    reply.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    reply
+}
+
+/// The host a request is for: its `Host` header, or the URI authority (HTTP/2).
+fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
+    headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+}
+
+/// The session id named in the request head: query field, then path parameter, then
+/// cookies (the query wins, as in Seaside).
+fn id_in_head<'a>(
+    session: &SessionAffinity,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+) -> Option<(&'a str, IdSource)> {
+    if let Some(q) = uri.query()
+        && let Some(id) = session_id::from_query(q, &session.names.param, &session.rules)
+    {
+        return Some((id, IdSource::Query));
+    }
+    if let Some(name) = &session.names.path_param
+        && let Some(id) = session_id::from_path_param(uri.path(), name, &session.rules)
+    {
+        return Some((id, IdSource::PathParam));
+    }
+    // HTTP/2 may split cookies over several headers.
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| session_id::from_cookie_header(v, &session.names.cookies, &session.rules))
+        .map(|id| (id, IdSource::Cookie))
+}
+
+/// The value of cookie `name`, in any `Cookie` header.
+fn cookie_in<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| session_id::cookie_value(v, name))
+}
+
+/// A form body that may carry the id.
+#[derive(Clone, Copy)]
+enum FormKind<'a> {
+    UrlEncoded,
+    Multipart { boundary: &'a str },
+}
+
+fn form_kind<'a>(headers: &'a HeaderMap, session: &SessionAffinity) -> Option<FormKind<'a>> {
+    if session.form_peek_bytes == 0 {
+        return None;
+    }
+    let ct = headers.get(CONTENT_TYPE)?.to_str().ok()?;
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Some(FormKind::UrlEncoded)
+    } else {
+        session_id::multipart_boundary(ct).map(|boundary| FormKind::Multipart { boundary })
+    }
+}
+
+fn id_in_form<'a>(
+    session: &SessionAffinity,
+    form: FormKind<'_>,
+    head: &'a [u8],
+    complete: bool,
+) -> Option<&'a str> {
+    match form {
+        FormKind::UrlEncoded => {
+            // Without the whole body, the last field may be cut: read only whole ones.
+            let whole = if complete {
+                head
+            } else {
+                &head[..memchr::memrchr(b'&', head).unwrap_or(0)]
+            };
+            session_id::from_urlencoded(whole, &session.names.param, &session.rules)
+        }
+        FormKind::Multipart { boundary } => {
+            session_id::from_multipart(head, boundary, &session.names.param, &session.rules)
+        }
+    }
+}
+
+/// Whether the request asks to switch protocols (WebSocket).
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop fields, including those the `Connection` header names. For an
+/// upgrade, `Connection: upgrade` and `Upgrade` are kept.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let upgrade_to = if upgrade { headers.get(UPGRADE).cloned() } else { None };
+    if headers.contains_key(CONNECTION) {
+        // Names listed in Connection, collected without allocating (a few at most in practice;
+        // a longer list is cut, and the standard hop-by-hop fields go regardless).
+        let mut listed: [Option<HeaderName>; 8] = Default::default();
+        let tokens = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok());
+        for (slot, name) in listed.iter_mut().zip(tokens) {
+            *slot = Some(name);
+        }
+        for name in listed.into_iter().flatten() {
+            headers.remove(name);
+        }
+    }
+    for name in hop_by_hop() {
+        headers.remove(name);
+    }
+    if let Some(protocol) = upgrade_to {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, protocol);
+    }
+}
+
+/// Prepares the request head for the backend: absolute URI for the pooled client, HTTP/1.1,
+/// hop-by-hop fields removed, the client's Host kept, and the X-Forwarded-* fields set.
+fn rewrite_request_head(
+    parts: &mut http::request::Parts,
+    routing: &Routing,
+    conn: &ClientConn,
+    upgrade: bool,
+) {
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let client_authority = parts.uri.authority().cloned();
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(routing.backend.authority.clone());
+    uri.path_and_query = Some(path);
+    parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
+    parts.version = Version::HTTP_11;
+
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let headers = &mut parts.headers;
+    if !headers.contains_key(HOST)
+        && let Some(authority) = client_authority
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(HOST, v);
+    }
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+        None => conn.forwarded_for.clone(),
+        Some(prior) => {
+            let mut joined = prior.as_bytes().to_vec();
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(conn.forwarded_for.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| conn.forwarded_for.clone())
+        }
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
+    headers.insert(X_FORWARDED_PROTO.clone(), conn.proto.clone());
+    if let Some(host) = headers.get(HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+}
+
+fn is_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let mime = ct.split(';').next().unwrap_or("").trim();
+            mime.eq_ignore_ascii_case("text/html") || mime.eq_ignore_ascii_case("application/xhtml+xml")
+        })
+}
+
+/// Copies bytes both ways between an upgraded client and backend until either closes.
+async fn tunnel(client: OnUpgrade, backend: OnUpgrade) {
+    match tokio::try_join!(client, backend) {
+        Ok((client, backend)) => {
+            let mut client = TokioIo::new(client);
+            let mut backend = TokioIo::new(backend);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+                tracing::debug!("upgraded connection ended: {e}");
+            }
+        }
+        Err(e) => tracing::debug!("upgrade failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_and_those_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn upgrade_keeps_its_protocol() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(CONNECTION).unwrap(), "upgrade");
+    }
+}
