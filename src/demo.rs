@@ -145,7 +145,8 @@ impl Drop for Image {
 
 impl ImageState {
     async fn answer(&self, req: Request<Incoming>) -> Reply {
-        let path = req.uri().path().to_string();
+        // Path parameters (`;jsessionid=…`) are not part of the resource name.
+        let path = req.uri().path().split(';').next().unwrap_or("/").to_string();
         if path.starts_with("/static/") {
             return text(StatusCode::OK, "text/css", "body { color: #123; }\n".into());
         }

@@ -16,38 +16,60 @@ use crate::core::backend::BackendId;
 use crate::core::learn::{LearnSource, PageScanner, id_in_location, id_in_set_cookie};
 use crate::core::pool::{Affinity, Pool, SessionAffinity};
 
-/// Pins every session a reply head names to `backend`; returns the last source that taught
-/// something.
-pub fn from_head(
-    session: &SessionAffinity,
-    headers: &HeaderMap,
-    redirect: bool,
-    backend: BackendId,
-    now: u32,
-) -> Option<LearnSource> {
-    let mut learned = None;
-    for value in headers.get_all(SET_COOKIE) {
-        if let Ok(v) = value.to_str()
-            && let Some(id) = id_in_set_cookie(v, &session.names.cookies, &session.rules, i64::from(now))
-        {
-            pin(session, id, backend, now, LearnSource::SetCookie);
-            learned = Some(LearnSource::SetCookie);
-        }
-    }
-    if redirect
-        && let Some(v) = headers.get(LOCATION).and_then(|v| v.to_str().ok())
-        && let Some(id) = id_in_location(v, &session.names.param, &session.rules)
-    {
-        pin(session, id, backend, now, LearnSource::Location);
-        learned = Some(LearnSource::Location);
-    }
-    learned
+/// Who is learning: the backend that answered, when, and the id a request carried to it on
+/// the strength of an affinity cookie (a pin of that id is credited to the cookie).
+#[derive(Clone, Copy, Debug)]
+pub struct Learner {
+    /// The backend whose reply this is.
+    pub backend: BackendId,
+    /// Unix seconds.
+    pub now: u32,
+    /// The unknown id an affinity cookie routed here, if any.
+    pub cookie_routed: Option<PinKey>,
 }
 
-/// Pins `id` to `backend`: the one place a reply teaches the table.
-fn pin(session: &SessionAffinity, id: &str, backend: BackendId, now: u32, source: LearnSource) {
-    let outcome = session.table.pin(PinKey::of(id), backend, now);
-    tracing::debug!(%backend, source = source.as_str(), ?outcome, "pin learned");
+impl Learner {
+    /// Pins every session a reply head names; returns the last source that taught something.
+    pub fn from_head(
+        &self,
+        session: &SessionAffinity,
+        headers: &HeaderMap,
+        redirect: bool,
+    ) -> Option<LearnSource> {
+        let mut learned = None;
+        for value in headers.get_all(SET_COOKIE) {
+            if let Ok(v) = value.to_str()
+                && let Some(id) = id_in_set_cookie(
+                    v,
+                    &session.names.cookies,
+                    &session.rules,
+                    i64::from(self.now),
+                )
+            {
+                learned = Some(self.pin(session, id, LearnSource::SetCookie));
+            }
+        }
+        if redirect
+            && let Some(v) = headers.get(LOCATION).and_then(|v| v.to_str().ok())
+            && let Some(id) = id_in_location(v, &session.names.param, &session.rules)
+        {
+            learned = Some(self.pin(session, id, LearnSource::Location));
+        }
+        learned
+    }
+
+    /// Pins `id` to the backend: the one place a reply teaches the table.
+    fn pin(&self, session: &SessionAffinity, id: &str, source: LearnSource) -> LearnSource {
+        let key = PinKey::of(id);
+        let source = if self.cookie_routed == Some(key) {
+            LearnSource::AffinityCookie
+        } else {
+            source
+        };
+        let outcome = session.table.pin(key, self.backend, self.now);
+        tracing::debug!(backend = %self.backend, source = source.as_str(), ?outcome, "pin learned");
+        source
+    }
 }
 
 /// An HTML reply body that pins the first session id found in its links, as it streams.
@@ -56,19 +78,17 @@ pub struct PageLearner {
     inner: Incoming,
     scanner: PageScanner,
     pool: Arc<Pool>,
-    backend: BackendId,
-    now: u32,
+    learner: Learner,
 }
 
 impl PageLearner {
     /// Wraps `inner`; scans at most `limit` bytes.
-    pub fn new(inner: Incoming, pool: Arc<Pool>, backend: BackendId, limit: usize, now: u32) -> Self {
+    pub fn new(inner: Incoming, pool: Arc<Pool>, learner: Learner, limit: usize) -> Self {
         PageLearner {
             inner,
             scanner: PageScanner::new(limit),
             pool,
-            backend,
-            now,
+            learner,
         }
     }
 }
@@ -97,12 +117,12 @@ impl Body for PageLearner {
                 if let Some(data) = frame.data_ref()
                     && let Some(id) = this.scanner.feed(data, &session.needle, &session.rules)
                 {
-                    pin(session, id, this.backend, this.now, LearnSource::PageBody);
+                    this.learner.pin(session, id, LearnSource::PageBody);
                 }
             }
             Poll::Ready(None) => {
                 if let Some(id) = this.scanner.finish(&session.rules) {
-                    pin(session, id, this.backend, this.now, LearnSource::PageBody);
+                    this.learner.pin(session, id, LearnSource::PageBody);
                 }
             }
             _ => {}

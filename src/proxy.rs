@@ -21,11 +21,12 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::clock;
-use crate::core::pool::{Affinity, Pool, RequestView, Routing, SessionAffinity};
+use crate::core::pool::{Affinity, Decision, Pool, RequestView, Routing, SessionAffinity};
 use crate::core::route::Router;
 use crate::core::session_id::{self, IdSource};
 use crate::error::ProxyError;
-use crate::learn::{self, PageLearner};
+use crate::core::affinity::PinKey;
+use crate::learn::{Learner, PageLearner};
 use crate::upstream::{self, RequestBody, UpstreamClient};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -176,6 +177,7 @@ impl Proxy {
             .map(|i| &self.pools[i])
             .ok_or(ProxyError::NoRoute)?;
         let set = pool.backends();
+        let mut cookie_routed = None;
         let (routing, body) = match &pool.affinity {
             Affinity::ClientIp => {
                 let view = RequestView {
@@ -203,9 +205,13 @@ impl Proxy {
                         .map_err(|_| ProxyError::BadRequestBody)?;
                     let found = id_in_form(session, form, &peek.head, peek.complete);
                     view.id = found.map(|id| (id, IdSource::FormBody));
-                    (pool.route(&set, &view, now), peek.body)
+                    let routing = pool.route(&set, &view, now);
+                    cookie_routed = learned_via_cookie(&routing, &view);
+                    (routing, peek.body)
                 } else {
-                    (pool.route(&set, &view, now), RequestBody::Streaming(body))
+                    let routing = pool.route(&set, &view, now);
+                    cookie_routed = learned_via_cookie(&routing, &view);
+                    (routing, RequestBody::Streaming(body))
                 }
             }
         };
@@ -241,15 +247,14 @@ impl Proxy {
         }
 
         let (mut head, body) = reply.into_parts();
+        let learner = Learner {
+            backend: backend.id,
+            now,
+            cookie_routed,
+        };
         let mut scan_page = false;
         if let Affinity::Session(session) = &pool.affinity {
-            let learned = learn::from_head(
-                session,
-                &head.headers,
-                head.status.is_redirection(),
-                backend.id,
-                now,
-            );
+            let learned = learner.from_head(session, &head.headers, head.status.is_redirection());
             scan_page = routing.scan_page
                 && learned.is_none()
                 && session.page_scan_bytes > 0
@@ -267,18 +272,22 @@ impl Proxy {
                 Affinity::Session(s) => s.page_scan_bytes,
                 Affinity::ClientIp => 0,
             };
-            ReplyBody::Learning(Box::new(PageLearner::new(
-                body,
-                pool.clone(),
-                backend.id,
-                limit,
-                now,
-            )))
+            ReplyBody::Learning(Box::new(PageLearner::new(body, pool.clone(), learner, limit)))
         } else {
             ReplyBody::Upstream(body)
         };
         Ok(Response::from_parts(head, body))
     }
+}
+
+/// The key of an unknown id that an affinity cookie routed: its pin, once the reply names
+/// it, is credited to the cookie.
+fn learned_via_cookie(routing: &Option<Routing>, view: &RequestView<'_>) -> Option<PinKey> {
+    let routing = routing.as_ref()?;
+    (routing.decision == Decision::Learned)
+        .then_some(view.id)
+        .flatten()
+        .map(|(id, _)| PinKey::of(id))
 }
 
 /// The short text reply for a failure.

@@ -74,7 +74,8 @@ pub struct RequestView<'a> {
 pub enum Decision {
     /// Its session (or affinity cookie) is pinned to a backend that serves it.
     Pinned,
-    /// An unknown id with a valid affinity cookie: the id was pinned to the cookie's backend.
+    /// An unknown id with a valid affinity cookie: routed to the cookie's backend, whose reply
+    /// pins the id when it names it.
     Learned,
     /// No known session: the pool's policy chose.
     New,
@@ -205,13 +206,15 @@ impl Pool {
             && let Some(b) = set.by_affinity_cookie(value)
             && b.serves_pinned()
         {
-            return Some(match key {
-                Some(key) => {
-                    session.table.pin(key, b.id, now);
-                    self.routing(b, Decision::Learned, false, request)
-                }
-                None => self.routing(b, Decision::Pinned, true, request),
-            });
+            // The cookie routes the request; the id itself is pinned only when the backend's
+            // reply names it (links, Location, Set-Cookie), so even a client holding a genuine
+            // cookie cannot make the table keep ids the backend never issued.
+            let decision = if key.is_some() {
+                Decision::Learned
+            } else {
+                Decision::Pinned
+            };
+            return Some(self.routing(b, decision, true, request));
         }
         let decision = if redispatch {
             Decision::Redispatched
@@ -323,14 +326,19 @@ mod tests {
     }
 
     #[test]
-    fn valid_affinity_cookie_pins_an_unknown_id_to_its_backend() {
+    fn valid_affinity_cookie_routes_an_unknown_id_to_its_backend() {
         let p = pool(true);
         let set = p.backends();
         let web3 = set.all()[2].clone();
         let value = web3.affinity_cookie.as_ref().unwrap().value.clone();
-        let r = p.route(&set, &view(Some("NEWID"), Some(&value)), 0).unwrap();
-        assert_eq!((r.backend.id, r.decision, r.insert_cookie), (web3.id, Decision::Learned, false));
-        assert_eq!(p.table().unwrap().get(PinKey::of("NEWID")).unwrap().backend, web3.id);
+        for _ in 0..3 {
+            let r = p.route(&set, &view(Some("NEWID"), Some(&value)), 0).unwrap();
+            assert_eq!(
+                (r.backend.id, r.decision, r.insert_cookie, r.scan_page),
+                (web3.id, Decision::Learned, false, true)
+            );
+        }
+        assert!(p.table().unwrap().is_empty(), "the reply, not the request, creates the pin");
     }
 
     #[test]

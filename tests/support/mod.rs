@@ -1,0 +1,310 @@
+//! Test helpers: a farm of Seaside-like images, a balancer in front of it on real sockets,
+//! and a small browser that keeps cookies and follows the session links it is given.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tidegate::config::Config;
+use tidegate::demo::{Image, ImageOptions, Tracking};
+use tidegate::server::Running;
+
+/// Images and the balancer in front of them.
+pub struct Farm {
+    pub images: Vec<Image>,
+    pub balancer: Running,
+    pub base: String,
+}
+
+/// `n` images named image-1.. with the given tracking.
+pub async fn images(n: usize, tracking: Tracking) -> Vec<Image> {
+    let mut out = Vec::new();
+    for i in 1..=n {
+        let mut options = ImageOptions::new(&format!("image-{i}"));
+        options.tracking = tracking.clone();
+        out.push(image(options).await);
+    }
+    out
+}
+
+pub async fn image(options: ImageOptions) -> Image {
+    Image::start("127.0.0.1:0".parse().unwrap(), options)
+        .await
+        .expect("image starts")
+}
+
+/// The `[[pool.backend]]` entries for these images.
+pub fn backend_entries(images: &[Image]) -> String {
+    images
+        .iter()
+        .map(|i| format!("[[pool.backend]]\nname = \"{}\"\naddress = \"{}\"\n", i.name(), i.addr))
+        .collect()
+}
+
+/// A balancer on 127.0.0.1:0 with one pool `app` over `images`; `pool_extra` is TOML put in
+/// the `[[pool]]` table (before the backends).
+pub async fn farm_with(images: Vec<Image>, pool_extra: &str) -> Farm {
+    let text = format!(
+        "listen = [\"127.0.0.1:0\"]\n[[pool]]\nname = \"app\"\n{pool_extra}\n{}",
+        backend_entries(&images)
+    );
+    let config = Config::from_toml(&text, "test").expect("test config is valid");
+    let balancer = tidegate::server::start(&config).await.expect("balancer starts");
+    let base = format!("http://{}", balancer.addrs()[0]);
+    Farm {
+        images,
+        balancer,
+        base,
+    }
+}
+
+pub async fn farm(n: usize, tracking: Tracking) -> Farm {
+    farm_with(images(n, tracking).await, "").await
+}
+
+impl Farm {
+    pub fn pins(&self) -> usize {
+        self.balancer.pool("app").unwrap().table().unwrap().len()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.balancer.addrs()[0]
+    }
+}
+
+/// What came back.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn image(&self) -> String {
+        self.header("x-image")
+    }
+
+    pub fn counter(&self) -> u64 {
+        self.header("x-counter").parse().unwrap_or(0)
+    }
+
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+
+    /// The first session link of a page: `/app?_s=…&_k=…` with entities decoded.
+    pub fn link(&self) -> Option<String> {
+        let text = self.text();
+        let start = text.find("href=\"")? + 6;
+        let end = text[start..].find('"')? + start;
+        Some(text[start..end].replace("&amp;", "&"))
+    }
+
+    /// The session key named in the page's first link.
+    pub fn key(&self) -> Option<String> {
+        let link = self.link()?;
+        let at = link.find("_s=").map(|i| i + 3).or_else(|| link.find("jsessionid=").map(|i| i + 11))?;
+        Some(
+            link[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+                .collect(),
+        )
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http()
+}
+
+pub fn h2c_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+/// Sends one request.
+pub async fn send(
+    client: &HttpClient,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("reply within 20 s")
+        .expect("request succeeds");
+    let (parts, body) = reply.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(client: &HttpClient, url: &str) -> Reply {
+    send(client, Method::GET, url, &[], Bytes::new()).await
+}
+
+/// A browser: keeps cookies (or not) and follows the links and forms it is shown.
+pub struct Browser {
+    pub client: HttpClient,
+    pub base: String,
+    pub cookies: Option<HashMap<String, String>>,
+    pub current: Option<Reply>,
+}
+
+impl Browser {
+    pub fn new(base: &str, keep_cookies: bool) -> Self {
+        Browser {
+            client: client(),
+            base: base.to_string(),
+            cookies: keep_cookies.then(HashMap::new),
+            current: None,
+        }
+    }
+
+    fn cookie_header(&self) -> Option<String> {
+        let jar = self.cookies.as_ref()?;
+        if jar.is_empty() {
+            return None;
+        }
+        Some(
+            jar.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
+
+    fn remember(&mut self, reply: &Reply) {
+        if let Some(jar) = self.cookies.as_mut() {
+            for v in reply.headers.get_all("set-cookie") {
+                let v = v.to_str().unwrap();
+                let pair = v.split(';').next().unwrap();
+                if let Some((k, val)) = pair.split_once('=') {
+                    jar.insert(k.trim().to_string(), val.trim().to_string());
+                }
+            }
+        }
+    }
+
+    /// Requests `path` (following one redirect, as a browser does after a POST).
+    pub async fn request(&mut self, method: Method, path: &str, content_type: Option<&str>, body: Vec<u8>) -> Reply {
+        let url = format!("{}{}", self.base, path);
+        let cookie = self.cookie_header();
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        if let Some(c) = &cookie {
+            headers.push(("cookie", c));
+        }
+        if let Some(ct) = content_type {
+            headers.push(("content-type", ct));
+        }
+        let reply = send(&self.client, method, &url, &headers, body).await;
+        self.remember(&reply);
+        let reply = if reply.status.is_redirection() {
+            let location = reply.header("location");
+            Box::pin(self.request(Method::GET, &location, None, Vec::new())).await
+        } else {
+            reply
+        };
+        self.current = Some(reply.clone());
+        reply
+    }
+
+    pub async fn open(&mut self, path: &str) -> Reply {
+        self.request(Method::GET, path, None, Vec::new()).await
+    }
+
+    /// Follows the first link of the current page.
+    pub async fn click(&mut self) -> Reply {
+        let link = self.current.as_ref().and_then(Reply::link).expect("page has a link");
+        self.open(&link).await
+    }
+
+    /// Submits the page's form as `application/x-www-form-urlencoded`.
+    pub async fn submit_urlencoded(&mut self) -> Reply {
+        let (action, fields) = self.form();
+        let body = fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .chain(["comment=hello+world".to_string()])
+            .collect::<Vec<_>>()
+            .join("&");
+        self.request(
+            Method::POST,
+            &action,
+            Some("application/x-www-form-urlencoded"),
+            body.into_bytes(),
+        )
+        .await
+    }
+
+    /// Submits the page's form as `multipart/form-data`.
+    pub async fn submit_multipart(&mut self) -> Reply {
+        let (action, fields) = self.form();
+        let boundary = "----tidegateTestBoundary7MA4YWxk";
+        let mut body = Vec::new();
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"upload\"; filename=\"a.txt\"\r\n\
+Content-Type: text/plain\r\n\r\nsome file content\r\n"
+            )
+            .as_bytes(),
+        );
+        for (k, v) in fields {
+            body.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                    .as_bytes(),
+            );
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        let ct = format!("multipart/form-data; boundary={boundary}");
+        self.request(Method::POST, &action, Some(&ct), body).await
+    }
+
+    /// The current page's form: its action and hidden fields.
+    fn form(&self) -> (String, Vec<(String, String)>) {
+        let text = self.current.as_ref().expect("a page is open").text();
+        let form_at = text.find("<form").expect("page has a form");
+        let form = &text[form_at..];
+        let action_at = form.find("action=\"").unwrap() + 8;
+        let action = form[action_at..action_at + form[action_at..].find('"').unwrap()].replace("&amp;", "&");
+        let mut fields = Vec::new();
+        let mut rest = form;
+        while let Some(i) = rest.find("<input type=\"hidden\" name=\"") {
+            let tail = &rest[i + 27..];
+            let name_end = tail.find('"').unwrap();
+            let name = tail[..name_end].to_string();
+            let value_at = tail.find("value=\"").unwrap() + 7;
+            let value_end = tail[value_at..].find('"').unwrap() + value_at;
+            fields.push((name, tail[value_at..value_end].to_string()));
+            rest = &tail[value_end..];
+        }
+        (action, fields)
+    }
+}
