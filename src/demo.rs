@@ -47,7 +47,7 @@ pub struct ImageOptions {
     pub name: String,
     /// Session tracking style.
     pub tracking: Tracking,
-    /// Filler bytes before the first link of a page.
+    /// Filler bytes before the first link of a session's first page (a heavy entry page).
     pub padding: usize,
     /// Send page bodies in chunks of this many bytes (0 = one chunk).
     pub chunk: usize,
@@ -151,7 +151,9 @@ impl ImageState {
             return text(StatusCode::OK, "text/css", "body { color: #123; }\n".into());
         }
         if path == "/echo" {
-            return echo(req).await;
+            let mut r = echo(req).await;
+            self.stamp(&mut r, 0);
+            return r;
         }
         if path == "/ws" {
             return self.upgrade(req);
@@ -288,8 +290,9 @@ impl ImageState {
                 "<form method=\"post\" action=\"{link}\"><button>increment (POST)</button></form>"
             ),
         };
-        let padding = "<!-- padding -->".repeat(self.options.padding / 16 + 1);
-        let padding = &padding[..self.options.padding.min(padding.len())];
+        let pad = if new { self.options.padding } else { 0 };
+        let padding = "<!-- padding -->".repeat(pad / 16 + 1);
+        let padding = &padding[..pad];
         let html = format!(
             "<!DOCTYPE html>\n<html><head><title>{name}</title>\
 <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36em;margin:3em auto;color:#1d2733}}\
@@ -352,8 +355,8 @@ this page and keeps every click on {name}.</small></p></body></html>\n",
     }
 }
 
-/// Replies with the request head as text (`name: value` lines), a blank line, then the body
-/// exactly as received.
+/// Replies with the request line and head as text (`name: value` lines), a blank line, then
+/// the body exactly as received.
 async fn echo(req: Request<Incoming>) -> Reply {
     let (parts, body) = req.into_parts();
     let mut out = format!("{} {}\n", parts.method, parts.uri).into_bytes();
