@@ -11,8 +11,8 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::core::affinity::TableLimits;
-use crate::core::balance::Policy;
 use crate::core::backend::BackendId;
+use crate::core::balance::Policy;
 use crate::core::route::HostMatch;
 use crate::core::session_id::{IdRules, SessionNames};
 use crate::error::ConfigError;
@@ -314,11 +314,17 @@ impl FileConfig {
     /// Checks every value and builds the [`Config`].
     pub fn validate(self) -> Result<Config, Invalid> {
         if self.pools.is_empty() {
-            return Err(invalid("pool", "at least one [[pool]] with a backend is required"));
+            return Err(invalid(
+                "pool",
+                "at least one [[pool]] with a backend is required",
+            ));
         }
         let u = &self.upstream;
         if u.connect_timeout == 0 {
-            return Err(invalid("upstream.connect_timeout", "must be at least 1 second"));
+            return Err(invalid(
+                "upstream.connect_timeout",
+                "must be at least 1 second",
+            ));
         }
         let upstream = UpstreamConfig {
             connect_timeout: std::time::Duration::from_secs(u.connect_timeout),
@@ -396,7 +402,10 @@ impl PoolFile {
         for (j, b) in self.backends.into_iter().enumerate() {
             let bkey = format!("{key}.backend[{j}]");
             if !(1..=256).contains(&b.weight) {
-                return Err(invalid(format!("{bkey}.weight"), "must be between 1 and 256"));
+                return Err(invalid(
+                    format!("{bkey}.weight"),
+                    "must be between 1 and 256",
+                ));
             }
             let name = b.name.unwrap_or_else(|| b.address.to_string());
             if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic()) {
@@ -418,7 +427,9 @@ impl PoolFile {
             {
                 return Err(invalid(
                     format!("{bkey}.name"),
-                    format!("backend name {name:?} hashes to the same id as {key}.backend[{k}]; rename one"),
+                    format!(
+                        "backend name {name:?} hashes to the same id as {key}.backend[{k}]; rename one"
+                    ),
                 ));
             }
             backends.push(BackendConfig {
@@ -436,10 +447,16 @@ impl PoolFile {
             Some(c) => {
                 let ckey = format!("{key}.affinity_cookie");
                 if c.name.is_empty() || !c.name.bytes().all(is_token_byte) {
-                    return Err(invalid(format!("{ckey}.name"), "must be a cookie name (an HTTP token)"));
+                    return Err(invalid(
+                        format!("{ckey}.name"),
+                        "must be a cookie name (an HTTP token)",
+                    ));
                 }
                 if c.secret.len() < 16 {
-                    return Err(invalid(format!("{ckey}.secret"), "must be at least 16 bytes"));
+                    return Err(invalid(
+                        format!("{ckey}.secret"),
+                        "must be at least 16 bytes",
+                    ));
                 }
                 if session.is_none() {
                     return Err(invalid(ckey, "needs affinity = \"session\""));
@@ -466,29 +483,51 @@ impl SessionFile {
     fn validate(self, key: &str) -> Result<SessionConfig, Invalid> {
         let name_ok = |n: &str| !n.is_empty() && n.bytes().all(is_token_byte);
         if !name_ok(&self.param) {
-            return Err(invalid(format!("{key}.param"), "must be a non-empty field name"));
+            return Err(invalid(
+                format!("{key}.param"),
+                "must be a non-empty field name",
+            ));
         }
         for (i, c) in self.cookies.iter().enumerate() {
             if !name_ok(c) {
-                return Err(invalid(format!("{key}.cookies[{i}]"), "must be a cookie name"));
+                return Err(invalid(
+                    format!("{key}.cookies[{i}]"),
+                    "must be a cookie name",
+                ));
             }
         }
         if !self.path_param.is_empty() && !name_ok(&self.path_param) {
-            return Err(invalid(format!("{key}.path_param"), "must be a parameter name or \"\""));
+            return Err(invalid(
+                format!("{key}.path_param"),
+                "must be a parameter name or \"\"",
+            ));
         }
-        let rules = IdRules::new(self.id_min_length, self.id_max_length, &self.id_chars)
-            .map_err(|m| {
-                let which = if m.contains("class") { "id_chars" } else { "id_max_length" };
+        let rules =
+            IdRules::new(self.id_min_length, self.id_max_length, &self.id_chars).map_err(|m| {
+                let which = if m.contains("class") {
+                    "id_chars"
+                } else {
+                    "id_max_length"
+                };
                 invalid(format!("{key}.{which}"), m)
             })?;
         if self.form_peek_bytes > 1 << 20 {
-            return Err(invalid(format!("{key}.form_peek_bytes"), "must be at most 1048576"));
+            return Err(invalid(
+                format!("{key}.form_peek_bytes"),
+                "must be at most 1048576",
+            ));
         }
         if self.page_scan_bytes > 1 << 20 {
-            return Err(invalid(format!("{key}.page_scan_bytes"), "must be at most 1048576"));
+            return Err(invalid(
+                format!("{key}.page_scan_bytes"),
+                "must be at most 1048576",
+            ));
         }
         if self.idle_timeout == 0 {
-            return Err(invalid(format!("{key}.idle_timeout"), "must be at least 1 second"));
+            return Err(invalid(
+                format!("{key}.idle_timeout"),
+                "must be at least 1 second",
+            ));
         }
         if self.max_lifetime < self.idle_timeout {
             return Err(invalid(
@@ -579,7 +618,10 @@ address = "127.0.0.1:9001"
     #[test]
     fn minimal_file_gets_seaside_defaults() {
         let c = load(MINIMAL).unwrap();
-        assert_eq!(c.listen, vec![DEFAULT_LISTEN.parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            c.listen,
+            vec![DEFAULT_LISTEN.parse::<SocketAddr>().unwrap()]
+        );
         let s = c.pools[0].session.as_ref().unwrap();
         assert_eq!(&*s.names.param, "_s");
         assert_eq!(s.limits, TableLimits::default());
@@ -588,7 +630,8 @@ address = "127.0.0.1:9001"
 
     #[test]
     fn unknown_key_is_named_with_its_line() {
-        let err = load("listen = [\"127.0.0.1:1\"]\n[[pool]]\nname = \"a\"\nbogus = 1\n").unwrap_err();
+        let err =
+            load("listen = [\"127.0.0.1:1\"]\n[[pool]]\nname = \"a\"\nbogus = 1\n").unwrap_err();
         assert!(err.contains("line 4"), "{err}");
         assert!(err.contains("bogus"), "{err}");
     }
@@ -610,8 +653,12 @@ address = "127.0.0.1:9001"
         assert!(err.contains("pool[0].backend[1].name"), "{err}");
         let text = "[[pool]]\nname = \"a\"\n[pool.session]\nidle_timeout = 0\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n";
         let err = load(text).unwrap_err();
-        assert!(err.contains("line 4") && err.contains("idle_timeout"), "{err}");
-        let text = "[[pool]]\nname = \"a\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\nweight = 0\n";
+        assert!(
+            err.contains("line 4") && err.contains("idle_timeout"),
+            "{err}"
+        );
+        let text =
+            "[[pool]]\nname = \"a\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\nweight = 0\n";
         let err = load(text).unwrap_err();
         assert!(err.contains("line 5") && err.contains("weight"), "{err}");
     }
@@ -626,6 +673,9 @@ address = "127.0.0.1:9001"
     fn short_cookie_secret_is_refused() {
         let text = format!("{MINIMAL}[pool.affinity_cookie]\nsecret = \"short\"\n");
         let err = load(&text).unwrap_err();
-        assert!(err.contains("affinity_cookie.secret") && err.contains("line 7"), "{err}");
+        assert!(
+            err.contains("affinity_cookie.secret") && err.contains("line 7"),
+            "{err}"
+        );
     }
 }

@@ -146,7 +146,13 @@ impl Drop for Image {
 impl ImageState {
     async fn answer(&self, req: Request<Incoming>) -> Reply {
         // Path parameters (`;jsessionid=…`) are not part of the resource name.
-        let path = req.uri().path().split(';').next().unwrap_or("/").to_string();
+        let path = req
+            .uri()
+            .path()
+            .split(';')
+            .next()
+            .unwrap_or("/")
+            .to_string();
         if path.starts_with("/static/") {
             return text(StatusCode::OK, "text/css", "body { color: #123; }\n".into());
         }
@@ -168,14 +174,19 @@ impl ImageState {
         });
         let Some((key, counter)) = known else {
             if path.ends_with("/ajax") {
-                return text(StatusCode::FORBIDDEN, "text/plain", "session expired\n".into());
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "text/plain",
+                    "session expired\n".into(),
+                );
             }
             return self.new_session(&path);
         };
         if post {
             // Redirect after POST, naming the session in Location as Seaside does.
             let mut r = text(StatusCode::FOUND, "text/plain", String::new());
-            r.headers_mut().insert(LOCATION, self.link(&key).parse().expect("link"));
+            r.headers_mut()
+                .insert(LOCATION, self.link(&key).parse().expect("link"));
             self.stamp(&mut r, counter);
             return r;
         }
@@ -187,7 +198,10 @@ impl ImageState {
         let rules = IdRules::default();
         let post = req.method() == Method::POST;
         let uri = req.uri().clone();
-        if let Some(k) = uri.query().and_then(|q| session_id::from_query(q, "_s", &rules)) {
+        if let Some(k) = uri
+            .query()
+            .and_then(|q| session_id::from_query(q, "_s", &rules))
+        {
             return (Some(k.to_string()), post);
         }
         if let Some(k) = session_id::from_path_param(uri.path(), "jsessionid", &rules) {
@@ -214,7 +228,12 @@ impl ImageState {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let body_key = if content_type.starts_with("application/x-www-form-urlencoded") {
             session_id::from_urlencoded(&body, "_s", &rules)
         } else {
@@ -239,7 +258,8 @@ impl ImageState {
             Tracking::Seaside28 { cookie } => {
                 let mut r = text(StatusCode::FOUND, "text/plain", String::new());
                 let location = format!("{}?_s={key}", app_path(path));
-                r.headers_mut().insert(LOCATION, location.parse().expect("location"));
+                r.headers_mut()
+                    .insert(LOCATION, location.parse().expect("location"));
                 r.headers_mut().insert(
                     SET_COOKIE,
                     format!("{cookie}={key}; path=/").parse().expect("cookie"),
@@ -329,14 +349,19 @@ this page and keeps every click on {name}.</small></p></body></html>\n",
             "x-image",
             HeaderValue::from_str(&self.options.name).expect("image name"),
         );
-        r.headers_mut().insert("x-counter", HeaderValue::from(counter));
+        r.headers_mut()
+            .insert("x-counter", HeaderValue::from(counter));
     }
 
     /// Answers `Upgrade` with 101 and echoes raw bytes on the upgraded connection.
     fn upgrade(&self, mut req: Request<Incoming>) -> Reply {
         let protocol = req.headers().get(http::header::UPGRADE).cloned();
         let Some(protocol) = protocol else {
-            return text(StatusCode::BAD_REQUEST, "text/plain", "upgrade required\n".into());
+            return text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                "upgrade required\n".into(),
+            );
         };
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -349,7 +374,10 @@ this page and keeps every click on {name}.</small></p></body></html>\n",
         let mut r = text(StatusCode::SWITCHING_PROTOCOLS, "text/plain", String::new());
         r.headers_mut().remove(CONTENT_TYPE);
         r.headers_mut().insert(http::header::UPGRADE, protocol);
-        r.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+        r.headers_mut().insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
         self.stamp(&mut r, 0);
         r
     }
@@ -367,11 +395,17 @@ async fn echo(req: Request<Incoming>) -> Reply {
         out.push(b'\n');
     }
     out.push(b'\n');
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     out.extend_from_slice(&body);
     let mut r = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(out))));
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     r
 }
 

@@ -167,7 +167,10 @@ fn main() -> ExitCode {
 }
 
 fn run(main: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tidegate: cannot start the runtime: {e}");
@@ -194,9 +197,12 @@ async fn serve(config: Config) -> Result<(), String> {
 async fn demo(listen: SocketAddr) -> Result<(), String> {
     let mut images = Vec::new();
     for name in ["image-1", "image-2", "image-3"] {
-        let image = Image::start("127.0.0.1:0".parse().expect("address"), ImageOptions::new(name))
-            .await
-            .map_err(|e| format!("cannot start demo image {name}: {e}"))?;
+        let image = Image::start(
+            "127.0.0.1:0".parse().expect("address"),
+            ImageOptions::new(name),
+        )
+        .await
+        .map_err(|e| format!("cannot start demo image {name}: {e}"))?;
         images.push(image);
     }
     let secret = tidegate::demo::random_key(32);
@@ -205,7 +211,11 @@ async fn demo(listen: SocketAddr) -> Result<(), String> {
          [pool.affinity_cookie]\nsecret = \"{secret}\"\n{}",
         images
             .iter()
-            .map(|i| format!("[[pool.backend]]\nname = \"{}\"\naddress = \"{}\"\n", i.name(), i.addr))
+            .map(|i| format!(
+                "[[pool.backend]]\nname = \"{}\"\naddress = \"{}\"\n",
+                i.name(),
+                i.addr
+            ))
             .collect::<String>()
     );
     let config = Config::from_toml(&text, "demo").map_err(|e| e.to_string())?;

@@ -21,11 +21,11 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::clock;
+use crate::core::affinity::PinKey;
 use crate::core::pool::{Affinity, Decision, Pool, RequestView, Routing, SessionAffinity};
 use crate::core::route::Router;
 use crate::core::session_id::{self, IdSource};
 use crate::error::ProxyError;
-use crate::core::affinity::PinKey;
 use crate::learn::{Learner, PageLearner};
 use crate::upstream::{self, RequestBody, UpstreamClient};
 
@@ -228,13 +228,15 @@ impl Proxy {
         rewrite_request_head(&mut parts, &routing, conn, client_upgrade.is_some());
         let upstream_req = Request::from_parts(parts, body);
         let backend = &routing.backend;
-        let mut reply = self.client.request(upstream_req).await.map_err(|e| {
-            ProxyError::Upstream {
-                backend: backend.name.clone(),
-                address: backend.address,
-                failure: upstream::classify(&e),
-            }
-        })?;
+        let mut reply =
+            self.client
+                .request(upstream_req)
+                .await
+                .map_err(|e| ProxyError::Upstream {
+                    backend: backend.name.clone(),
+                    address: backend.address,
+                    failure: upstream::classify(&e),
+                })?;
 
         if reply.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
@@ -272,7 +274,12 @@ impl Proxy {
                 Affinity::Session(s) => s.page_scan_bytes,
                 Affinity::ClientIp => 0,
             };
-            ReplyBody::Learning(Box::new(PageLearner::new(body, pool.clone(), learner, limit)))
+            ReplyBody::Learning(Box::new(PageLearner::new(
+                body,
+                pool.clone(),
+                learner,
+                limit,
+            )))
         } else {
             ReplyBody::Upstream(body)
         };
@@ -403,7 +410,11 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop fields, including those the `Connection` header names. For an
 /// upgrade, `Connection: upgrade` and `Upgrade` are kept.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let upgrade_to = if upgrade { headers.get(UPGRADE).cloned() } else { None };
+    let upgrade_to = if upgrade {
+        headers.get(UPGRADE).cloned()
+    } else {
+        None
+    };
     if headers.contains_key(CONNECTION) {
         // Names listed in Connection, collected without allocating (a few at most in practice;
         // a longer list is cut, and the standard hop-by-hop fields go regardless).
@@ -481,7 +492,8 @@ fn is_html(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| {
             let mime = ct.split(';').next().unwrap_or("").trim();
-            mime.eq_ignore_ascii_case("text/html") || mime.eq_ignore_ascii_case("application/xhtml+xml")
+            mime.eq_ignore_ascii_case("text/html")
+                || mime.eq_ignore_ascii_case("application/xhtml+xml")
         })
 }
 
@@ -506,7 +518,10 @@ mod tests {
     #[test]
     fn hop_by_hop_fields_and_those_connection_names_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("te", HeaderValue::from_static("trailers"));

@@ -39,13 +39,13 @@ pub struct StartError {
 pub fn build_pool(config: &PoolConfig) -> Pool {
     let affinity = match &config.session {
         None => Affinity::ClientIp,
-        Some(s) => Affinity::Session(SessionAffinity::new(
+        Some(s) => Affinity::Session(Box::new(SessionAffinity::new(
             s.names.clone(),
             s.rules.clone(),
             s.limits,
             s.form_peek_bytes,
             s.page_scan_bytes,
-        )),
+        ))),
     };
     let cookie = config
         .affinity_cookie
@@ -61,7 +61,11 @@ pub fn build_pool(config: &PoolConfig) -> Pool {
 
 /// Binds every listener and starts serving.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
-    let pools: Vec<Arc<Pool>> = config.pools.iter().map(|p| Arc::new(build_pool(p))).collect();
+    let pools: Vec<Arc<Pool>> = config
+        .pools
+        .iter()
+        .map(|p| Arc::new(build_pool(p)))
+        .collect();
     let routes = config
         .pools
         .iter()
@@ -86,7 +90,9 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         let listener = TcpListener::bind(address)
             .await
             .map_err(|source| StartError { address, source })?;
-        let local = listener.local_addr().map_err(|source| StartError { address, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| StartError { address, source })?;
         tracing::info!(address = %local, "listening (HTTP/1.1, h2c)");
         addrs.push(local);
         tasks.spawn(listener::serve(listener, proxy.clone(), stop.clone()));
@@ -121,12 +127,18 @@ async fn sweep(pool: Arc<Pool>, mut stop: Signal) {
         }
         let pool = pool.clone();
         let removed = tokio::task::spawn_blocking(move || {
-            pool.table().map(|t| t.sweep(clock::unix_now())).unwrap_or_default()
+            pool.table()
+                .map(|t| t.sweep(clock::unix_now()))
+                .unwrap_or_default()
         })
         .await
         .unwrap_or_default();
         if removed.expired + removed.evicted > 0 {
-            tracing::debug!(expired = removed.expired, evicted = removed.evicted, "pins swept");
+            tracing::debug!(
+                expired = removed.expired,
+                evicted = removed.evicted,
+                "pins swept"
+            );
         }
     }
 }

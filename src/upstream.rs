@@ -105,9 +105,9 @@ pub async fn peek(mut body: Incoming, limit: usize) -> Result<Peek, hyper::Error
             }
         }
     }
-    let data = frames.iter().filter_map(Frame::data_ref);
+    let mut data = frames.iter().filter_map(Frame::data_ref);
     let head = if frames.len() == 1 {
-        data.cloned().next().unwrap_or_default()
+        data.next().cloned().unwrap_or_default()
     } else {
         let mut joined = Vec::with_capacity(held);
         data.for_each(|d| joined.extend_from_slice(d));

@@ -39,11 +39,25 @@ async fn two_sessions_on_different_images(f: &Farm) -> [(String, String); 2] {
 /// `/echo` through the balancer with these headers and body; returns the answering image.
 async fn echo_image(f: &Farm, path: &str, headers: &[(&str, &str)], body: &[u8]) -> String {
     let client = support::client();
-    let method = if body.is_empty() { Method::GET } else { Method::POST };
-    let reply = send(&client, method, &format!("{}{path}", f.base), headers, Bytes::copy_from_slice(body)).await;
+    let method = if body.is_empty() {
+        Method::GET
+    } else {
+        Method::POST
+    };
+    let reply = send(
+        &client,
+        method,
+        &format!("{}{path}", f.base),
+        headers,
+        Bytes::copy_from_slice(body),
+    )
+    .await;
     assert_eq!(reply.status, 200);
     if !body.is_empty() {
-        assert!(reply.body.ends_with(body), "the body reached the backend unchanged");
+        assert!(
+            reply.body.ends_with(body),
+            "the body reached the backend unchanged"
+        );
     }
     reply.image()
 }
@@ -65,7 +79,11 @@ async fn every_request_carrier_reaches_the_pinned_image() {
 --XyZzy\r\nContent-Disposition: form-data; name=\"_s\"\r\n\r\n{key}\r\n--XyZzy--\r\n"
     );
     for _ in 0..6 {
-        assert_eq!(echo_image(&f, &format!("/echo?_k=1&_s={key}"), &[], b"").await, image, "query");
+        assert_eq!(
+            echo_image(&f, &format!("/echo?_k=1&_s={key}"), &[], b"").await,
+            image,
+            "query"
+        );
         assert_eq!(
             echo_image(&f, &format!("/echo;jsessionid={key}?_k=1"), &[], b"").await,
             image,
@@ -76,7 +94,11 @@ async fn every_request_carrier_reaches_the_pinned_image() {
             image,
             "Seaside 2.8 cookie named after the application"
         );
-        assert_eq!(echo_image(&f, "/echo", &[("cookie", &cookie_default)], b"").await, image, "cookie");
+        assert_eq!(
+            echo_image(&f, "/echo", &[("cookie", &cookie_default)], b"").await,
+            image,
+            "cookie"
+        );
         assert_eq!(
             echo_image(
                 &f,
@@ -89,7 +111,13 @@ async fn every_request_carrier_reaches_the_pinned_image() {
             "urlencoded body"
         );
         assert_eq!(
-            echo_image(&f, "/echo", &[("content-type", multipart_ct)], multipart.as_bytes()).await,
+            echo_image(
+                &f,
+                "/echo",
+                &[("content-type", multipart_ct)],
+                multipart.as_bytes()
+            )
+            .await,
             image,
             "multipart body"
         );
@@ -114,7 +142,13 @@ async fn query_wins_over_cookie_and_an_invalid_id_counts_as_absent() {
         );
         let too_long = "A".repeat(65);
         assert_eq!(
-            echo_image(&f, &format!("/echo?_s={too_long}"), &[("cookie", &cookie)], b"").await,
+            echo_image(
+                &f,
+                &format!("/echo?_s={too_long}"),
+                &[("cookie", &cookie)],
+                b""
+            )
+            .await,
             image2
         );
     }
@@ -168,15 +202,29 @@ async fn page_body_learning_finds_a_key_split_across_chunks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_cookie_of_a_session_cookie_is_learned() {
     // The page scan is off, so only the cookie can teach the pin.
-    let f = farm_with(images(3, Tracking::Cookie).await, "[pool.session]\npage_scan_bytes = 0\n").await;
+    let f = farm_with(
+        images(3, Tracking::Cookie).await,
+        "[pool.session]\npage_scan_bytes = 0\n",
+    )
+    .await;
     let mut b = Browser::new(&f.base, true);
     let first = b.open("/app").await;
     let key = b.cookies.as_ref().unwrap()["_s"].clone();
-    assert_eq!(pinned_to(&f, &key), Some(BackendId::from_name(&first.image())));
+    assert_eq!(
+        pinned_to(&f, &key),
+        Some(BackendId::from_name(&first.image()))
+    );
     // Cookie only: a fresh request with nothing but the cookie stays on the image.
     let cookie = format!("_s={key}");
     for n in 2..=10 {
-        let r = send(&support::client(), Method::GET, &format!("{}/app", f.base), &[("cookie", &cookie)], Bytes::new()).await;
+        let r = send(
+            &support::client(),
+            Method::GET,
+            &format!("{}/app", f.base),
+            &[("cookie", &cookie)],
+            Bytes::new(),
+        )
+        .await;
         assert_eq!((r.image(), r.counter()), (first.image(), n));
     }
 }
@@ -188,13 +236,20 @@ async fn location_of_a_redirect_is_learned() {
     let tracking = Tracking::Seaside28 {
         cookie: "counter".into(),
     };
-    let f = farm_with(images(3, tracking).await, "[pool.session]\ncookies = [\"other\"]\n").await;
+    let f = farm_with(
+        images(3, tracking).await,
+        "[pool.session]\ncookies = [\"other\"]\n",
+    )
+    .await;
     let client = support::client();
     let reply = support::get(&client, &format!("{}/app", f.base)).await;
     assert_eq!(reply.status, 302);
     let location = reply.header("location");
     let key = location.split("_s=").nth(1).unwrap().to_string();
-    assert_eq!(pinned_to(&f, &key), Some(BackendId::from_name(&reply.image())));
+    assert_eq!(
+        pinned_to(&f, &key),
+        Some(BackendId::from_name(&reply.image()))
+    );
     for n in 2..=6 {
         let r = support::get(&client, &format!("{}{location}", f.base)).await;
         assert_eq!((r.image(), r.counter()), (reply.image(), n));
@@ -210,7 +265,10 @@ async fn unknown_id_is_routed_as_new_and_the_new_key_is_learned() {
     let fresh = reply.key().unwrap();
     assert_ne!(fresh, "EXPIREDKEY123456");
     assert_eq!(pinned_to(&f, "EXPIREDKEY123456"), None);
-    assert_eq!(pinned_to(&f, &fresh), Some(BackendId::from_name(&reply.image())));
+    assert_eq!(
+        pinned_to(&f, &fresh),
+        Some(BackendId::from_name(&reply.image()))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +293,11 @@ async fn affinity_cookie_carries_a_session_the_scan_missed_until_the_backend_nam
         o.padding = 40 * 1024; // the first page's links lie beyond the scan window
         imgs.push(image(o).await);
     }
-    let f = farm_with(imgs, "[pool.affinity_cookie]\nname = \"tg\"\nsecret = \"0123456789abcdef0123\"\n").await;
+    let f = farm_with(
+        imgs,
+        "[pool.affinity_cookie]\nname = \"tg\"\nsecret = \"0123456789abcdef0123\"\n",
+    )
+    .await;
     let mut b = Browser::new(&f.base, true);
     let first = b.open("/app").await;
     let key = first.key().unwrap();
@@ -246,7 +308,10 @@ async fn affinity_cookie_carries_a_session_the_scan_missed_until_the_backend_nam
     // (a light page whose links name the key) confirms the pin.
     let second = b.click().await;
     assert_eq!((second.image(), second.counter()), (first.image(), 2));
-    assert_eq!(pinned_to(&f, &key), Some(BackendId::from_name(&first.image())));
+    assert_eq!(
+        pinned_to(&f, &key),
+        Some(BackendId::from_name(&first.image()))
+    );
     // From now on the key alone is enough: a client without the cookie stays on the image.
     let client = support::client();
     for n in 3..=8 {
@@ -254,7 +319,14 @@ async fn affinity_cookie_carries_a_session_the_scan_missed_until_the_backend_nam
         assert_eq!((r.image(), r.counter()), (first.image(), n));
     }
     // A forged cookie is ignored: new session, and a genuine cookie is set in reply.
-    let r = send(&client, Method::GET, &format!("{}/app", f.base), &[("cookie", "tg=0000abcd.00112233445566778899aabb")], Bytes::new()).await;
+    let r = send(
+        &client,
+        Method::GET,
+        &format!("{}/app", f.base),
+        &[("cookie", "tg=0000abcd.00112233445566778899aabb")],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(r.counter(), 1);
     assert!(r.header("set-cookie").starts_with("tg="));
 }

@@ -51,8 +51,16 @@ async fn seaside3_sessions_without_cookies_stay_pinned_under_concurrency() {
     for t in tasks {
         *per_image.entry(t.await.unwrap()).or_default() += 1;
     }
-    assert_eq!(per_image.len(), 3, "sessions spread over every image: {per_image:?}");
-    assert_eq!(f.pins(), 30, "one pin per session, learned from the first page");
+    assert_eq!(
+        per_image.len(),
+        3,
+        "sessions spread over every image: {per_image:?}"
+    );
+    assert_eq!(
+        f.pins(),
+        30,
+        "one pin per session, learned from the first page"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +82,11 @@ async fn seaside28_form_sessions_stay_pinned_with_the_key_only_in_the_body() {
         cookie: "counter".into(),
     };
     // Cookies off: after the first redirect, the key travels only in the forms' hidden field.
-    let f = farm_with(images(3, tracking).await, "[pool.session]\ncookies = [\"counter\"]\n").await;
+    let f = farm_with(
+        images(3, tracking).await,
+        "[pool.session]\ncookies = [\"counter\"]\n",
+    )
+    .await;
     let mut tasks = Vec::new();
     for i in 0..12u64 {
         let base = f.base.clone();
@@ -153,7 +165,9 @@ async fn weighted_round_robin_follows_weights() {
     let url = format!("http://{}/app", running.addrs()[0]);
     let mut counts: HashMap<String, usize> = HashMap::new();
     for _ in 0..400 {
-        *counts.entry(support::get(&client, &url).await.image()).or_default() += 1;
+        *counts
+            .entry(support::get(&client, &url).await.image())
+            .or_default() += 1;
     }
     assert_eq!(counts["image-1"], 300);
     assert_eq!(counts["image-2"], 100);
@@ -191,22 +205,47 @@ async fn forged_ids_leave_the_table_unchanged() {
                 let id = tidegate::demo::random_key(16);
                 // Rotate through every carrier, on paths where no image starts a session:
                 // a static file and an Ajax call (403 for an unknown session, as Seaside).
-                let path = if i % 2 == 0 { "/static/app.css" } else { "/app/ajax" };
+                let path = if i % 2 == 0 {
+                    "/static/app.css"
+                } else {
+                    "/app/ajax"
+                };
                 let cookie_hdr = format!("_s={id}; tidegate={genuine}");
                 let forged_cookie = format!("tidegate=00000000.{id}");
                 let form = format!("_s={id}&x=1");
-                let (method, url, headers, body): (Method, String, Vec<(&str, &str)>, Bytes) = match (i + w) % 5 {
-                    0 => (Method::GET, format!("{base}{path}?_s={id}"), vec![], Bytes::new()),
-                    1 => (Method::GET, format!("{base}{path}"), vec![("cookie", &cookie_hdr)], Bytes::new()),
-                    2 => (Method::GET, format!("{base}{path};jsessionid={id}"), vec![("cookie", &forged_cookie)], Bytes::new()),
-                    3 => (
-                        Method::POST,
-                        format!("{base}{path}"),
-                        vec![("content-type", "application/x-www-form-urlencoded")],
-                        Bytes::from(form),
-                    ),
-                    _ => (Method::GET, format!("{base}{path}?_s={id}"), vec![("cookie", &cookie_hdr)], Bytes::new()),
-                };
+                let (method, url, headers, body): (Method, String, Vec<(&str, &str)>, Bytes) =
+                    match (i + w) % 5 {
+                        0 => (
+                            Method::GET,
+                            format!("{base}{path}?_s={id}"),
+                            vec![],
+                            Bytes::new(),
+                        ),
+                        1 => (
+                            Method::GET,
+                            format!("{base}{path}"),
+                            vec![("cookie", &cookie_hdr)],
+                            Bytes::new(),
+                        ),
+                        2 => (
+                            Method::GET,
+                            format!("{base}{path};jsessionid={id}"),
+                            vec![("cookie", &forged_cookie)],
+                            Bytes::new(),
+                        ),
+                        3 => (
+                            Method::POST,
+                            format!("{base}{path}"),
+                            vec![("content-type", "application/x-www-form-urlencoded")],
+                            Bytes::from(form),
+                        ),
+                        _ => (
+                            Method::GET,
+                            format!("{base}{path}?_s={id}"),
+                            vec![("cookie", &cookie_hdr)],
+                            Bytes::new(),
+                        ),
+                    };
                 let reply = send(&client, method, &url, &headers, body).await;
                 *statuses.entry(reply.status.as_u16()).or_default() += 1;
             }
@@ -220,7 +259,10 @@ async fn forged_ids_leave_the_table_unchanged() {
         }
     }
     assert_eq!(statuses.values().sum::<usize>(), total);
-    assert!(statuses.keys().all(|s| *s == 200 || *s == 403), "{statuses:?}");
+    assert!(
+        statuses.keys().all(|s| *s == 200 || *s == 403),
+        "{statuses:?}"
+    );
     assert_eq!(f.pins(), 10, "forged ids created pins");
     // The real sessions are still pinned where they were.
     for (mut b, image) in real {

@@ -465,7 +465,13 @@ mod tests {
             t.pin(PinKey::of(&format!("new{i}")), B, 60);
         }
         let removed = t.sweep(120);
-        assert_eq!(removed, Removed { expired: 10, evicted: 0 });
+        assert_eq!(
+            removed,
+            Removed {
+                expired: 10,
+                evicted: 0
+            }
+        );
         assert_eq!((t.len(), t.pins_of(A), t.pins_of(B)), (10, 0, 10));
     }
 

@@ -237,7 +237,10 @@ mod tests {
     #[test]
     fn schedule_interleaves_by_weight() {
         assert_eq!(&*smooth_weighted_schedule(&[1, 1, 1]), &[0, 1, 2]);
-        assert_eq!(&*smooth_weighted_schedule(&[5, 1, 1]), &[0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(
+            &*smooth_weighted_schedule(&[5, 1, 1]),
+            &[0, 0, 1, 0, 2, 0, 0]
+        );
         assert_eq!(&*smooth_weighted_schedule(&[200, 100]), &[0, 1, 0]);
         assert!(smooth_weighted_schedule(&[]).is_empty());
     }

@@ -63,7 +63,9 @@ pub fn least_sessions<'s>(
         let load = u128::from(pins_of(b.id));
         let better = match best {
             None => true,
-            Some((cur, cur_load)) => load * u128::from(cur.weight) < cur_load * u128::from(b.weight),
+            Some((cur, cur_load)) => {
+                load * u128::from(cur.weight) < cur_load * u128::from(b.weight)
+            }
         };
         if better {
             best = Some((b, load));
@@ -181,7 +183,10 @@ mod tests {
         ]
         .into();
         let pick = least_sessions(&s, &cursor, |id| pins[&id]).unwrap();
-        assert_eq!(&*pick.name, "c", "8 pins at weight 2 is lighter than 5 at weight 1");
+        assert_eq!(
+            &*pick.name, "c",
+            "8 pins at weight 2 is lighter than 5 at weight 1"
+        );
     }
 
     #[test]
@@ -224,13 +229,19 @@ mod tests {
                 let was = by_client_address(&before, client(i)).unwrap();
                 let now = by_client_address(&after, client(i)).unwrap();
                 if was.id != now.id {
-                    assert_eq!(&*now.name, names[n], "a moved client went to an old backend");
+                    assert_eq!(
+                        &*now.name, names[n],
+                        "a moved client went to an old backend"
+                    );
                     moved += 1;
                 }
             }
             let expected = total as f64 / (n + 1) as f64;
             let ratio = moved as f64 / expected;
-            assert!((0.9..=1.1).contains(&ratio), "n={n}: moved {moved}, expected ~{expected}");
+            assert!(
+                (0.9..=1.1).contains(&ratio),
+                "n={n}: moved {moved}, expected ~{expected}"
+            );
         }
     }
 

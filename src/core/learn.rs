@@ -210,7 +210,10 @@ mod tests {
 
     #[test]
     fn finds_the_first_link_id() {
-        assert_eq!(scan_chunks(&[PAGE], 32768).as_deref(), Some("Kd83jHs7aQ0pLm2x"));
+        assert_eq!(
+            scan_chunks(&[PAGE], 32768).as_deref(),
+            Some("Kd83jHs7aQ0pLm2x")
+        );
     }
 
     #[test]
@@ -224,7 +227,10 @@ mod tests {
             );
         }
         let bytes: Vec<&[u8]> = PAGE.chunks(1).collect();
-        assert_eq!(scan_chunks(&bytes, 32768).as_deref(), Some("Kd83jHs7aQ0pLm2x"));
+        assert_eq!(
+            scan_chunks(&bytes, 32768).as_deref(),
+            Some("Kd83jHs7aQ0pLm2x")
+        );
     }
 
     #[test]
@@ -233,7 +239,10 @@ mod tests {
             scan_chunks(&[b"<a href='/a?x=1&amp;_s=ENT1'>"], 100).as_deref(),
             Some("ENT1")
         );
-        assert_eq!(scan_chunks(&[b"/a?_s=", b"ATEND"], 100).as_deref(), Some("ATEND"));
+        assert_eq!(
+            scan_chunks(&[b"/a?_s=", b"ATEND"], 100).as_deref(),
+            Some("ATEND")
+        );
     }
 
     #[test]
@@ -248,7 +257,10 @@ mod tests {
     fn overlong_ids_are_skipped_for_a_later_valid_one() {
         let long = "A".repeat(80);
         let page = format!("?_s={long}\"> ?_s=SHORT1");
-        assert_eq!(scan_chunks(&[page.as_bytes()], 1000).as_deref(), Some("SHORT1"));
+        assert_eq!(
+            scan_chunks(&[page.as_bytes()], 1000).as_deref(),
+            Some("SHORT1")
+        );
     }
 
     #[test]
@@ -259,11 +271,19 @@ mod tests {
             id_in_set_cookie("_s=KEY1; Path=/app; HttpOnly", &names, &r, 0),
             Some("KEY1")
         );
-        assert_eq!(id_in_set_cookie("counter=KEY2", &names, &r, 0), Some("KEY2"));
+        assert_eq!(
+            id_in_set_cookie("counter=KEY2", &names, &r, 0),
+            Some("KEY2")
+        );
         assert_eq!(id_in_set_cookie("theme=dark", &names, &r, 0), None);
         assert_eq!(id_in_set_cookie("_s=KEY1; Max-Age=0", &names, &r, 0), None);
         assert_eq!(
-            id_in_set_cookie("_s=KEY1; Expires=Thu, 01 Jan 1970 00:00:01 GMT", &names, &r, 100),
+            id_in_set_cookie(
+                "_s=KEY1; Expires=Thu, 01 Jan 1970 00:00:01 GMT",
+                &names,
+                &r,
+                100
+            ),
             None
         );
         assert_eq!(id_in_set_cookie("_s=bad id", &names, &r, 0), None);

@@ -16,7 +16,7 @@ use crate::core::session_id::{IdRules, IdSource, SessionNames};
 /// How a pool keeps a client on its backend.
 pub enum Affinity {
     /// Session ids, learned from replies and kept in the table.
-    Session(SessionAffinity),
+    Session(Box<SessionAffinity>),
     /// A hash of the client address: no table, no parsing.
     ClientIp,
 }
@@ -225,7 +225,11 @@ impl Pool {
             .map(|b| self.routing(b, decision, true, request))
     }
 
-    fn pick_new<'s>(&self, set: &'s BackendSet, session: &SessionAffinity) -> Option<&'s Arc<Backend>> {
+    fn pick_new<'s>(
+        &self,
+        set: &'s BackendSet,
+        session: &SessionAffinity,
+    ) -> Option<&'s Arc<Backend>> {
         match self.policy {
             Policy::RoundRobin => balance::round_robin(set, &self.cursor),
             Policy::LeastSessions => {
@@ -283,7 +287,7 @@ mod tests {
         Pool::new(
             "app",
             Policy::RoundRobin,
-            Affinity::Session(session),
+            Affinity::Session(Box::new(session)),
             cookie.then(|| AffinityCookie::new("tg", b"secret", false)),
             backends(),
         )
@@ -315,10 +319,19 @@ mod tests {
         p.table().unwrap().pin(PinKey::of("S1"), web2.id, 0);
         for _ in 0..10 {
             let r = p.route(&set, &view(Some("S1"), None), 1).unwrap();
-            assert_eq!((r.backend.id, r.decision, r.scan_page), (web2.id, Decision::Pinned, false));
+            assert_eq!(
+                (r.backend.id, r.decision, r.scan_page),
+                (web2.id, Decision::Pinned, false)
+            );
         }
         web2.set_state(BackendState::Draining);
-        assert_eq!(p.route(&set, &view(Some("S1"), None), 1).unwrap().backend.id, web2.id);
+        assert_eq!(
+            p.route(&set, &view(Some("S1"), None), 1)
+                .unwrap()
+                .backend
+                .id,
+            web2.id
+        );
         web2.set_state(BackendState::Down);
         let r = p.route(&set, &view(Some("S1"), None), 1).unwrap();
         assert_eq!(r.decision, Decision::Redispatched);
@@ -332,20 +345,27 @@ mod tests {
         let web3 = set.all()[2].clone();
         let value = web3.affinity_cookie.as_ref().unwrap().value.clone();
         for _ in 0..3 {
-            let r = p.route(&set, &view(Some("NEWID"), Some(&value)), 0).unwrap();
+            let r = p
+                .route(&set, &view(Some("NEWID"), Some(&value)), 0)
+                .unwrap();
             assert_eq!(
                 (r.backend.id, r.decision, r.insert_cookie, r.scan_page),
                 (web3.id, Decision::Learned, false, true)
             );
         }
-        assert!(p.table().unwrap().is_empty(), "the reply, not the request, creates the pin");
+        assert!(
+            p.table().unwrap().is_empty(),
+            "the reply, not the request, creates the pin"
+        );
     }
 
     #[test]
     fn forged_affinity_cookie_is_ignored() {
         let p = pool(true);
         let set = p.backends();
-        let r = p.route(&set, &view(Some("NEWID"), Some("00000001.deadbeef")), 0).unwrap();
+        let r = p
+            .route(&set, &view(Some("NEWID"), Some("00000001.deadbeef")), 0)
+            .unwrap();
         assert_eq!(r.decision, Decision::New);
         assert!(r.insert_cookie);
         assert!(p.table().unwrap().is_empty());
@@ -353,12 +373,21 @@ mod tests {
 
     #[test]
     fn client_ip_mode_needs_no_table() {
-        let p = Pool::new("ip", Policy::RoundRobin, Affinity::ClientIp, None, backends());
+        let p = Pool::new(
+            "ip",
+            Policy::RoundRobin,
+            Affinity::ClientIp,
+            None,
+            backends(),
+        );
         let set = p.backends();
         let first = p.route(&set, &view(Some("ignored"), None), 0).unwrap();
         assert_eq!(first.decision, Decision::Hashed);
         for _ in 0..5 {
-            assert_eq!(p.route(&set, &view(None, None), 0).unwrap().backend.id, first.backend.id);
+            assert_eq!(
+                p.route(&set, &view(None, None), 0).unwrap().backend.id,
+                first.backend.id
+            );
         }
         assert!(p.table().is_none());
     }

@@ -105,7 +105,10 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
     }
     let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
     path.starts_with(prefix)
-        && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/' | b'?' | b';'))
+        && matches!(
+            path.as_bytes().get(prefix.len()),
+            None | Some(b'/' | b'?' | b';')
+        )
 }
 
 #[cfg(test)]
@@ -135,7 +138,11 @@ mod tests {
         assert_eq!(r.select(Some("other.org"), "/static/a.css"), Some(4));
         assert_eq!(r.select(Some("other.org"), "/staticx"), Some(0));
         assert_eq!(r.select(None, "/"), Some(0));
-        assert_eq!(r.select(Some("example.com"), "/"), Some(0), "wildcard needs a subdomain");
+        assert_eq!(
+            r.select(Some("example.com"), "/"),
+            Some(0),
+            "wildcard needs a subdomain"
+        );
     }
 
     #[test]

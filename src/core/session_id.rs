@@ -39,7 +39,8 @@ impl IdSource {
 pub struct IdRules {
     min_len: usize,
     max_len: usize,
-    allowed: [bool; 256],
+    /// One bit per byte value.
+    allowed: [u64; 4],
 }
 
 /// Characters that delimit ids in cookies, queries and form bodies: never part of an id.
@@ -62,7 +63,7 @@ impl IdRules {
         if bytes.is_empty() {
             return Err("the id character class is empty".into());
         }
-        let mut allowed = [false; 256];
+        let mut allowed = [0u64; 4];
         let mut i = 0;
         while i < bytes.len() {
             let start = bytes[i];
@@ -86,7 +87,7 @@ impl IdRules {
                         b as char
                     ));
                 }
-                allowed[b as usize] = true;
+                allowed[usize::from(b >> 6)] |= 1 << (b & 63);
             }
         }
         Ok(IdRules {
@@ -99,15 +100,13 @@ impl IdRules {
     /// Whether `id` is a well-formed session id under these rules.
     #[inline]
     pub fn is_valid(&self, id: &[u8]) -> bool {
-        id.len() >= self.min_len
-            && id.len() <= self.max_len
-            && id.iter().all(|&b| self.allowed[b as usize])
+        id.len() >= self.min_len && id.len() <= self.max_len && id.iter().all(|&b| self.allows(b))
     }
 
     /// Whether `b` may appear inside an id.
     #[inline]
     pub fn allows(&self, b: u8) -> bool {
-        self.allowed[b as usize]
+        self.allowed[usize::from(b >> 6)] >> (b & 63) & 1 == 1
     }
 
     /// The longest id accepted.
@@ -338,7 +337,10 @@ mod tests {
             from_path_param("/app;JSESSIONID=ABC", "jsessionid", &rules()),
             Some("ABC")
         );
-        assert_eq!(from_path_param("/app;other=1", "jsessionid", &rules()), None);
+        assert_eq!(
+            from_path_param("/app;other=1", "jsessionid", &rules()),
+            None
+        );
         assert_eq!(from_path_param("/app", "jsessionid", &rules()), None);
     }
 
@@ -353,7 +355,10 @@ mod tests {
             from_cookie_header("a=1; counter=\"bad id\"; _s=K2", &list, &rules()),
             Some("K2")
         );
-        assert_eq!(from_cookie_header("_s=\"QUOTED\"", &list, &rules()), Some("QUOTED"));
+        assert_eq!(
+            from_cookie_header("_s=\"QUOTED\"", &list, &rules()),
+            Some("QUOTED")
+        );
         assert_eq!(from_cookie_header("other=K", &list, &rules()), None);
     }
 
@@ -363,7 +368,10 @@ mod tests {
             from_urlencoded(b"name=x&_s=FORMKEY&_k=1", "_s", &rules()),
             Some("FORMKEY")
         );
-        assert_eq!(from_urlencoded(b"_s=FORMKEY", "_s", &rules()), Some("FORMKEY"));
+        assert_eq!(
+            from_urlencoded(b"_s=FORMKEY", "_s", &rules()),
+            Some("FORMKEY")
+        );
         assert_eq!(from_urlencoded(b"a=1&b=2", "_s", &rules()), None);
         assert_eq!(from_urlencoded(b"", "_s", &rules()), None);
     }

@@ -44,7 +44,13 @@ pub async fn image(options: ImageOptions) -> Image {
 pub fn backend_entries(images: &[Image]) -> String {
     images
         .iter()
-        .map(|i| format!("[[pool.backend]]\nname = \"{}\"\naddress = \"{}\"\n", i.name(), i.addr))
+        .map(|i| {
+            format!(
+                "[[pool.backend]]\nname = \"{}\"\naddress = \"{}\"\n",
+                i.name(),
+                i.addr
+            )
+        })
         .collect()
 }
 
@@ -56,7 +62,9 @@ pub async fn farm_with(images: Vec<Image>, pool_extra: &str) -> Farm {
         backend_entries(&images)
     );
     let config = Config::from_toml(&text, "test").expect("test config is valid");
-    let balancer = tidegate::server::start(&config).await.expect("balancer starts");
+    let balancer = tidegate::server::start(&config)
+        .await
+        .expect("balancer starts");
     let base = format!("http://{}", balancer.addrs()[0]);
     Farm {
         images,
@@ -118,7 +126,10 @@ impl Reply {
     /// The session key named in the page's first link.
     pub fn key(&self) -> Option<String> {
         let link = self.link()?;
-        let at = link.find("_s=").map(|i| i + 3).or_else(|| link.find("jsessionid=").map(|i| i + 11))?;
+        let at = link
+            .find("_s=")
+            .map(|i| i + 3)
+            .or_else(|| link.find("jsessionid=").map(|i| i + 11))?;
         Some(
             link[at..]
                 .chars()
@@ -137,7 +148,9 @@ pub fn client() -> HttpClient {
 }
 
 pub fn h2c_client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
 }
 
 /// Sends one request.
@@ -214,7 +227,13 @@ impl Browser {
     }
 
     /// Requests `path` (following one redirect, as a browser does after a POST).
-    pub async fn request(&mut self, method: Method, path: &str, content_type: Option<&str>, body: Vec<u8>) -> Reply {
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Reply {
         let url = format!("{}{}", self.base, path);
         let cookie = self.cookie_header();
         let mut headers: Vec<(&str, &str)> = Vec::new();
@@ -242,7 +261,11 @@ impl Browser {
 
     /// Follows the first link of the current page.
     pub async fn click(&mut self) -> Reply {
-        let link = self.current.as_ref().and_then(Reply::link).expect("page has a link");
+        let link = self
+            .current
+            .as_ref()
+            .and_then(Reply::link)
+            .expect("page has a link");
         self.open(&link).await
     }
 
@@ -278,8 +301,10 @@ Content-Type: text/plain\r\n\r\nsome file content\r\n"
         );
         for (k, v) in fields {
             body.extend_from_slice(
-                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
-                    .as_bytes(),
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n"
+                )
+                .as_bytes(),
             );
         }
         body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
@@ -293,7 +318,8 @@ Content-Type: text/plain\r\n\r\nsome file content\r\n"
         let form_at = text.find("<form").expect("page has a form");
         let form = &text[form_at..];
         let action_at = form.find("action=\"").unwrap() + 8;
-        let action = form[action_at..action_at + form[action_at..].find('"').unwrap()].replace("&amp;", "&");
+        let action =
+            form[action_at..action_at + form[action_at..].find('"').unwrap()].replace("&amp;", "&");
         let mut fields = Vec::new();
         let mut rest = form;
         while let Some(i) = rest.find("<input type=\"hidden\" name=\"") {

@@ -1,0 +1,110 @@
+//! The hot path — extract the id, look it up, decide the backend — allocates nothing.
+//! Counted with a real counting allocator, per thread.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use tidegate::core::affinity::{PinKey, TableLimits};
+use tidegate::core::backend::Backend;
+use tidegate::core::balance::Policy;
+use tidegate::core::pool::{Affinity, Decision, Pool, RequestView, SessionAffinity};
+use tidegate::core::session_id::{self, IdRules, IdSource, SessionNames};
+
+fn pool(affinity: Affinity, policy: Policy) -> Pool {
+    let backends = (1..=3)
+        .map(|i| {
+            Backend::new(
+                &format!("image-{i}"),
+                format!("127.0.0.1:900{i}").parse().unwrap(),
+                1,
+            )
+        })
+        .collect();
+    Pool::new("app", policy, affinity, None, backends)
+}
+
+fn session() -> Affinity {
+    Affinity::Session(Box::new(SessionAffinity::new(
+        SessionNames::default(),
+        IdRules::default(),
+        TableLimits::default(),
+        65536,
+        32768,
+    )))
+}
+
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
+
+#[test]
+fn extracting_looking_up_and_routing_a_pinned_session_allocates_nothing() {
+    let p = pool(session(), Policy::RoundRobin);
+    let table = p.table().unwrap();
+    for i in 0..10_000 {
+        table.pin(
+            PinKey::of(&format!("K{i:015}")),
+            p.backends().all()[i % 3].id,
+            100,
+        );
+    }
+    let queries: Vec<String> = (0..1000)
+        .map(|i| format!("_k=abcdefgh&_s=K{i:015}"))
+        .collect();
+    let cookies: Vec<String> = (0..1000)
+        .map(|i| format!("theme=dark; _s=K{i:015}; lang=en"))
+        .collect();
+    let Affinity::Session(s) = &p.affinity else {
+        unreachable!()
+    };
+    let info = allocation_counter::measure(|| {
+        for (q, c) in queries.iter().zip(&cookies) {
+            let set = p.backends();
+            let id = session_id::from_query(q, &s.names.param, &s.rules).unwrap();
+            let from_cookie =
+                session_id::from_cookie_header(c, &s.names.cookies, &s.rules).unwrap();
+            assert_eq!(id, from_cookie);
+            let view = RequestView {
+                id: Some((id, IdSource::Query)),
+                affinity_cookie: None,
+                client: CLIENT,
+            };
+            let routing = p.route(&set, &view, 101).unwrap();
+            assert_eq!(routing.decision, Decision::Pinned);
+        }
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+}
+
+#[test]
+fn routing_new_sessions_allocates_nothing() {
+    for policy in [Policy::RoundRobin, Policy::LeastSessions] {
+        let p = pool(session(), policy);
+        let info = allocation_counter::measure(|| {
+            for _ in 0..1000 {
+                let set = p.backends();
+                let view = RequestView {
+                    id: None,
+                    affinity_cookie: None,
+                    client: CLIENT,
+                };
+                assert_eq!(p.route(&set, &view, 1).unwrap().decision, Decision::New);
+            }
+        });
+        assert_eq!(info.count_total, 0, "{policy:?}: {info:?}");
+    }
+}
+
+#[test]
+fn client_ip_routing_allocates_nothing() {
+    let p = pool(Affinity::ClientIp, Policy::RoundRobin);
+    let info = allocation_counter::measure(|| {
+        for i in 0..1000u32 {
+            let set = p.backends();
+            let view = RequestView {
+                id: None,
+                affinity_cookie: None,
+                client: IpAddr::V4(Ipv4Addr::from(i)),
+            };
+            assert_eq!(p.route(&set, &view, 1).unwrap().decision, Decision::Hashed);
+        }
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+}
