@@ -28,7 +28,8 @@ pub struct FileConfig {
     pub listen: Vec<SocketAddr>,
     /// How tidegate talks to backends.
     pub upstream: UpstreamFile,
-    /// The pools; the first `[[pool]]` with no `hosts` is the catch-all.
+    /// The pools. A pool without `hosts` serves any host; the most specific route wins
+    /// (exact host, then wildcard, then any; then the longest path prefix).
     #[serde(rename = "pool")]
     pub pools: Vec<PoolFile>,
 }
@@ -39,6 +40,9 @@ pub struct FileConfig {
 pub struct UpstreamFile {
     /// Seconds to wait for a backend connection before answering 502.
     pub connect_timeout: u64,
+    /// Seconds to wait for a backend's reply head before answering 504 (raise it for
+    /// long-polling pages).
+    pub response_timeout: u64,
     /// Seconds an idle pooled backend connection is kept.
     pub idle_timeout: u64,
     /// Most idle connections kept per backend.
@@ -49,6 +53,7 @@ impl Default for UpstreamFile {
     fn default() -> Self {
         UpstreamFile {
             connect_timeout: 3,
+            response_timeout: 60,
             idle_timeout: 90,
             max_idle_per_backend: 64,
         }
@@ -69,8 +74,8 @@ pub struct PoolFile {
     pub affinity: AffinityMode,
     /// `round-robin` or `least-sessions`.
     pub policy: PolicyName,
-    /// Session id names, rules and table limits.
-    pub session: SessionFile,
+    /// Session id names, rules and table limits (session affinity only).
+    pub session: Option<SessionFile>,
     /// The inserted affinity cookie; absent means off.
     pub affinity_cookie: Option<AffinityCookieFile>,
     /// The backends.
@@ -86,7 +91,7 @@ impl Default for PoolFile {
             path_prefix: "/".into(),
             affinity: AffinityMode::Session,
             policy: PolicyName::RoundRobin,
-            session: SessionFile::default(),
+            session: None,
             affinity_cookie: None,
             backends: Vec::new(),
         }
@@ -208,6 +213,8 @@ pub struct Config {
 pub struct UpstreamConfig {
     /// Connect timeout.
     pub connect_timeout: std::time::Duration,
+    /// Time allowed for a reply head.
+    pub response_timeout: std::time::Duration,
     /// Idle pooled connection lifetime.
     pub idle_timeout: std::time::Duration,
     /// Idle connections kept per backend.
@@ -326,8 +333,15 @@ impl FileConfig {
                 "must be at least 1 second",
             ));
         }
+        if u.response_timeout == 0 {
+            return Err(invalid(
+                "upstream.response_timeout",
+                "must be at least 1 second",
+            ));
+        }
         let upstream = UpstreamConfig {
             connect_timeout: std::time::Duration::from_secs(u.connect_timeout),
+            response_timeout: std::time::Duration::from_secs(u.response_timeout),
             idle_timeout: std::time::Duration::from_secs(u.idle_timeout),
             max_idle_per_backend: u.max_idle_per_backend,
         };
@@ -341,19 +355,41 @@ impl FileConfig {
                     format!("pool name {:?} is already used by pool[{first}]", pool.name),
                 ));
             }
-            if let Some(first) = pools
-                .iter()
-                .position(|p| p.hosts == pool.hosts && p.path_prefix == pool.path_prefix)
-            {
+            let prefix = normalized_prefix(&pool.path_prefix);
+            for (j, host) in pool.hosts.iter().enumerate() {
+                if let Some(first) = pools.iter().position(|p| {
+                    normalized_prefix(&p.path_prefix) == prefix && p.hosts.contains(host)
+                }) {
+                    let key = if pool.hosts == [HostMatch::Any] {
+                        format!("{key}.path_prefix")
+                    } else {
+                        format!("{key}.hosts[{j}]")
+                    };
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "pool[{first}] already serves this host with path prefix {:?}: \
+                             one of them would never be used",
+                            pool.path_prefix
+                        ),
+                    ));
+                }
+            }
+            pools.push(pool);
+        }
+        for (i, a) in self.listen.iter().enumerate() {
+            if let Some(j) = self.listen[..i].iter().position(|b| {
+                a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+            }) {
                 return Err(invalid(
-                    format!("{key}.path_prefix"),
+                    format!("listen[{i}]"),
                     format!(
-                        "pool[{first}] already serves the same hosts and path prefix {:?}",
-                        pool.path_prefix
+                        "{a} overlaps listen[{j}] ({}): the second bind would fail",
+                        self.listen[j]
                     ),
                 ));
             }
-            pools.push(pool);
         }
         let listen = if self.listen.is_empty() {
             vec![DEFAULT_LISTEN.parse().expect("default listen address")]
@@ -376,15 +412,25 @@ impl PoolFile {
                 "must be non-empty printable ASCII without spaces",
             ));
         }
-        if !self.path_prefix.starts_with('/') {
-            return Err(invalid(format!("{key}.path_prefix"), "must start with '/'"));
+        if !self.path_prefix.starts_with('/')
+            || !self
+                .path_prefix
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b";?#%,".contains(&b))
+        {
+            return Err(invalid(
+                format!("{key}.path_prefix"),
+                "must start with '/' and hold only printable ASCII without ; ? # % ,",
+            ));
         }
         let mut hosts = Vec::with_capacity(self.hosts.len());
         for (j, h) in self.hosts.iter().enumerate() {
-            if h.is_empty() || h.contains(['/', ' ', ':']) {
+            let wildcard_ok =
+                !h.contains('*') || h == "*" || (h.starts_with("*.") && !h[2..].contains('*'));
+            if h.is_empty() || h.contains(['/', ' ', ':']) || !wildcard_ok {
                 return Err(invalid(
                     format!("{key}.hosts[{j}]"),
-                    format!("{h:?} is not a host name or *.domain pattern"),
+                    format!("{h:?} is not a host name, a *.domain pattern or *"),
                 ));
             }
             hosts.push(HostMatch::parse(h));
@@ -438,9 +484,19 @@ impl PoolFile {
                 weight: b.weight,
             });
         }
-        let session = match self.affinity {
-            AffinityMode::ClientIp => None,
-            AffinityMode::Session => Some(self.session.validate(&format!("{key}.session"))?),
+        let session = match (self.affinity, self.session) {
+            (AffinityMode::ClientIp, None) => None,
+            (AffinityMode::ClientIp, Some(_)) => {
+                return Err(invalid(
+                    format!("{key}.session"),
+                    "session settings need affinity = \"session\"; client-ip mode reads no session ids",
+                ));
+            }
+            (AffinityMode::Session, session) => Some(
+                session
+                    .unwrap_or_default()
+                    .validate(&format!("{key}.session"))?,
+            ),
         };
         let affinity_cookie = match self.affinity_cookie {
             None => None,
@@ -506,6 +562,8 @@ impl SessionFile {
             IdRules::new(self.id_min_length, self.id_max_length, &self.id_chars).map_err(|m| {
                 let which = if m.contains("class") {
                     "id_chars"
+                } else if self.id_min_length == 0 || self.id_min_length > self.id_max_length {
+                    "id_min_length"
                 } else {
                     "id_max_length"
                 };
@@ -553,6 +611,14 @@ impl SessionFile {
             form_peek_bytes: self.form_peek_bytes,
             page_scan_bytes: self.page_scan_bytes,
         })
+    }
+}
+
+/// A path prefix as routing compares it: `/app/` and `/app` are the same prefix.
+fn normalized_prefix(prefix: &str) -> &str {
+    match prefix.strip_suffix('/') {
+        Some("") | None => prefix,
+        Some(p) => p,
     }
 }
 
@@ -661,6 +727,54 @@ address = "127.0.0.1:9001"
             "[[pool]]\nname = \"a\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\nweight = 0\n";
         let err = load(text).unwrap_err();
         assert!(err.contains("line 5") && err.contains("weight"), "{err}");
+    }
+
+    #[test]
+    fn shadowed_routes_and_bad_wildcards_are_refused() {
+        let pool = |name: &str, hosts: &str, prefix: &str| {
+            format!(
+                "[[pool]]\nname = \"{name}\"\nhosts = [{hosts}]\npath_prefix = \"{prefix}\"\n\
+                 [[pool.backend]]\naddress = \"127.0.0.1:1\"\n"
+            )
+        };
+        let text = pool("a", "\"a.test\", \"b.test\"", "/app") + &pool("b", "\"b.test\"", "/app/");
+        let err = load(&text).unwrap_err();
+        assert!(
+            err.contains("pool[1].hosts[0]") && err.contains("line 9"),
+            "{err}"
+        );
+        let err = load(&pool("a", "\"*example.com\"", "/")).unwrap_err();
+        assert!(err.contains("pool[0].hosts[0]"), "{err}");
+        let both = pool("a", "\"*.example.com\"", "/") + &pool("b", "\"example.com\"", "/");
+        assert!(load(&both).is_ok());
+    }
+
+    #[test]
+    fn overlapping_listeners_are_refused() {
+        let text = format!("listen = [\"0.0.0.0:8080\", \"127.0.0.1:8080\"]\n{MINIMAL}");
+        let err = load(&text).unwrap_err();
+        assert!(err.contains("listen[1]") && err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn session_settings_in_client_ip_mode_are_refused() {
+        let text = "[[pool]]\nname = \"a\"\naffinity = \"client-ip\"\n[pool.session]\nparam = \"x\"\n\
+[[pool.backend]]\naddress = \"127.0.0.1:1\"\n";
+        let err = load(text).unwrap_err();
+        assert!(
+            err.contains("pool[0].session") && err.contains("line 4"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn id_length_errors_name_the_right_key() {
+        let text = format!("{MINIMAL}[pool.session]\nid_min_length = 0\n");
+        let err = load(&text).unwrap_err();
+        assert!(
+            err.contains("id_min_length") && err.contains("line 7"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub enum UpstreamFailure {
     Connect,
     /// The connection broke before a complete reply head arrived.
     Reset,
+    /// No reply head within the response timeout.
+    ResponseTimeout,
 }
 
 /// Request-path failures a client sees.
@@ -70,6 +72,10 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream {
+                failure: UpstreamFailure::ResponseTimeout,
+                ..
+            } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
         }
@@ -85,6 +91,7 @@ impl ProxyError {
                 UpstreamFailure::ConnectTimeout => "connect-timeout",
                 UpstreamFailure::Connect => "connect-error",
                 UpstreamFailure::Reset => "reset",
+                UpstreamFailure::ResponseTimeout => "response-timeout",
             },
             ProxyError::BadRequestBody => "bad-request-body",
         }
@@ -108,8 +115,13 @@ impl std::fmt::Display for ProxyError {
                     UpstreamFailure::ConnectTimeout => "connect timed out",
                     UpstreamFailure::Connect => "cannot connect",
                     UpstreamFailure::Reset => "connection closed before a complete reply",
+                    UpstreamFailure::ResponseTimeout => "no reply within the response timeout",
                 };
-                write!(f, "backend {backend} ({address}) unreachable: {why}")
+                let what = match failure {
+                    UpstreamFailure::Reset | UpstreamFailure::ResponseTimeout => "failed",
+                    _ => "unreachable",
+                };
+                write!(f, "backend {backend} ({address}) {what}: {why}")
             }
             ProxyError::BadRequestBody => write!(f, "the request body could not be read"),
         }

@@ -94,11 +94,14 @@ impl RunArgs {
         if let Some(p) = self.policy {
             pool.policy = p;
         }
-        if !self.session_cookie.is_empty() {
-            pool.session.cookies = self.session_cookie.clone();
-        }
-        if let Some(p) = &self.session_param {
-            pool.session.param = p.clone();
+        if !self.session_cookie.is_empty() || self.session_param.is_some() {
+            let session = pool.session.get_or_insert_with(Default::default);
+            if !self.session_cookie.is_empty() {
+                session.cookies = self.session_cookie.clone();
+            }
+            if let Some(p) = &self.session_param {
+                session.param = p.clone();
+            }
         }
         let file = FileConfig {
             listen: self.listen.clone(),
@@ -110,6 +113,7 @@ impl RunArgs {
                 k if k.starts_with("backend") || k == "name" => "--backend",
                 k if k.starts_with("cookies") => "--session-cookie",
                 "param" => "--session-param",
+                "session" => "--affinity",
                 _ => "flags",
             };
             flag_error(flag, inv.message)

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
@@ -25,7 +26,7 @@ use crate::core::affinity::PinKey;
 use crate::core::pool::{Affinity, Decision, Pool, RequestView, Routing, SessionAffinity};
 use crate::core::route::Router;
 use crate::core::session_id::{self, IdSource};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, UpstreamFailure};
 use crate::learn::{Learner, PageLearner};
 use crate::upstream::{self, RequestBody, UpstreamClient};
 
@@ -77,6 +78,7 @@ pub struct Proxy {
     router: Router,
     pools: Box<[Arc<Pool>]>,
     client: UpstreamClient,
+    response_timeout: Duration,
 }
 
 /// What the client receives: the backend's reply streamed (optionally through the page
@@ -130,11 +132,17 @@ impl Body for ReplyBody {
 
 impl Proxy {
     /// The request path over these pools.
-    pub fn new(router: Router, pools: Vec<Arc<Pool>>, client: UpstreamClient) -> Self {
+    pub fn new(
+        router: Router,
+        pools: Vec<Arc<Pool>>,
+        client: UpstreamClient,
+        response_timeout: Duration,
+    ) -> Self {
         Proxy {
             router,
             pools: pools.into_boxed_slice(),
             client,
+            response_timeout,
         }
     }
 
@@ -228,15 +236,16 @@ impl Proxy {
         rewrite_request_head(&mut parts, &routing, conn, client_upgrade.is_some());
         let upstream_req = Request::from_parts(parts, body);
         let backend = &routing.backend;
+        let failed = |failure| ProxyError::Upstream {
+            backend: backend.name.clone(),
+            address: backend.address,
+            failure,
+        };
         let mut reply =
-            self.client
-                .request(upstream_req)
+            tokio::time::timeout(self.response_timeout, self.client.request(upstream_req))
                 .await
-                .map_err(|e| ProxyError::Upstream {
-                    backend: backend.name.clone(),
-                    address: backend.address,
-                    failure: upstream::classify(&e),
-                })?;
+                .map_err(|_| failed(UpstreamFailure::ResponseTimeout))?
+                .map_err(|e| failed(upstream::classify(&e)))?;
 
         if reply.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
@@ -464,21 +473,30 @@ fn rewrite_request_head(
 
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let headers = &mut parts.headers;
+    if routing.scan_page {
+        // The page that may name a new session must arrive uncompressed for the scanner to
+        // read its links; only requests without a known session are affected.
+        headers.remove(http::header::ACCEPT_ENCODING);
+    }
     if !headers.contains_key(HOST)
         && let Some(authority) = client_authority
         && let Ok(v) = HeaderValue::from_str(authority.as_str())
     {
         headers.insert(HOST, v);
     }
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
-        None => conn.forwarded_for.clone(),
-        Some(prior) => {
-            let mut joined = prior.as_bytes().to_vec();
+    let forwarded_for = if headers.contains_key(&X_FORWARDED_FOR) {
+        // Every prior hop, over however many lines the client sent, then this client.
+        let mut joined = Vec::new();
+        for prior in headers.get_all(&X_FORWARDED_FOR) {
+            joined.extend_from_slice(prior.as_bytes());
             joined.extend_from_slice(b", ");
-            joined.extend_from_slice(conn.forwarded_for.as_bytes());
-            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| conn.forwarded_for.clone())
         }
+        joined.extend_from_slice(conn.forwarded_for.as_bytes());
+        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| conn.forwarded_for.clone())
+    } else {
+        conn.forwarded_for.clone()
     };
+
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     headers.insert(X_FORWARDED_PROTO.clone(), conn.proto.clone());
     if let Some(host) = headers.get(HOST).cloned() {

@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 
 use crate::clock;
 use crate::config::{Config, PoolConfig};
+use crate::core::affinity::Removed;
 use crate::core::affinity_cookie::AffinityCookie;
 use crate::core::backend::Backend;
 use crate::core::pool::{Affinity, Pool, SessionAffinity};
@@ -50,7 +51,7 @@ pub fn build_pool(config: &PoolConfig) -> Pool {
     let cookie = config
         .affinity_cookie
         .as_ref()
-        .map(|(name, secret)| AffinityCookie::new(name, secret, false));
+        .map(|(name, secret)| AffinityCookie::new(name, secret, &config.path_prefix, false));
     let backends = config
         .backends
         .iter()
@@ -82,6 +83,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         Router::new(routes),
         pools,
         upstream::client(&config.upstream),
+        config.upstream.response_timeout,
     ));
     let (shutdown, stop) = shutdown::channel();
     let mut tasks = JoinSet::new();
@@ -114,31 +116,40 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
 }
 
 /// Expires and evicts pins of one pool on a blocking thread, one shard at a time, so the
-/// request path never waits for a whole-table pass.
+/// request path never waits for a whole-table pass. Every second it checks (in O(1)) whether
+/// the table nears its bound and trims it; a full expiry sweep runs every 1/60 of the idle
+/// timeout (1 to 30 s).
 async fn sweep(pool: Arc<Pool>, mut stop: Signal) {
     let Some(table) = pool.table() else { return };
-    let every = Duration::from_secs(u64::from(table.limits().idle_timeout / 30).clamp(1, 30));
-    let mut tick = tokio::time::interval(every);
+    let sweep_every = u64::from(table.limits().idle_timeout / 60).clamp(1, 30);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for n in 1u64.. {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.wait() => return,
         }
-        let pool = pool.clone();
+        let full = n % sweep_every == 0;
+        if !full && !pool.table().is_some_and(|t| t.needs_trim()) {
+            continue;
+        }
+        let swept = pool.clone();
         let removed = tokio::task::spawn_blocking(move || {
-            pool.table()
-                .map(|t| t.sweep(clock::unix_now()))
-                .unwrap_or_default()
+            let table = swept.table().expect("session pool");
+            let now = clock::unix_now();
+            if full {
+                table.sweep(now)
+            } else {
+                Removed {
+                    expired: 0,
+                    evicted: table.trim(now),
+                }
+            }
         })
         .await
         .unwrap_or_default();
         if removed.expired + removed.evicted > 0 {
-            tracing::debug!(
-                expired = removed.expired,
-                evicted = removed.evicted,
-                "pins swept"
-            );
+            tracing::debug!(pool = %pool.name, expired = removed.expired, evicted = removed.evicted, "pins swept");
         }
     }
 }

@@ -298,14 +298,28 @@ impl AffinityTable {
             keep
         });
         self.settle(&gone, removed.expired);
-        if self.len() > self.high_watermark() {
-            removed.evicted = self.evict_stalest(self.low_watermark(), now);
-        }
+        removed.evicted = self.trim(now);
         removed
     }
 
-    /// Evicts the least recently used pins until at most `target` remain (a little below:
-    /// pins of the cut-off age go together). Returns how many were evicted.
+    /// Whether the table is above its high-water mark (98 % of the bound) and should be
+    /// trimmed; an O(1) check.
+    pub fn needs_trim(&self) -> bool {
+        self.len() > self.high_watermark()
+    }
+
+    /// Evicts the stalest pins down to the low-water mark (95 % of the bound) if the table is
+    /// above its high-water mark. Returns how many were evicted.
+    pub fn trim(&self, now: u32) -> usize {
+        if self.needs_trim() {
+            self.evict_stalest(self.low_watermark(), now)
+        } else {
+            0
+        }
+    }
+
+    /// Evicts the least recently used pins until at most `target` remain (ages are compared
+    /// at 1/1024 of the idle timeout). Returns how many were evicted.
     pub fn evict_stalest(&self, target: usize, now: u32) -> usize {
         let len = self.len();
         if len <= target {
@@ -321,21 +335,30 @@ impl AffinityTable {
         for slot in self.map.iter() {
             histogram[bucket_of(slot.last_used.load(Ordering::Relaxed))] += 1;
         }
-        // The youngest buckets that fit in `target` stay; the rest go.
+        // The youngest buckets that fit in `target` stay, older buckets go, and the bucket
+        // straddling the cut-off gives up just enough pins to reach the target.
         let mut kept = 0;
         let mut cutoff = AGE_BUCKETS;
-        for (bucket, count) in histogram.iter().enumerate() {
+        let mut cutoff_quota = 0;
+        for (bucket, &count) in histogram.iter().enumerate() {
             if kept + count > target {
                 cutoff = bucket;
+                cutoff_quota = kept + count - target;
                 break;
             }
             kept += count;
         }
-        // Pass 2: drop every pin at or beyond the cut-off age.
+        // Pass 2: drop every pin older than the cut-off bucket, and the quota of that bucket.
         let mut gone: HashMap<BackendId, i64> = HashMap::new();
         let mut evicted = 0;
         self.map.retain(|_, slot| {
-            let keep = bucket_of(slot.last_used.load(Ordering::Relaxed)) < cutoff;
+            let bucket = bucket_of(slot.last_used.load(Ordering::Relaxed));
+            let keep = bucket < cutoff
+                || (bucket == cutoff && {
+                    let spare = cutoff_quota == 0;
+                    cutoff_quota = cutoff_quota.saturating_sub(1);
+                    spare
+                });
             if !keep {
                 *gone.entry(slot.backend).or_default() += 1;
                 evicted += 1;
@@ -491,6 +514,16 @@ mod tests {
         assert_eq!(t.lookup(PinKey::of("s999"), 50), Some(A));
         assert_eq!(t.get(PinKey::of("s0")), None);
         assert_eq!(t.pins_of(A) + t.pins_of(B), t.len() as u64);
+    }
+
+    #[test]
+    fn eviction_of_pins_all_the_same_age_stops_at_the_target() {
+        let t = table(1000);
+        for i in 0..1000u32 {
+            t.pin(PinKey::of(&format!("s{i}")), A, 7);
+        }
+        assert_eq!(t.evict_stalest(950, 7), 50);
+        assert_eq!((t.len(), t.pins_of(A)), (950, 950));
     }
 
     #[test]

@@ -18,6 +18,7 @@ const MAC_BYTES: usize = 12;
 pub struct AffinityCookie {
     name: Box<str>,
     key: hmac::Key,
+    path: Box<str>,
     secure: bool,
 }
 
@@ -31,11 +32,13 @@ impl std::fmt::Debug for AffinityCookie {
 }
 
 impl AffinityCookie {
-    /// A cookie named `name` signed with `secret`; `secure` adds the `Secure` attribute.
-    pub fn new(name: &str, secret: &[u8], secure: bool) -> Self {
+    /// A cookie named `name` signed with `secret`, scoped to `path` (the pool's path prefix,
+    /// so pools sharing a host keep separate cookies); `secure` adds the `Secure` attribute.
+    pub fn new(name: &str, secret: &[u8], path: &str, secure: bool) -> Self {
         AffinityCookie {
             name: name.into(),
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+            path: path.into(),
             secure,
         }
     }
@@ -60,8 +63,8 @@ impl AffinityCookie {
         let value = self.value_for(backend);
         let secure = if self.secure { "; Secure" } else { "" };
         let header = format!(
-            "{}={value}; Path=/; HttpOnly; SameSite=Lax{secure}",
-            self.name
+            "{}={value}; Path={}; HttpOnly; SameSite=Lax{secure}",
+            self.name, self.path
         );
         AffinityCookieValue {
             value: value.into(),
@@ -76,21 +79,22 @@ mod tests {
 
     #[test]
     fn values_are_deterministic_per_secret_and_reveal_no_address() {
-        let c = AffinityCookie::new("tg", b"secret-one", false);
+        let c = AffinityCookie::new("tg", b"secret-one", "/", false);
         let id = BackendId::from_name("127.0.0.1:9001");
         assert_eq!(c.value_for(id), c.value_for(id));
         assert!(!c.value_for(id).contains("127.0.0.1"));
-        let other = AffinityCookie::new("tg", b"secret-two", false);
+        let other = AffinityCookie::new("tg", b"secret-two", "/", false);
         assert_ne!(c.value_for(id), other.value_for(id));
         assert_ne!(c.value_for(id), c.value_for(BackendId::from_name("x")));
     }
 
     #[test]
     fn set_cookie_carries_the_attributes() {
-        let c = AffinityCookie::new("tg", b"s", true);
+        let c = AffinityCookie::new("tg", b"s", "/shop", true);
         let v = c.for_backend(BackendId(7));
         let header = v.set_cookie.to_str().unwrap();
         assert!(header.starts_with(&format!("tg={}", v.value)));
         assert!(header.contains("HttpOnly") && header.contains("Secure"));
+        assert!(header.contains("Path=/shop;"));
     }
 }
