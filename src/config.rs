@@ -6,7 +6,7 @@
 //! keys (duplicate names, ranges) name their key and the line is found in the parsed document.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -16,6 +16,7 @@ use crate::core::balance::Policy;
 use crate::core::route::HostMatch;
 use crate::core::session_id::{IdRules, SessionNames};
 use crate::error::ConfigError;
+use crate::tls::{CertFiles, MinVersion};
 
 /// The default traffic listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -26,6 +27,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub struct FileConfig {
     /// Plain HTTP listeners (HTTP/1.1 and h2c).
     pub listen: Vec<SocketAddr>,
+    /// TLS listeners (HTTP/1.1 and HTTP/2 by ALPN); need `[tls]` certificates.
+    pub listen_tls: Vec<SocketAddr>,
+    /// TLS settings and certificates.
+    pub tls: Option<TlsFile>,
     /// How tidegate talks to backends.
     pub upstream: UpstreamFile,
     /// The pools. A pool without `hosts` serves any host; the most specific route wins
@@ -58,6 +63,48 @@ impl Default for UpstreamFile {
             max_idle_per_backend: 64,
         }
     }
+}
+
+/// `[tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsFile {
+    /// Lowest TLS version accepted: `"1.2"` or `"1.3"`.
+    pub min_version: MinVersion,
+    /// `Strict-Transport-Security` max-age in seconds on TLS replies; 0 sends none.
+    pub hsts_max_age: u64,
+    /// Adds `includeSubDomains` to the HSTS header.
+    pub hsts_include_subdomains: bool,
+    /// Plain listeners that answer every request with a redirect to HTTPS.
+    pub redirect_http: Vec<SocketAddr>,
+    /// Seconds between checks of the certificate files for changes; 0 reloads on SIGHUP only.
+    pub reload_check_interval: u64,
+    /// Certificates; the first is the default for clients without (or with unknown) SNI.
+    #[serde(rename = "certificate")]
+    pub certificates: Vec<CertFile>,
+}
+
+impl Default for TlsFile {
+    fn default() -> Self {
+        TlsFile {
+            min_version: MinVersion::Tls12,
+            hsts_max_age: 0,
+            hsts_include_subdomains: false,
+            redirect_http: Vec::new(),
+            reload_check_interval: 5,
+            certificates: Vec::new(),
+        }
+    }
+}
+
+/// `[[tls.certificate]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFile {
+    /// PEM certificate chain, leaf first (relative paths: to the config file's directory).
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
 }
 
 /// `[[pool]]`.
@@ -202,10 +249,29 @@ fn one() -> u32 {
 pub struct Config {
     /// Plain HTTP listeners.
     pub listen: Vec<SocketAddr>,
+    /// TLS listeners and their settings, if any.
+    pub tls: Option<TlsConfig>,
     /// Upstream settings.
     pub upstream: UpstreamConfig,
     /// Pools, in file order.
     pub pools: Vec<PoolConfig>,
+}
+
+/// Validated TLS settings.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// TLS listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Certificates, paths resolved.
+    pub certificates: Vec<CertFiles>,
+    /// Lowest version.
+    pub min_version: MinVersion,
+    /// The HSTS header value, when enabled.
+    pub hsts: Option<String>,
+    /// HTTP→HTTPS redirect listeners.
+    pub redirect_http: Vec<SocketAddr>,
+    /// Certificate file check period; `None` for SIGHUP only.
+    pub reload_check_interval: Option<std::time::Duration>,
 }
 
 /// Validated `[upstream]`.
@@ -310,7 +376,8 @@ impl Config {
             let key = if key == "." { String::new() } else { key };
             at(key, inner.message().to_string(), inner.span())
         })?;
-        parsed.validate().map_err(|inv| {
+        let base = Path::new(file).parent().unwrap_or(Path::new(""));
+        parsed.validate(base).map_err(|inv| {
             let span = span_of(text, &inv.key);
             at(inv.key, inv.message, span)
         })
@@ -318,8 +385,9 @@ impl Config {
 }
 
 impl FileConfig {
-    /// Checks every value and builds the [`Config`].
-    pub fn validate(self) -> Result<Config, Invalid> {
+    /// Checks every value and builds the [`Config`]; relative certificate paths are taken
+    /// from `base`.
+    pub fn validate(self, base: &Path) -> Result<Config, Invalid> {
         if self.pools.is_empty() {
             return Err(invalid(
                 "pool",
@@ -377,29 +445,107 @@ impl FileConfig {
             }
             pools.push(pool);
         }
-        for (i, a) in self.listen.iter().enumerate() {
-            if let Some(j) = self.listen[..i].iter().position(|b| {
+        let tls = match (self.tls, self.listen_tls.is_empty()) {
+            (None, true) => None,
+            (None, false) => {
+                return Err(invalid(
+                    "listen_tls",
+                    "TLS listeners need [[tls.certificate]] entries",
+                ));
+            }
+            (Some(t), no_tls_listener) => {
+                Some(t.validate(self.listen_tls, no_tls_listener, base)?)
+            }
+        };
+        let mut bound: Vec<(String, SocketAddr)> = Vec::new();
+        let tls_lists = tls.iter().flat_map(|t| {
+            let l = t
+                .listen
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("listen_tls[{i}]"), *a));
+            let r = t
+                .redirect_http
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("tls.redirect_http[{i}]"), *a));
+            l.chain(r)
+        });
+        let plain = self
+            .listen
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("listen[{i}]"), *a));
+        for (key, a) in plain.chain(tls_lists) {
+            if let Some((other, b)) = bound.iter().find(|(_, b)| {
                 a.port() == b.port()
                     && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
             }) {
                 return Err(invalid(
-                    format!("listen[{i}]"),
-                    format!(
-                        "{a} overlaps listen[{j}] ({}): the second bind would fail",
-                        self.listen[j]
-                    ),
+                    key,
+                    format!("{a} overlaps {other} ({b}): the second bind would fail"),
                 ));
             }
+            bound.push((key, a));
         }
-        let listen = if self.listen.is_empty() {
+        let listen = if self.listen.is_empty() && tls.is_none() {
             vec![DEFAULT_LISTEN.parse().expect("default listen address")]
         } else {
             self.listen
         };
         Ok(Config {
             listen,
+            tls,
             upstream,
             pools,
+        })
+    }
+}
+
+impl TlsFile {
+    fn validate(
+        self,
+        listen: Vec<SocketAddr>,
+        no_listener: bool,
+        base: &Path,
+    ) -> Result<TlsConfig, Invalid> {
+        if self.certificates.is_empty() {
+            return Err(invalid(
+                "tls.certificate",
+                "at least one [[tls.certificate]] is required",
+            ));
+        }
+        if no_listener {
+            return Err(invalid(
+                "tls",
+                "[tls] needs listen_tls addresses to serve on",
+            ));
+        }
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let certificates = self
+            .certificates
+            .into_iter()
+            .map(|c| CertFiles {
+                cert: resolve(c.cert),
+                key: resolve(c.key),
+            })
+            .collect();
+        let hsts = (self.hsts_max_age > 0).then(|| {
+            let sub = if self.hsts_include_subdomains {
+                "; includeSubDomains"
+            } else {
+                ""
+            };
+            format!("max-age={}{sub}", self.hsts_max_age)
+        });
+        Ok(TlsConfig {
+            listen,
+            certificates,
+            min_version: self.min_version,
+            hsts,
+            redirect_http: self.redirect_http,
+            reload_check_interval: (self.reload_check_interval > 0)
+                .then(|| std::time::Duration::from_secs(self.reload_check_interval)),
         })
     }
 }
@@ -747,6 +893,37 @@ address = "127.0.0.1:9001"
         assert!(err.contains("pool[0].hosts[0]"), "{err}");
         let both = pool("a", "\"*.example.com\"", "/") + &pool("b", "\"example.com\"", "/");
         assert!(load(&both).is_ok());
+    }
+
+    #[test]
+    fn tls_needs_certificates_and_listeners_and_resolves_paths() {
+        let err = load(&format!("listen_tls = [\"127.0.0.1:8443\"]\n{MINIMAL}")).unwrap_err();
+        assert!(
+            err.contains("listen_tls") && err.contains("line 1"),
+            "{err}"
+        );
+        let text = format!(
+            "listen_tls = [\"127.0.0.1:8443\"]\n[tls]\nmin_version = \"1.3\"\nhsts_max_age = 60\n\
+             [[tls.certificate]]\ncert = \"a.pem\"\nkey = \"/abs/a.key\"\n{MINIMAL}"
+        );
+        let c = Config::from_toml(&text, "/etc/tidegate/t.toml").unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(
+            tls.certificates[0].cert,
+            PathBuf::from("/etc/tidegate/a.pem")
+        );
+        assert_eq!(tls.certificates[0].key, PathBuf::from("/abs/a.key"));
+        assert_eq!(tls.min_version, MinVersion::Tls13);
+        assert_eq!(tls.hsts.as_deref(), Some("max-age=60"));
+        assert!(
+            c.listen.is_empty(),
+            "no plain listener when only TLS is configured"
+        );
+        let err = load(&text.replace("\"1.3\"", "\"1.1\"")).unwrap_err();
+        assert!(
+            err.contains("tls.min_version") && err.contains("line 3"),
+            "{err}"
+        );
     }
 
     #[test]

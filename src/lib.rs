@@ -36,4 +36,5 @@ pub mod listener;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 pub mod upstream;

@@ -1,15 +1,23 @@
-//! Traffic listeners: accept TCP connections and serve HTTP/1.1 (keep-alive, upgrades) and
-//! HTTP/2 with prior knowledge (h2c) on each, until shutdown.
+//! Traffic listeners: accept TCP connections (plain, or TLS with ALPN) and serve HTTP/1.1
+//! (keep-alive, upgrades) and HTTP/2 (h2c by prior knowledge, or h2 over TLS), until
+//! shutdown; and the HTTP→HTTPS redirect listener.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::header::{HOST, LOCATION};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
+use crate::core::route::strip_port;
 use crate::proxy::{ClientConn, Proxy};
 use crate::shutdown::Signal;
 
@@ -30,9 +38,27 @@ fn connection_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// What a TLS listener adds to a plain one.
+#[derive(Clone)]
+pub struct TlsFront {
+    /// Handshakes with the shared rustls configuration.
+    pub acceptor: TlsAcceptor,
+    /// The `Strict-Transport-Security` value to send, if enabled.
+    pub hsts: Option<HeaderValue>,
+}
+
+/// How long a client may take to complete a TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Accepts connections on `listener` until `shutdown` fires, then lets the requests in
-/// flight finish (up to a bound).
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: Signal) {
+/// flight finish (up to a bound). With `tls`, each connection first completes a handshake
+/// (on its own task, so a slow client never holds up the accept loop).
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    mut shutdown: Signal,
+    tls: Option<TlsFront>,
+) {
     let builder = connection_builder();
     let graceful = GracefulShutdown::new();
     loop {
@@ -49,15 +75,44 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: Signa
             _ = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = Arc::new(ClientConn::plain(peer));
         let proxy = proxy.clone();
-        let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let ended = match tls {
+                None => {
+                    let conn = Arc::new(ClientConn::new(peer, None));
+                    let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                Some(front) => {
+                    let stream = match tokio::time::timeout(
+                        HANDSHAKE_TIMEOUT,
+                        front.acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %peer, "TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(client = %peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = Arc::new(ClientConn::new(peer, Some(front.hsts)));
+                    let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(client = %peer, "connection ended: {e}");
             }
         });
@@ -69,4 +124,60 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: Signa
     {
         tracing::warn!("shutdown: connections still open after {DRAIN_TIMEOUT:?}, closing them");
     }
+}
+
+/// Answers every request on a plain listener with a permanent redirect to the same URL over
+/// HTTPS (`https_port` is added unless it is 443).
+pub async fn redirect_to_https(listener: TcpListener, https_port: u16, mut shutdown: Signal) {
+    let builder = connection_builder();
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => break,
+        };
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| async move {
+                Ok::<_, std::convert::Infallible>(https_redirect(&req, https_port))
+            });
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn https_redirect(req: &Request<Incoming>, https_port: u16) -> Response<Full<Bytes>> {
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .map(strip_port);
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        let mut r = Response::new(Full::new(Bytes::from_static(
+            b"tidegate: this address serves HTTPS only, and the request names no host\n",
+        )));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let target = format!("https://{host}{port}{path}");
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::try_from(target) {
+        r.headers_mut().insert(LOCATION, v);
+    }
+    r
 }

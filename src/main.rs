@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tidegate::config::{AffinityMode, BackendFile, Config, FileConfig, PolicyName, PoolFile};
+use tidegate::config::{
+    AffinityMode, BackendFile, CertFile, Config, FileConfig, PolicyName, PoolFile, TlsFile,
+};
 use tidegate::demo::{Image, ImageOptions};
 use tidegate::error::ConfigError;
 
@@ -38,11 +40,21 @@ enum Command {
 #[derive(Args, Debug)]
 struct RunArgs {
     /// Read the configuration from this TOML file.
-    #[arg(long, conflicts_with_all = ["listen", "backend", "affinity", "session_cookie", "session_param", "policy"])]
+    #[arg(long, conflicts_with_all = ["listen", "listen_tls", "tls_cert", "tls_key", "backend", "affinity", "session_cookie", "session_param", "policy"])]
     config: Option<PathBuf>,
     /// Listen on this address (repeatable).
     #[arg(long)]
     listen: Vec<SocketAddr>,
+    /// Listen with TLS on this address (repeatable); needs --tls-cert and --tls-key.
+    #[arg(long = "listen-tls")]
+    listen_tls: Vec<SocketAddr>,
+    /// A PEM certificate chain (repeatable, paired in order with --tls-key; the first is the
+    /// default for clients without SNI).
+    #[arg(long = "tls-cert")]
+    tls_cert: Vec<PathBuf>,
+    /// The PEM private key of the --tls-cert at the same position.
+    #[arg(long = "tls-key")]
+    tls_key: Vec<PathBuf>,
     /// A backend, `ADDR` or `NAME=ADDR` (repeatable).
     #[arg(long)]
     backend: Vec<String>,
@@ -103,15 +115,41 @@ impl RunArgs {
                 session.param = p.clone();
             }
         }
+        if self.tls_cert.len() != self.tls_key.len() {
+            return Err(flag_error(
+                "--tls-cert",
+                format!(
+                    "{} certificates but {} keys: give --tls-cert and --tls-key in pairs",
+                    self.tls_cert.len(),
+                    self.tls_key.len()
+                ),
+            ));
+        }
+        let tls = (!self.tls_cert.is_empty()).then(|| TlsFile {
+            certificates: self
+                .tls_cert
+                .iter()
+                .zip(&self.tls_key)
+                .map(|(cert, key)| CertFile {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                })
+                .collect(),
+            ..TlsFile::default()
+        });
         let file = FileConfig {
             listen: self.listen.clone(),
+            listen_tls: self.listen_tls.clone(),
+            tls,
             pools: vec![pool],
             ..FileConfig::default()
         };
-        file.validate().map_err(|inv| {
+        file.validate(std::path::Path::new("")).map_err(|inv| {
             let flag = match inv.key.rsplit('.').next().unwrap_or("") {
                 k if k.starts_with("backend") || k == "name" => "--backend",
                 k if k.starts_with("cookies") => "--session-cookie",
+                "listen_tls" => "--listen-tls",
+                "tls" | "certificate" => "--tls-cert",
                 "param" => "--session-param",
                 "session" => "--affinity",
                 _ => "flags",
@@ -130,7 +168,7 @@ fn main() -> ExitCode {
         )
         .init();
     match cli.command {
-        Some(Command::Check { config }) => match Config::from_file(&config) {
+        Some(Command::Check { config }) => match check(&config) {
             Ok(c) => {
                 let backends: usize = c.pools.iter().map(|p| p.backends.len()).sum();
                 println!(
@@ -170,6 +208,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Validates a config file and, when it has TLS, loads its certificates.
+fn check(path: &std::path::Path) -> Result<Config, String> {
+    let config = Config::from_file(path).map_err(|e| e.to_string())?;
+    if let Some(tls) = &config.tls {
+        tidegate::server::load_certificates(tls).map_err(|e| e.to_string())?;
+    }
+    Ok(config)
+}
+
 fn run(main: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -198,6 +245,9 @@ async fn serve(config: Config) -> Result<(), String> {
     Ok(())
 }
 
+const DEMO_CERT: &str = "certs/localhost.pem";
+const DEMO_KEY: &str = "certs/localhost.key";
+
 async fn demo(listen: SocketAddr) -> Result<(), String> {
     let mut images = Vec::new();
     for name in ["image-1", "image-2", "image-3"] {
@@ -210,8 +260,19 @@ async fn demo(listen: SocketAddr) -> Result<(), String> {
         images.push(image);
     }
     let secret = tidegate::demo::random_key(32);
+    // The development certificate in certs/ (run from the repository) adds an HTTPS listener
+    // on the next port.
+    let tls_listen = SocketAddr::new(listen.ip(), listen.port().wrapping_add(363));
+    let tls = if std::path::Path::new(DEMO_CERT).exists() && std::path::Path::new(DEMO_KEY).exists()
+    {
+        format!(
+            "listen_tls = [\"{tls_listen}\"]\n[tls]\n[[tls.certificate]]\ncert = \"{DEMO_CERT}\"\nkey = \"{DEMO_KEY}\"\n"
+        )
+    } else {
+        String::new()
+    };
     let text = format!(
-        "listen = [\"{listen}\"]\n[[pool]]\nname = \"demo\"\n\
+        "listen = [\"{listen}\"]\n{tls}[[pool]]\nname = \"demo\"\n\
          [pool.affinity_cookie]\nsecret = \"{secret}\"\n{}",
         images
             .iter()
@@ -232,7 +293,16 @@ async fn demo(listen: SocketAddr) -> Result<(), String> {
          \n  or with curl (the session key travels in the links, as in Seaside 3):\n\
          \n    curl -s http://{listen}/app | grep -o 'href=\"[^\"]*\"'\n\
          \n    curl -s 'http://{listen}/app?_s=KEY&_k=x' | grep -E 'image|counter'\n\
-         \nCtrl-C stops it.\n"
+         {}\nCtrl-C stops it.\n",
+        if running.tls_addrs().is_empty() {
+            String::new()
+        } else {
+            format!(
+                "\n  over HTTPS (development CA in certs/):\n\
+                 \n    curl --cacert certs/ca.pem -s https://localhost:{}/app | grep -E 'image|counter'\n",
+                running.tls_addrs()[0].port()
+            )
+        }
     );
     running.run_until(shutdown_signal()).await;
     drop(images);

@@ -57,19 +57,26 @@ pub struct ClientConn {
     pub peer: SocketAddr,
     /// The client's IP as an `X-Forwarded-For` value, formatted once.
     pub forwarded_for: HeaderValue,
-    /// `http` or `https`.
-    pub proto: HeaderValue,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The HSTS header to add to replies (TLS only, when enabled).
+    pub hsts: Option<HeaderValue>,
 }
 
 impl ClientConn {
-    /// Facts of a plain-HTTP connection from `peer`.
-    pub fn plain(peer: SocketAddr) -> Self {
+    /// Facts of a connection from `peer`; `tls` carries the HSTS setting of a TLS listener.
+    pub fn new(peer: SocketAddr, tls: Option<Option<HeaderValue>>) -> Self {
         ClientConn {
             peer,
             forwarded_for: HeaderValue::try_from(peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
-            proto: HeaderValue::from_static("http"),
+            tls: tls.is_some(),
+            hsts: tls.flatten(),
         }
+    }
+
+    fn proto(&self) -> HeaderValue {
+        HeaderValue::from_static(if self.tls { "https" } else { "http" })
     }
 }
 
@@ -157,7 +164,7 @@ impl Proxy {
         req: Request<Incoming>,
         conn: Arc<ClientConn>,
     ) -> Result<Response<ReplyBody>, std::convert::Infallible> {
-        Ok(match self.forward(req, &conn).await {
+        let mut reply = match self.forward(req, &conn).await {
             Ok(reply) => reply,
             Err(e) => {
                 match &e {
@@ -168,7 +175,13 @@ impl Proxy {
                 }
                 refusal(&e)
             }
-        })
+        };
+        if let Some(hsts) = &conn.hsts {
+            reply
+                .headers_mut()
+                .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+        Ok(reply)
     }
 
     async fn forward(
@@ -276,7 +289,12 @@ impl Proxy {
         if routing.insert_cookie
             && let Some(cookie) = &backend.affinity_cookie
         {
-            head.headers.append(SET_COOKIE, cookie.set_cookie.clone());
+            let value = if conn.tls {
+                &cookie.set_cookie_secure
+            } else {
+                &cookie.set_cookie
+            };
+            head.headers.append(SET_COOKIE, value.clone());
         }
         let body = if scan_page {
             let limit = match &pool.affinity {
@@ -498,7 +516,7 @@ fn rewrite_request_head(
     };
 
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
-    headers.insert(X_FORWARDED_PROTO.clone(), conn.proto.clone());
+    headers.insert(X_FORWARDED_PROTO.clone(), conn.proto());
     if let Some(host) = headers.get(HOST).cloned() {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }

@@ -9,20 +9,27 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::clock;
-use crate::config::{Config, PoolConfig};
+use crate::config::{Config, PoolConfig, TlsConfig};
 use crate::core::affinity::Removed;
 use crate::core::affinity_cookie::AffinityCookie;
 use crate::core::backend::Backend;
 use crate::core::pool::{Affinity, Pool, SessionAffinity};
 use crate::core::route::{Route, Router};
 use crate::listener;
+use crate::listener::TlsFront;
 use crate::proxy::Proxy;
 use crate::shutdown::{self, Signal, Trigger};
+use crate::tls::{self, CertError, CertFiles, CertResolver, CertStore};
 use crate::upstream;
+use http::HeaderValue;
+use tokio_rustls::TlsAcceptor;
 
 /// A balancer that is serving.
 pub struct Running {
     addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
+    redirect_addrs: Vec<SocketAddr>,
+    certificates: Option<Arc<CertResolver>>,
     proxy: Arc<Proxy>,
     shutdown: Trigger,
     tasks: JoinSet<()>,
@@ -30,10 +37,36 @@ pub struct Running {
 
 /// Why the balancer could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {address}: {source}")]
-pub struct StartError {
-    address: SocketAddr,
-    source: std::io::Error,
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A certificate could not be loaded.
+    #[error("TLS certificate: {0}")]
+    Certificate(#[from] CertError),
+    /// rustls refused the TLS settings.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let fail = |source| StartError::Listen { address, source };
+    let listener = TcpListener::bind(address).await.map_err(fail)?;
+    let local = listener.local_addr().map_err(fail)?;
+    Ok((listener, local))
+}
+
+/// Loads and checks the certificates of a TLS configuration (what `tidegate check` and
+/// start-up both do): every bad file is an error naming it, an expired one a warning.
+pub fn load_certificates(tls: &TlsConfig) -> Result<CertStore, CertError> {
+    let store = CertStore::load(&tls.certificates, &tls::provider())?;
+    tls::warn_expired(&store);
+    Ok(store)
 }
 
 /// Builds the pool a [`PoolConfig`] describes.
@@ -51,7 +84,7 @@ pub fn build_pool(config: &PoolConfig) -> Pool {
     let cookie = config
         .affinity_cookie
         .as_ref()
-        .map(|(name, secret)| AffinityCookie::new(name, secret, &config.path_prefix, false));
+        .map(|(name, secret)| AffinityCookie::new(name, secret, &config.path_prefix));
     let backends = config
         .backends
         .iter()
@@ -89,15 +122,52 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let mut tasks = JoinSet::new();
     let mut addrs = Vec::with_capacity(config.listen.len());
     for &address in &config.listen {
-        let listener = TcpListener::bind(address)
-            .await
-            .map_err(|source| StartError { address, source })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| StartError { address, source })?;
+        let (listener, local) = bind(address).await?;
         tracing::info!(address = %local, "listening (HTTP/1.1, h2c)");
         addrs.push(local);
-        tasks.spawn(listener::serve(listener, proxy.clone(), stop.clone()));
+        tasks.spawn(listener::serve(listener, proxy.clone(), stop.clone(), None));
+    }
+    let mut tls_addrs = Vec::new();
+    let mut redirect_addrs = Vec::new();
+    let mut certificates = None;
+    if let Some(tls) = &config.tls {
+        let resolver = Arc::new(CertResolver::new(load_certificates(tls)?));
+        let front = TlsFront {
+            acceptor: TlsAcceptor::from(tls::server_config(resolver.clone(), tls.min_version)?),
+            hsts: tls
+                .hsts
+                .as_ref()
+                .and_then(|h| HeaderValue::try_from(h.as_str()).ok()),
+        };
+        for &address in &tls.listen {
+            let (listener, local) = bind(address).await?;
+            tracing::info!(address = %local, "listening (TLS: HTTP/1.1, h2)");
+            tls_addrs.push(local);
+            tasks.spawn(listener::serve(
+                listener,
+                proxy.clone(),
+                stop.clone(),
+                Some(front.clone()),
+            ));
+        }
+        let https_port = tls_addrs[0].port();
+        for &address in &tls.redirect_http {
+            let (listener, local) = bind(address).await?;
+            tracing::info!(address = %local, "redirecting HTTP to HTTPS");
+            redirect_addrs.push(local);
+            tasks.spawn(listener::redirect_to_https(
+                listener,
+                https_port,
+                stop.clone(),
+            ));
+        }
+        tasks.spawn(reload_certificates(
+            resolver.clone(),
+            tls.certificates.clone(),
+            tls.reload_check_interval,
+            stop.clone(),
+        ));
+        certificates = Some(resolver);
     }
     for pool in proxy.pools() {
         if pool.table().is_some() {
@@ -109,6 +179,9 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     }
     Ok(Running {
         addrs,
+        tls_addrs,
+        redirect_addrs,
+        certificates,
         proxy,
         shutdown,
         tasks,
@@ -154,7 +227,84 @@ async fn sweep(pool: Arc<Pool>, mut stop: Signal) {
     }
 }
 
+/// Reloads the certificates on SIGHUP and when their files change. A file that fails to
+/// load is logged with its path and reason, and the certificates in use keep serving.
+async fn reload_certificates(
+    resolver: Arc<CertResolver>,
+    files: Vec<CertFiles>,
+    check_every: Option<Duration>,
+    mut stop: Signal,
+) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot watch SIGHUP, certificates reload on file changes only: {e}");
+            None
+        }
+    };
+    let mut stamps = tls::stamps(&files);
+    loop {
+        let check = async {
+            match check_every {
+                Some(every) => tokio::time::sleep(every).await,
+                None => std::future::pending().await,
+            }
+        };
+        let hup = async {
+            match hangup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let reason = tokio::select! {
+            _ = hup => "SIGHUP",
+            _ = check => {
+                let now = tls::stamps(&files);
+                if now == stamps {
+                    continue;
+                }
+                stamps = now;
+                "a certificate file changed"
+            }
+            _ = stop.wait() => return,
+        };
+        let loaded = {
+            let files = files.clone();
+            tokio::task::spawn_blocking(move || CertStore::load(&files, &tls::provider())).await
+        };
+        match loaded {
+            Ok(Ok(store)) => {
+                tls::warn_expired(&store);
+                resolver.replace(store);
+                tracing::info!(reason, "certificates reloaded");
+            }
+            Ok(Err(e)) => tracing::error!(
+                reason,
+                "certificate reload failed, the previous certificates keep serving: {e}"
+            ),
+            Err(e) => tracing::error!("certificate reload task failed: {e}"),
+        }
+    }
+}
+
 impl Running {
+    /// The bound TLS listener addresses.
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls_addrs
+    }
+
+    /// The bound HTTP→HTTPS redirect listener addresses.
+    pub fn redirect_addrs(&self) -> &[SocketAddr] {
+        &self.redirect_addrs
+    }
+
+    /// The certificates in use, when TLS is configured.
+    pub fn certificates(&self) -> Option<Arc<CertStore>> {
+        self.certificates.as_ref().map(|r| r.store())
+    }
+
     /// The bound listener addresses, in configuration order.
     pub fn addrs(&self) -> &[SocketAddr] {
         &self.addrs

@@ -19,27 +19,25 @@ pub struct AffinityCookie {
     name: Box<str>,
     key: hmac::Key,
     path: Box<str>,
-    secure: bool,
 }
 
 impl std::fmt::Debug for AffinityCookie {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AffinityCookie")
             .field("name", &self.name)
-            .field("secure", &self.secure)
+            .field("path", &self.path)
             .finish_non_exhaustive()
     }
 }
 
 impl AffinityCookie {
     /// A cookie named `name` signed with `secret`, scoped to `path` (the pool's path prefix,
-    /// so pools sharing a host keep separate cookies); `secure` adds the `Secure` attribute.
-    pub fn new(name: &str, secret: &[u8], path: &str, secure: bool) -> Self {
+    /// so pools sharing a host keep separate cookies).
+    pub fn new(name: &str, secret: &[u8], path: &str) -> Self {
         AffinityCookie {
             name: name.into(),
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
             path: path.into(),
-            secure,
         }
     }
 
@@ -58,17 +56,20 @@ impl AffinityCookie {
         value
     }
 
-    /// The request-side value and the `Set-Cookie` header for `backend`.
+    /// The request-side value and the `Set-Cookie` headers (plain and `Secure`) for `backend`.
     pub fn for_backend(&self, backend: BackendId) -> AffinityCookieValue {
         let value = self.value_for(backend);
-        let secure = if self.secure { "; Secure" } else { "" };
         let header = format!(
-            "{}={value}; Path={}; HttpOnly; SameSite=Lax{secure}",
+            "{}={value}; Path={}; HttpOnly; SameSite=Lax",
             self.name, self.path
         );
+        let secure = format!("{header}; Secure");
         AffinityCookieValue {
             value: value.into(),
-            set_cookie: HeaderValue::try_from(header).expect("cookie name and value are tokens"),
+            set_cookie: HeaderValue::try_from(header)
+                .expect("cookie name, value and path are valid"),
+            set_cookie_secure: HeaderValue::try_from(secure)
+                .expect("cookie name, value and path are valid"),
         }
     }
 }
@@ -79,22 +80,23 @@ mod tests {
 
     #[test]
     fn values_are_deterministic_per_secret_and_reveal_no_address() {
-        let c = AffinityCookie::new("tg", b"secret-one", "/", false);
+        let c = AffinityCookie::new("tg", b"secret-one", "/");
         let id = BackendId::from_name("127.0.0.1:9001");
         assert_eq!(c.value_for(id), c.value_for(id));
         assert!(!c.value_for(id).contains("127.0.0.1"));
-        let other = AffinityCookie::new("tg", b"secret-two", "/", false);
+        let other = AffinityCookie::new("tg", b"secret-two", "/");
         assert_ne!(c.value_for(id), other.value_for(id));
         assert_ne!(c.value_for(id), c.value_for(BackendId::from_name("x")));
     }
 
     #[test]
     fn set_cookie_carries_the_attributes() {
-        let c = AffinityCookie::new("tg", b"s", "/shop", true);
+        let c = AffinityCookie::new("tg", b"s", "/shop");
         let v = c.for_backend(BackendId(7));
         let header = v.set_cookie.to_str().unwrap();
         assert!(header.starts_with(&format!("tg={}", v.value)));
-        assert!(header.contains("HttpOnly") && header.contains("Secure"));
+        assert!(header.contains("HttpOnly") && !header.contains("Secure"));
+        assert!(v.set_cookie_secure.to_str().unwrap().ends_with("; Secure"));
         assert!(header.contains("Path=/shop;"));
     }
 }

@@ -88,8 +88,10 @@ pub struct Backend {
 pub struct AffinityCookieValue {
     /// What a request's `Cookie` header carries for this backend.
     pub value: Box<str>,
-    /// The `Set-Cookie` header value inserted on replies.
+    /// The `Set-Cookie` header value inserted on plain-HTTP replies.
     pub set_cookie: HeaderValue,
+    /// The same with `Secure`, for replies over TLS.
+    pub set_cookie_secure: HeaderValue,
 }
 
 impl Backend {

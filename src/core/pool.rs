@@ -288,7 +288,7 @@ mod tests {
             "app",
             Policy::RoundRobin,
             Affinity::Session(Box::new(session)),
-            cookie.then(|| AffinityCookie::new("tg", b"secret", "/", false)),
+            cookie.then(|| AffinityCookie::new("tg", b"secret", "/")),
             backends(),
         )
     }
