@@ -48,6 +48,8 @@ pub enum UpstreamFailure {
 pub enum ProxyError {
     /// No pool serves this host and path.
     NoRoute,
+    /// `CONNECT`: tidegate is a reverse proxy and opens no tunnels.
+    Connect,
     /// The pool has no backend able to take the request.
     NoBackend {
         /// The pool.
@@ -71,6 +73,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::Connect => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream {
                 failure: UpstreamFailure::ResponseTimeout,
@@ -85,6 +88,7 @@ impl ProxyError {
     pub fn kind(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no-route",
+            ProxyError::Connect => "connect-method",
             ProxyError::NoBackend { .. } => "no-backend",
             ProxyError::Upstream { failure, .. } => match failure {
                 UpstreamFailure::Refused => "connect-refused",
@@ -102,6 +106,7 @@ impl std::fmt::Display for ProxyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ProxyError::NoRoute => write!(f, "no pool serves this host and path"),
+            ProxyError::Connect => write!(f, "CONNECT is not supported: this is a reverse proxy"),
             ProxyError::NoBackend { pool } => {
                 write!(f, "no backend of pool {pool} can take requests")
             }

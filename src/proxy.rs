@@ -189,6 +189,9 @@ impl Proxy {
         req: Request<Incoming>,
         conn: &ClientConn,
     ) -> Result<Response<ReplyBody>, ProxyError> {
+        if req.method() == http::Method::CONNECT {
+            return Err(ProxyError::Connect);
+        }
         let now = clock::unix_now();
         let (mut parts, body) = req.into_parts();
         let host = request_host(&parts.headers, &parts.uri);
@@ -443,21 +446,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         None
     };
     if headers.contains_key(CONNECTION) {
-        // Names listed in Connection, collected without allocating (a few at most in practice;
-        // a longer list is cut, and the standard hop-by-hop fields go regardless).
-        let mut listed: [Option<HeaderName>; 8] = Default::default();
-        let tokens = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok());
-        for (slot, name) in listed.iter_mut().zip(tokens) {
-            *slot = Some(name);
-        }
-        for name in listed.into_iter().flatten() {
-            headers.remove(name);
-        }
+        let listed = |headers: &HeaderMap| {
+            headers
+                .get_all(CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .collect::<ListedNames>()
+        };
+        listed(headers).remove_from(headers);
     }
     for name in hop_by_hop() {
         headers.remove(name);
@@ -465,6 +463,51 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if let Some(protocol) = upgrade_to {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(UPGRADE, protocol);
+    }
+}
+
+/// The fields a `Connection` header names: held inline for the usual handful, on the heap
+/// only for a longer list, so every one of them is removed without a common-case allocation.
+// Lives on the stack for one call: boxing the inline list would bring back the allocation
+// it exists to avoid.
+#[allow(clippy::large_enum_variant)]
+enum ListedNames {
+    Inline([Option<HeaderName>; 8]),
+    Heap(Vec<HeaderName>),
+}
+
+impl FromIterator<HeaderName> for ListedNames {
+    fn from_iter<I: IntoIterator<Item = HeaderName>>(iter: I) -> Self {
+        let mut iter = iter.into_iter();
+        let mut inline: [Option<HeaderName>; 8] = Default::default();
+        for slot in inline.iter_mut() {
+            match iter.next() {
+                Some(name) => *slot = Some(name),
+                None => return ListedNames::Inline(inline),
+            }
+        }
+        match iter.next() {
+            None => ListedNames::Inline(inline),
+            Some(more) => {
+                let mut all: Vec<HeaderName> = inline.into_iter().flatten().collect();
+                all.push(more);
+                all.extend(iter);
+                ListedNames::Heap(all)
+            }
+        }
+    }
+}
+
+impl ListedNames {
+    fn remove_from(self, headers: &mut HeaderMap) {
+        match self {
+            ListedNames::Inline(names) => names.into_iter().flatten().for_each(|n| {
+                headers.remove(n);
+            }),
+            ListedNames::Heap(names) => names.into_iter().for_each(|n| {
+                headers.remove(n);
+            }),
+        }
     }
 }
 

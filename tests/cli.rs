@@ -1,0 +1,336 @@
+//! The `tidegate` command as an operator runs it: `check` on good and bad files, the
+//! quick-start flags serving a farm, and the refusals of a command line that cannot work.
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::{client, get, images};
+use tidegate::demo::Tracking;
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tidegate");
+/// The most a short command (`check`, a refusal) may take.
+const COMMAND_LIMIT: Duration = Duration::from_secs(20);
+/// The most a served balancer may take to accept connections.
+const START_LIMIT: Duration = Duration::from_secs(15);
+
+/// A file under the temp dir, with a name no other test or run shares, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(label: &str, contents: &str) -> TempFile {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "tidegate-cli-{}-{}-{label}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, contents).expect("temp file written");
+        TempFile(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn arg(&self) -> &str {
+        self.0.to_str().expect("temp path is UTF-8")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs the binary to completion (killed if it outlives [`COMMAND_LIMIT`]).
+async fn run(args: &[&str]) -> Output {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true);
+    tokio::time::timeout(COMMAND_LIMIT, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("tidegate {args:?} did not finish within {COMMAND_LIMIT:?}"))
+        .expect("the binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A serving `tidegate` child process, killed when dropped.
+struct Served {
+    child: Child,
+    log: TempFile,
+    addr: SocketAddr,
+}
+
+impl Served {
+    fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A port free a moment ago on 127.0.0.1.
+fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local address")
+}
+
+/// Starts `tidegate --listen ADDR <args>` and waits (bounded) until it accepts connections.
+async fn serve(args: &[&str]) -> Served {
+    let addr = free_addr();
+    let log = TempFile::new("serve.log", "");
+    let out = std::fs::File::create(log.path()).expect("log file");
+    let err = out.try_clone().expect("log file handle");
+    let listen = addr.to_string();
+    let mut command = Command::new(BIN);
+    command
+        .arg("--listen")
+        .arg(&listen)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true);
+    let child = command.spawn().expect("the binary starts");
+    let mut served = Served { child, log, addr };
+    let deadline = Instant::now() + START_LIMIT;
+    loop {
+        if let Some(status) = served.child.try_wait().expect("child status") {
+            panic!(
+                "tidegate {args:?} exited with {status} before serving:\n{}",
+                served.log()
+            );
+        }
+        let attempt =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+                .await;
+        if let Ok(Ok(_)) = attempt {
+            return served;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tidegate {args:?} did not accept on {addr} within {START_LIMIT:?}:\n{}",
+            served.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const GOOD: &str = r#"listen = ["127.0.0.1:8080", "127.0.0.1:8081"]
+
+[[pool]]
+name = "app"
+hosts = ["shop.example"]
+
+[pool.session]
+cookies = ["_s", "counter"]
+
+[[pool.backend]]
+name = "image-1"
+address = "127.0.0.1:9001"
+
+[[pool.backend]]
+name = "image-2"
+address = "127.0.0.1:9002"
+weight = 2
+"#;
+
+#[tokio::test]
+async fn check_accepts_a_good_file_and_says_ok() {
+    let file = TempFile::new("good.toml", GOOD);
+    let out = run(&["check", "--config", file.arg()]).await;
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        stderr(&out)
+    );
+    let said = stdout(&out);
+    assert!(said.contains("ok"), "stdout: {said:?}");
+    assert!(said.contains(file.arg()), "stdout names the file: {said:?}");
+    assert!(said.contains("2 backends"), "stdout: {said:?}");
+}
+
+#[tokio::test]
+async fn check_refuses_bad_files_naming_the_key_and_line() {
+    let cases = [
+        (
+            "unknown-key.toml",
+            "listen = [\"127.0.0.1:8080\"]\n[[pool]]\nname = \"app\"\nbogus = 1\n\
+[[pool.backend]]\naddress = \"127.0.0.1:9001\"\n",
+            "pool[0].bogus",
+            4,
+        ),
+        (
+            "bad-address.toml",
+            "[[pool]]\nname = \"app\"\n\n[[pool.backend]]\nname = \"image-1\"\naddress = \"nowhere:80\"\n",
+            "pool[0].backend[0].address",
+            6,
+        ),
+        (
+            "duplicate-name.toml",
+            "[[pool]]\nname = \"app\"\n[[pool.backend]]\nname = \"image-1\"\naddress = \"127.0.0.1:9001\"\n\
+[[pool.backend]]\nname = \"image-1\"\naddress = \"127.0.0.1:9002\"\n",
+            "pool[0].backend[1].name",
+            7,
+        ),
+    ];
+    for (label, text, key, line) in cases {
+        let file = TempFile::new(label, text);
+        let out = run(&["check", "--config", file.arg()]).await;
+        let err = stderr(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{label}: exit {:?}, stderr {err:?}",
+            out.status
+        );
+        assert!(err.contains(key), "{label}: stderr names {key}: {err:?}");
+        assert!(
+            err.contains(&format!("line {line}")),
+            "{label}: stderr names line {line}: {err:?}"
+        );
+        assert!(
+            err.contains(file.arg()),
+            "{label}: stderr names the file: {err:?}"
+        );
+        assert!(!stdout(&out).contains("ok"), "{label}: stdout says ok");
+    }
+    // A file that is not there is refused the same way.
+    let missing =
+        std::env::temp_dir().join(format!("tidegate-cli-{}-missing.toml", std::process::id()));
+    let out = run(&["check", "--config", missing.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(2), "missing file: {}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_start_flags_serve_sticky_sessions() {
+    let imgs = images(2, Tracking::Links).await;
+    let (a, b) = (imgs[0].addr.to_string(), imgs[1].addr.to_string());
+    let served = serve(&["--backend", &a, "--backend", &b]).await;
+    let client = client();
+    let mut seen = HashSet::new();
+    for _ in 0..2 {
+        let page = get(&client, &format!("{}/app", served.base())).await;
+        assert_eq!(page.status, 200, "{}", served.log());
+        let key = page.key().expect("the first page links its session");
+        let image = page.image();
+        seen.insert(image.clone());
+        for i in 0..20u64 {
+            let reply = get(&client, &format!("{}/app?_s={key}&_k=k{i}", served.base())).await;
+            assert_eq!(reply.image(), image, "request {i}: the session moved");
+            assert_eq!(
+                reply.counter(),
+                i + 2,
+                "request {i}: the session state was lost"
+            );
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "new sessions spread over both backends: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_start_client_ip_affinity_keeps_a_client_on_one_image() {
+    let imgs = images(2, Tracking::Links).await;
+    let (a, b) = (imgs[0].addr.to_string(), imgs[1].addr.to_string());
+    let served = serve(&["--backend", &a, "--backend", &b, "--affinity", "client-ip"]).await;
+    let client = client();
+    let mut seen = HashSet::new();
+    for i in 0..20 {
+        // New sessions every time: only the client address keeps the image.
+        let reply = get(&client, &format!("{}/app?n={i}", served.base())).await;
+        assert_eq!(reply.status, 200, "{}", served.log());
+        assert!(
+            reply.headers.get("set-cookie").is_none(),
+            "client-ip mode sets no cookie"
+        );
+        seen.insert(reply.image());
+    }
+    assert_eq!(seen.len(), 1, "one client, one image: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_start_session_param_names_the_field_that_pins() {
+    // Cookie-tracking images: the balancer learns each new key from `Set-Cookie: _s=KEY`, then
+    // requests naming the key only as `?sid=KEY` must reach its image.
+    let imgs = images(2, Tracking::Cookie).await;
+    let (a, b) = (imgs[0].addr.to_string(), imgs[1].addr.to_string());
+    let served = serve(&["--backend", &a, "--backend", &b, "--session-param", "sid"]).await;
+    let client = client();
+    for _ in 0..2 {
+        let page = get(&client, &format!("{}/app", served.base())).await;
+        assert_eq!(page.status, 200, "{}", served.log());
+        let image = page.image();
+        let cookie = page.header("set-cookie");
+        let key = cookie
+            .strip_prefix("_s=")
+            .and_then(|rest| rest.split(';').next())
+            .unwrap_or_else(|| panic!("a cookie-tracking image sets _s: {cookie:?}"))
+            .to_string();
+        for i in 0..20 {
+            let reply = get(&client, &format!("{}/app?sid={key}", served.base())).await;
+            assert_eq!(reply.status, 200);
+            assert_eq!(
+                reply.image(),
+                image,
+                "request {i}: ?sid= did not keep the session's image"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn no_arguments_exit_2_with_a_helpful_message() {
+    let out = run(&[]).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err:?}");
+    assert!(
+        err.contains("--config") && err.contains("--backend"),
+        "stderr: {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn config_together_with_backend_is_refused() {
+    let file = TempFile::new("conflict.toml", GOOD);
+    let out = run(&["--config", file.arg(), "--backend", "127.0.0.1:9001"]).await;
+    let err = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "the conflicting flags were accepted: {err:?}"
+    );
+    assert!(
+        err.contains("--config") && err.contains("--backend"),
+        "stderr names both flags: {err:?}"
+    );
+}
