@@ -31,6 +31,11 @@ pub struct FileConfig {
     pub listen_tls: Vec<SocketAddr>,
     /// TLS settings and certificates.
     pub tls: Option<TlsFile>,
+    /// The admin listener (`/metrics`, `/status`, `/healthz`): an address, or `"off"`.
+    /// Default `127.0.0.1:9090`; if that default is taken, tidegate runs without it.
+    pub admin: Option<String>,
+    /// Log line format: `"text"` or `"json"`.
+    pub log_format: LogFormat,
     /// How tidegate talks to backends.
     pub upstream: UpstreamFile,
     /// The pools. A pool without `hosts` serves any host; the most specific route wins
@@ -64,6 +69,31 @@ impl Default for UpstreamFile {
         }
     }
 }
+
+/// `log_format = "text" | "json"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the admin listener goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminListen {
+    /// No admin listener.
+    Off,
+    /// The default address: if it is taken, tidegate warns and runs without it.
+    Default(SocketAddr),
+    /// An address the operator chose: failing to bind it is an error.
+    Configured(SocketAddr),
+}
+
+/// The default admin address.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
 
 /// `[tls]`.
 #[derive(Debug, Deserialize)]
@@ -251,6 +281,10 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// TLS listeners and their settings, if any.
     pub tls: Option<TlsConfig>,
+    /// The admin listener.
+    pub admin: AdminListen,
+    /// Log line format.
+    pub log_format: LogFormat,
     /// Upstream settings.
     pub upstream: UpstreamConfig,
     /// Pools, in file order.
@@ -478,7 +512,8 @@ impl FileConfig {
             .map(|(i, a)| (format!("listen[{i}]"), *a));
         for (key, a) in plain.chain(tls_lists) {
             if let Some((other, b)) = bound.iter().find(|(_, b)| {
-                a.port() == b.port()
+                a.port() != 0
+                    && a.port() == b.port()
                     && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
             }) {
                 return Err(invalid(
@@ -493,9 +528,33 @@ impl FileConfig {
         } else {
             self.listen
         };
+        let admin = match self.admin.as_deref() {
+            None => AdminListen::Default(DEFAULT_ADMIN.parse().expect("default admin address")),
+            Some("off") => AdminListen::Off,
+            Some(a) => AdminListen::Configured(a.parse().map_err(|_| {
+                invalid(
+                    "admin",
+                    format!("{a:?} is not an address (IP:port) or \"off\""),
+                )
+            })?),
+        };
+        if let AdminListen::Configured(a) = admin
+            && let Some((other, b)) = bound.iter().find(|(_, b)| {
+                a.port() != 0
+                    && a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+            })
+        {
+            return Err(invalid(
+                "admin",
+                format!("{a} overlaps {other} ({b}): the admin listener needs its own address"),
+            ));
+        }
         Ok(Config {
             listen,
             tls,
+            admin,
+            log_format: self.log_format,
             upstream,
             pools,
         })

@@ -32,10 +32,13 @@ impl Learner {
     /// Pins every session a reply head names; returns the last source that taught something.
     pub fn from_head(
         &self,
-        session: &SessionAffinity,
+        pool: &Pool,
         headers: &HeaderMap,
         redirect: bool,
     ) -> Option<LearnSource> {
+        let Affinity::Session(session) = &pool.affinity else {
+            return None;
+        };
         let mut learned = None;
         for value in headers.get_all(SET_COOKIE) {
             if let Ok(v) = value.to_str()
@@ -46,20 +49,26 @@ impl Learner {
                     i64::from(self.now),
                 )
             {
-                learned = Some(self.pin(session, id, LearnSource::SetCookie));
+                learned = Some(self.pin(pool, session, id, LearnSource::SetCookie));
             }
         }
         if redirect
             && let Some(v) = headers.get(LOCATION).and_then(|v| v.to_str().ok())
             && let Some(id) = id_in_location(v, &session.names.param, &session.rules)
         {
-            learned = Some(self.pin(session, id, LearnSource::Location));
+            learned = Some(self.pin(pool, session, id, LearnSource::Location));
         }
         learned
     }
 
     /// Pins `id` to the backend: the one place a reply teaches the table.
-    fn pin(&self, session: &SessionAffinity, id: &str, source: LearnSource) -> LearnSource {
+    fn pin(
+        &self,
+        pool: &Pool,
+        session: &SessionAffinity,
+        id: &str,
+        source: LearnSource,
+    ) -> LearnSource {
         let key = PinKey::of(id);
         let source = if self.cookie_routed == Some(key) {
             LearnSource::AffinityCookie
@@ -67,6 +76,7 @@ impl Learner {
             source
         };
         let outcome = session.table.pin(key, self.backend, self.now);
+        pool.stats.learn(source);
         tracing::debug!(backend = %self.backend, source = source.as_str(), ?outcome, "pin learned");
         source
     }
@@ -79,6 +89,7 @@ pub struct PageLearner {
     scanner: PageScanner,
     pool: Arc<Pool>,
     learner: Learner,
+    learned: Option<LearnSource>,
 }
 
 impl PageLearner {
@@ -89,7 +100,13 @@ impl PageLearner {
             scanner: PageScanner::new(limit),
             pool,
             learner,
+            learned: None,
         }
+    }
+
+    /// What the page taught, once it did.
+    pub fn learned(&self) -> Option<LearnSource> {
+        self.learned
     }
 }
 
@@ -117,12 +134,20 @@ impl Body for PageLearner {
                 if let Some(data) = frame.data_ref()
                     && let Some(id) = this.scanner.feed(data, &session.needle, &session.rules)
                 {
-                    this.learner.pin(session, id, LearnSource::PageBody);
+                    this.learned =
+                        Some(
+                            this.learner
+                                .pin(&this.pool, session, id, LearnSource::PageBody),
+                        );
                 }
             }
             Poll::Ready(None) => {
                 if let Some(id) = this.scanner.finish(&session.rules) {
-                    this.learner.pin(session, id, LearnSource::PageBody);
+                    this.learned =
+                        Some(
+                            this.learner
+                                .pin(&this.pool, session, id, LearnSource::PageBody),
+                        );
                 }
             }
             _ => {}

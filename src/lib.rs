@@ -23,9 +23,14 @@
 //! | [`shutdown`] | the signal that stops listeners, sweepers and demo images |
 //! | [`demo`] | Seaside-like demo images (used by `tidegate demo` and the tests) |
 //! | [`clock`] | unix seconds for pin timestamps |
+//! | [`core::stats`] | per-backend, per-pool and front counters the request path bumps |
+//! | [`metrics`] | Prometheus exposition of those counters |
+//! | [`admin`] | the admin listener: `/metrics`, `/status`, `/status.json`, `/healthz` |
+//! | [`tls`] | rustls: certificates, SNI choice, reload |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod core;
@@ -33,6 +38,7 @@ pub mod demo;
 pub mod error;
 pub mod learn;
 pub mod listener;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;

@@ -3,6 +3,7 @@
 //! shutdown; and the HTTP→HTTPS redirect listener.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -80,6 +81,7 @@ pub async fn serve(
         let builder = builder.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _open = OpenConnection::count(proxy.clone());
             let ended = match tls {
                 None => {
                     let conn = Arc::new(ClientConn::new(peer, None));
@@ -88,24 +90,34 @@ pub async fn serve(
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     watcher.watch(connection.into_owned()).await
                 }
-                Some(front) => {
-                    let stream = match tokio::time::timeout(
-                        HANDSHAKE_TIMEOUT,
-                        front.acceptor.accept(stream),
-                    )
-                    .await
-                    {
+                Some(tls) => {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await;
+                    let stream = match handshake {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
+                            proxy.front.client_error("tls-handshake");
                             tracing::debug!(client = %peer, "TLS handshake failed: {e}");
                             return;
                         }
                         Err(_) => {
+                            proxy.front.client_error("tls-handshake");
                             tracing::debug!(client = %peer, "TLS handshake timed out");
                             return;
                         }
                     };
-                    let conn = Arc::new(ClientConn::new(peer, Some(front.hsts)));
+                    let (_, session) = stream.get_ref();
+                    let version = match session.protocol_version() {
+                        Some(rustls::ProtocolVersion::TLSv1_3) => 1,
+                        _ => 0,
+                    };
+                    let alpn = match session.alpn_protocol() {
+                        Some(b"h2") => 0,
+                        Some(_) => 1,
+                        None => 2,
+                    };
+                    proxy.front.handshake(version, alpn);
+                    let conn = Arc::new(ClientConn::new(peer, Some(tls.hsts)));
                     let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
                     let connection =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -123,6 +135,29 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("shutdown: connections still open after {DRAIN_TIMEOUT:?}, closing them");
+    }
+}
+
+/// Counts a connection open for as long as it lives, however its task ends.
+struct OpenConnection(Arc<Proxy>);
+
+impl OpenConnection {
+    fn count(proxy: Arc<Proxy>) -> Self {
+        proxy
+            .front
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        proxy.front.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(proxy)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0
+            .front
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

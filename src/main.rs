@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use tidegate::config::{
-    AffinityMode, BackendFile, CertFile, Config, FileConfig, PolicyName, PoolFile, TlsFile,
+    AffinityMode, BackendFile, CertFile, Config, FileConfig, LogFormat, PolicyName, PoolFile,
+    TlsFile,
 };
 use tidegate::demo::{Image, ImageOptions};
 use tidegate::error::ConfigError;
@@ -40,7 +41,7 @@ enum Command {
 #[derive(Args, Debug)]
 struct RunArgs {
     /// Read the configuration from this TOML file.
-    #[arg(long, conflicts_with_all = ["listen", "listen_tls", "tls_cert", "tls_key", "backend", "affinity", "session_cookie", "session_param", "policy"])]
+    #[arg(long, conflicts_with_all = ["listen", "listen_tls", "tls_cert", "tls_key", "backend", "affinity", "session_cookie", "session_param", "policy", "admin", "log_format"])]
     config: Option<PathBuf>,
     /// Listen on this address (repeatable).
     #[arg(long)]
@@ -55,6 +56,13 @@ struct RunArgs {
     /// The PEM private key of the --tls-cert at the same position.
     #[arg(long = "tls-key")]
     tls_key: Vec<PathBuf>,
+    /// The admin listener (`/metrics`, `/status`, `/healthz`): an address, or `off`
+    /// (default 127.0.0.1:9090).
+    #[arg(long)]
+    admin: Option<String>,
+    /// Log line format.
+    #[arg(long = "log-format", value_enum)]
+    log_format: Option<LogFormat>,
     /// A backend, `ADDR` or `NAME=ADDR` (repeatable).
     #[arg(long)]
     backend: Vec<String>,
@@ -138,6 +146,8 @@ impl RunArgs {
             ..TlsFile::default()
         });
         let file = FileConfig {
+            admin: self.admin.clone(),
+            log_format: self.log_format.unwrap_or_default(),
             listen: self.listen.clone(),
             listen_tls: self.listen_tls.clone(),
             tls,
@@ -149,6 +159,7 @@ impl RunArgs {
                 k if k.starts_with("backend") || k == "name" => "--backend",
                 k if k.starts_with("cookies") => "--session-cookie",
                 "listen_tls" => "--listen-tls",
+                "admin" => "--admin",
                 "tls" | "certificate" => "--tls-cert",
                 "param" => "--session-param",
                 "session" => "--affinity",
@@ -161,13 +172,6 @@ impl RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     match cli.command {
         Some(Command::Check { config }) => match check(&config) {
             Ok(c) => {
@@ -185,7 +189,10 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Some(Command::Demo { listen }) => run(async move { demo(listen).await }),
+        Some(Command::Demo { listen }) => {
+            init_logs(LogFormat::Text);
+            run(async move { demo(listen).await })
+        }
         None => {
             let config = match &cli.run.config {
                 Some(path) => Config::from_file(path),
@@ -199,7 +206,10 @@ fn main() -> ExitCode {
                 None => cli.run.to_config(),
             };
             match config {
-                Ok(config) => run(async move { serve(config).await }),
+                Ok(config) => {
+                    init_logs(config.log_format);
+                    run(async move { serve(config).await })
+                }
                 Err(e) => {
                     eprintln!("{e}");
                     ExitCode::from(2)
@@ -209,8 +219,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`; the access log is the
+/// `tidegate::access` target).
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
 /// Validates a config file and, when it has TLS, loads its certificates.
 fn check(path: &std::path::Path) -> Result<Config, String> {
+    init_logs(LogFormat::Text);
     let config = Config::from_file(path).map_err(|e| e.to_string())?;
     if let Some(tls) = &config.tls {
         tidegate::server::load_certificates(tls).map_err(|e| e.to_string())?;
@@ -294,7 +319,7 @@ async fn demo(listen: SocketAddr) -> Result<(), String> {
          \n  or with curl (the session key travels in the links, as in Seaside 3):\n\
          \n    curl -s http://{listen}/app | grep -o 'href=\"[^\"]*\"'\n\
          \n    curl -s 'http://{listen}/app?_s=KEY&_k=x' | grep -E 'image|counter'\n\
-         {}\nCtrl-C stops it.\n",
+         {}{}\nCtrl-C stops it.\n",
         if running.tls_addrs().is_empty() {
             String::new()
         } else {
@@ -303,7 +328,10 @@ async fn demo(listen: SocketAddr) -> Result<(), String> {
                  \n    curl --cacert certs/ca.pem -s https://localhost:{}/app | grep -E 'image|counter'\n",
                 running.tls_addrs()[0].port()
             )
-        }
+        },
+        running.admin_addr().map_or_else(String::new, |a| format!(
+            "\n  live status page: http://{a}/status   metrics: http://{a}/metrics\n"
+        ))
     );
     running.run_until(shutdown_signal()).await;
     drop(images);

@@ -7,9 +7,10 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{
@@ -23,12 +24,15 @@ use hyper_util::rt::TokioIo;
 
 use crate::clock;
 use crate::core::affinity::PinKey;
+use crate::core::backend::Backend;
+use crate::core::learn::LearnSource;
 use crate::core::pool::{Affinity, Decision, Pool, RequestView, Routing, SessionAffinity};
 use crate::core::route::Router;
 use crate::core::session_id::{self, IdSource};
+use crate::core::stats::FrontStats;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::learn::{Learner, PageLearner};
-use crate::upstream::{self, RequestBody, UpstreamClient};
+use crate::upstream::{self, RequestBody, ToBackend, UpstreamClient};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -86,11 +90,19 @@ pub struct Proxy {
     pools: Box<[Arc<Pool>]>,
     client: UpstreamClient,
     response_timeout: Duration,
+    /// Connection, TLS and client-error counters.
+    pub front: FrontStats,
 }
 
 /// What the client receives: the backend's reply streamed (optionally through the page
-/// learner), or tidegate's own short text.
-pub enum ReplyBody {
+/// learner), or tidegate's own short text; it carries the request's [`Trace`], which is
+/// settled (counters, access log) when the reply is done or abandoned.
+pub struct ReplyBody {
+    kind: ReplyKind,
+    trace: Option<Trace>,
+}
+
+enum ReplyKind {
     /// The backend's body, untouched.
     Upstream(Incoming),
     /// The backend's body, scanned for a new session id as it passes.
@@ -100,8 +112,12 @@ pub enum ReplyBody {
 }
 
 impl ReplyBody {
+    fn new(kind: ReplyKind) -> Self {
+        ReplyBody { kind, trace: None }
+    }
+
     fn text(message: String) -> Self {
-        ReplyBody::Text(Some(Bytes::from(message)))
+        ReplyBody::new(ReplyKind::Text(Some(Bytes::from(message))))
     }
 }
 
@@ -113,27 +129,143 @@ impl Body for ReplyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ReplyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
-            ReplyBody::Learning(b) => Pin::new(b.as_mut()).poll_frame(cx),
-            ReplyBody::Text(t) => Poll::Ready(t.take().map(|b| Ok(Frame::data(b)))),
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            ReplyKind::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ReplyKind::Learning(b) => Pin::new(b.as_mut()).poll_frame(cx),
+            ReplyKind::Text(t) => Poll::Ready(t.take().map(|b| Ok(Frame::data(b)))),
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+            && let Some(backend) = this.trace.as_ref().and_then(|t| t.backend.as_ref())
+        {
+            backend
+                .stats
+                .bytes_out
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ReplyBody::Upstream(b) => b.is_end_stream(),
-            ReplyBody::Learning(b) => b.is_end_stream(),
-            ReplyBody::Text(t) => t.is_none(),
+        match &self.kind {
+            ReplyKind::Upstream(b) => b.is_end_stream(),
+            ReplyKind::Learning(b) => b.is_end_stream(),
+            ReplyKind::Text(t) => t.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ReplyBody::Upstream(b) => b.size_hint(),
-            ReplyBody::Learning(b) => b.size_hint(),
-            ReplyBody::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
+        match &self.kind {
+            ReplyKind::Upstream(b) => b.size_hint(),
+            ReplyKind::Learning(b) => b.size_hint(),
+            ReplyKind::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
         }
+    }
+}
+
+impl Drop for ReplyBody {
+    fn drop(&mut self) {
+        let Some(mut trace) = self.trace.take() else {
+            return;
+        };
+        if let ReplyKind::Learning(page) = &self.kind
+            && let Some(source) = page.learned()
+        {
+            trace.learned = Some(source);
+        }
+        trace.settle();
+    }
+}
+
+/// What one request did, gathered on its way through and settled when its reply ends:
+/// the backend's counters, and one access-log line.
+struct Trace {
+    started: Instant,
+    status: u16,
+    pool: Option<Arc<Pool>>,
+    backend: Option<Arc<Backend>>,
+    decision: Option<Decision>,
+    learned: Option<LearnSource>,
+    access: Option<Access>,
+}
+
+/// The access-log fields of a request, kept only when the access log is enabled. Cloning
+/// them shares the request's buffers; nothing is copied.
+struct Access {
+    method: http::Method,
+    host: Option<HeaderValue>,
+    path: http::uri::PathAndQuery,
+    session: Option<u32>,
+}
+
+/// The tracing target of the access log (`RUST_LOG=tidegate::access=off` silences it).
+pub const ACCESS_LOG: &str = "tidegate::access";
+
+/// A per-process key for the session hashes in the access log: an operator can follow one
+/// session through the log, but the log never holds an id.
+fn session_log_key() -> u64 {
+    static KEY: OnceLock<u64> = OnceLock::new();
+    *KEY.get_or_init(rand::random)
+}
+
+impl Trace {
+    fn begin(req: &Request<Incoming>) -> Self {
+        let access = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(|| Access {
+            method: req.method().clone(),
+            host: req.headers().get(HOST).cloned().or_else(|| {
+                req.uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            }),
+            path: req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            session: None,
+        });
+        Trace {
+            started: Instant::now(),
+            status: 0,
+            pool: None,
+            backend: None,
+            decision: None,
+            learned: None,
+            access,
+        }
+    }
+
+    fn routed(&mut self, routing: &Routing, id: Option<&str>) {
+        routing.backend.stats.begin();
+        self.backend = Some(routing.backend.clone());
+        self.decision = Some(routing.decision);
+        if let (Some(access), Some(id)) = (self.access.as_mut(), id) {
+            access.session =
+                Some(xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), session_log_key()) as u32);
+        }
+    }
+
+    fn settle(self) {
+        let took = self.started.elapsed();
+        if let Some(b) = &self.backend {
+            b.stats.end(self.status, took);
+        }
+        let Some(a) = &self.access else { return };
+        let host = a.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-");
+        tracing::info!(
+            target: ACCESS_LOG,
+            method = %a.method,
+            host,
+            path = a.path.path(),
+            status = self.status,
+            ms = %format_args!("{:.3}", took.as_secs_f64() * 1000.0),
+            pool = self.pool.as_ref().map_or("-", |p| &*p.name),
+            backend = self.backend.as_ref().map_or("-", |b| &*b.name),
+            decision = self.decision.map_or("-", Decision::as_str),
+            learned = self.learned.map_or("-", LearnSource::as_str),
+            session = %a.session.map_or_else(|| "-".to_string(), |h| format!("{h:08x}")),
+        );
     }
 }
 
@@ -150,6 +282,7 @@ impl Proxy {
             pools: pools.into_boxed_slice(),
             client,
             response_timeout,
+            front: FrontStats::default(),
         }
     }
 
@@ -164,7 +297,8 @@ impl Proxy {
         req: Request<Incoming>,
         conn: Arc<ClientConn>,
     ) -> Result<Response<ReplyBody>, std::convert::Infallible> {
-        let mut reply = match self.forward(req, &conn).await {
+        let mut trace = Trace::begin(&req);
+        let mut reply = match self.forward(req, &conn, &mut trace).await {
             Ok(reply) => reply,
             Err(e) => {
                 match &e {
@@ -172,6 +306,10 @@ impl Proxy {
                         tracing::warn!(client = %conn.peer, kind = e.kind(), "{e}")
                     }
                     _ => tracing::debug!(client = %conn.peer, kind = e.kind(), "{e}"),
+                }
+                match (&e, &trace.backend) {
+                    (ProxyError::Upstream { .. }, Some(b)) => b.stats.upstream_error(e.kind()),
+                    _ => self.front.client_error(e.kind()),
                 }
                 refusal(&e)
             }
@@ -181,6 +319,8 @@ impl Proxy {
                 .headers_mut()
                 .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
+        trace.status = reply.status().as_u16();
+        reply.body_mut().trace = Some(trace);
         Ok(reply)
     }
 
@@ -188,6 +328,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         conn: &ClientConn,
+        trace: &mut Trace,
     ) -> Result<Response<ReplyBody>, ProxyError> {
         if req.method() == http::Method::CONNECT {
             return Err(ProxyError::Connect);
@@ -200,6 +341,7 @@ impl Proxy {
             .select(host, parts.uri.path())
             .map(|i| &self.pools[i])
             .ok_or(ProxyError::NoRoute)?;
+        trace.pool = Some(pool.clone());
         let set = pool.backends();
         let mut cookie_routed = None;
         let (routing, body) = match &pool.affinity {
@@ -209,7 +351,11 @@ impl Proxy {
                     affinity_cookie: None,
                     client: conn.peer.ip(),
                 };
-                (pool.route(&set, &view, now), RequestBody::Streaming(body))
+                let routing = pool.route(&set, &view, now);
+                if let Some(r) = &routing {
+                    trace.routed(r, None);
+                }
+                (routing, RequestBody::Streaming(body))
             }
             Affinity::Session(session) => {
                 let cookie_value = pool
@@ -231,10 +377,16 @@ impl Proxy {
                     view.id = found.map(|id| (id, IdSource::FormBody));
                     let routing = pool.route(&set, &view, now);
                     cookie_routed = learned_via_cookie(&routing, &view);
+                    if let Some(r) = &routing {
+                        trace.routed(r, view.id.map(|(id, _)| id));
+                    }
                     (routing, peek.body)
                 } else {
                     let routing = pool.route(&set, &view, now);
                     cookie_routed = learned_via_cookie(&routing, &view);
+                    if let Some(r) = &routing {
+                        trace.routed(r, view.id.map(|(id, _)| id));
+                    }
                     (routing, RequestBody::Streaming(body))
                 }
             }
@@ -250,8 +402,8 @@ impl Proxy {
             None
         };
         rewrite_request_head(&mut parts, &routing, conn, client_upgrade.is_some());
-        let upstream_req = Request::from_parts(parts, body);
         let backend = &routing.backend;
+        let upstream_req = Request::from_parts(parts, ToBackend::new(body, backend.clone()));
         let failed = |failure| ProxyError::Upstream {
             backend: backend.name.clone(),
             address: backend.address,
@@ -270,7 +422,10 @@ impl Proxy {
             tokio::spawn(tunnel(client_upgrade, backend_upgrade));
             let (mut head, _) = reply.into_parts();
             strip_hop_by_hop(&mut head.headers, true);
-            return Ok(Response::from_parts(head, ReplyBody::Text(None)));
+            return Ok(Response::from_parts(
+                head,
+                ReplyBody::new(ReplyKind::Text(None)),
+            ));
         }
 
         let (mut head, body) = reply.into_parts();
@@ -279,15 +434,16 @@ impl Proxy {
             now,
             cookie_routed,
         };
-        let mut scan_page = false;
-        if let Affinity::Session(session) = &pool.affinity {
-            let learned = learner.from_head(session, &head.headers, head.status.is_redirection());
-            scan_page = routing.scan_page
-                && learned.is_none()
-                && session.page_scan_bytes > 0
-                && head.status.is_success()
-                && is_html(&head.headers);
-        }
+        trace.learned = learner.from_head(pool, &head.headers, head.status.is_redirection());
+        let scan_limit = match &pool.affinity {
+            Affinity::Session(s) => s.page_scan_bytes,
+            Affinity::ClientIp => 0,
+        };
+        let scan_page = routing.scan_page
+            && trace.learned.is_none()
+            && scan_limit > 0
+            && head.status.is_success()
+            && is_html(&head.headers);
         strip_hop_by_hop(&mut head.headers, false);
         if routing.insert_cookie
             && let Some(cookie) = &backend.affinity_cookie
@@ -300,20 +456,16 @@ impl Proxy {
             head.headers.append(SET_COOKIE, value.clone());
         }
         let body = if scan_page {
-            let limit = match &pool.affinity {
-                Affinity::Session(s) => s.page_scan_bytes,
-                Affinity::ClientIp => 0,
-            };
-            ReplyBody::Learning(Box::new(PageLearner::new(
+            ReplyKind::Learning(Box::new(PageLearner::new(
                 body,
                 pool.clone(),
                 learner,
-                limit,
+                scan_limit,
             )))
         } else {
-            ReplyBody::Upstream(body)
+            ReplyKind::Upstream(body)
         };
-        Ok(Response::from_parts(head, body))
+        Ok(Response::from_parts(head, ReplyBody::new(body)))
     }
 }
 

@@ -3,13 +3,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::admin;
 use crate::clock;
-use crate::config::{Config, PoolConfig, TlsConfig};
+use crate::config::{AdminListen, Config, PoolConfig, TlsConfig};
 use crate::core::affinity::Removed;
 use crate::core::affinity_cookie::AffinityCookie;
 use crate::core::backend::Backend;
@@ -27,6 +28,7 @@ use tokio_rustls::TlsAcceptor;
 /// A balancer that is serving.
 pub struct Running {
     addrs: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
     tls_addrs: Vec<SocketAddr>,
     redirect_addrs: Vec<SocketAddr>,
     certificates: Option<Arc<CertResolver>>,
@@ -95,6 +97,7 @@ pub fn build_pool(config: &PoolConfig) -> Pool {
 
 /// Binds every listener and starts serving.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
+    let started = Instant::now();
     let pools: Vec<Arc<Pool>> = config
         .pools
         .iter()
@@ -169,6 +172,22 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         ));
         certificates = Some(resolver);
     }
+    let admin_addr = match config.admin {
+        AdminListen::Off => None,
+        AdminListen::Configured(address) => Some(bind(address).await?),
+        AdminListen::Default(address) => match bind(address).await {
+            Ok(bound) => Some(bound),
+            Err(e) => {
+                tracing::warn!("{e}; running without the admin listener (set `admin` to choose another address)");
+                None
+            }
+        },
+    }
+    .map(|(listener, local)| {
+        tracing::info!(address = %local, "admin: /metrics /status /healthz");
+        tasks.spawn(admin::serve(listener, proxy.clone(), started, stop.clone()));
+        local
+    });
     for pool in proxy.pools() {
         if pool.table().is_some() {
             tasks.spawn(sweep(pool.clone(), stop.clone()));
@@ -179,6 +198,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     }
     Ok(Running {
         addrs,
+        admin_addr,
         tls_addrs,
         redirect_addrs,
         certificates,
@@ -290,6 +310,11 @@ async fn reload_certificates(
 }
 
 impl Running {
+    /// The bound admin listener address, if it runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// The bound TLS listener addresses.
     pub fn tls_addrs(&self) -> &[SocketAddr] {
         &self.tls_addrs

@@ -3,6 +3,8 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -14,10 +16,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
+use crate::core::backend::Backend;
 use crate::error::UpstreamFailure;
 
 /// The shared client: one keep-alive pool keyed by backend address.
-pub type UpstreamClient = Client<HttpConnector, RequestBody>;
+pub type UpstreamClient = Client<HttpConnector, ToBackend>;
 
 /// Builds the client from the `[upstream]` settings.
 pub fn client(config: &UpstreamConfig) -> UpstreamClient {
@@ -176,5 +179,48 @@ impl Body for RequestBody {
                 }
             },
         }
+    }
+}
+
+/// A request body on its way to a backend, counted into the backend's `bytes_in`.
+pub struct ToBackend {
+    body: RequestBody,
+    backend: Arc<Backend>,
+}
+
+impl ToBackend {
+    /// Meters `body` for `backend`.
+    pub fn new(body: RequestBody, backend: Arc<Backend>) -> Self {
+        ToBackend { body, backend }
+    }
+}
+
+impl Body for ToBackend {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.backend
+                .stats
+                .bytes_in
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

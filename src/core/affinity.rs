@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
@@ -147,6 +147,8 @@ pub struct AffinityTable {
     len: AtomicUsize,
     limits: TableLimits,
     per_backend: RwLock<HashMap<BackendId, Arc<AtomicI64>>>,
+    expired: AtomicU64,
+    evicted: AtomicU64,
 }
 
 /// Age histogram resolution for eviction: the stalest share is found in two passes over the
@@ -164,6 +166,8 @@ impl AffinityTable {
             len: AtomicUsize::new(0),
             limits,
             per_backend: RwLock::new(HashMap::new()),
+            expired: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
         }
     }
 
@@ -194,6 +198,7 @@ impl AffinityTable {
             })
         {
             self.dropped(slot.backend);
+            self.expired.fetch_add(1, Ordering::Relaxed);
         }
         None
     }
@@ -298,6 +303,8 @@ impl AffinityTable {
             keep
         });
         self.settle(&gone, removed.expired);
+        self.expired
+            .fetch_add(removed.expired as u64, Ordering::Relaxed);
         removed.evicted = self.trim(now);
         removed
     }
@@ -366,7 +373,18 @@ impl AffinityTable {
             keep
         });
         self.settle(&gone, evicted);
+        self.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
         evicted
+    }
+
+    /// Pins expired since start (by lookups and sweeps).
+    pub fn expired_total(&self) -> u64 {
+        self.expired.load(Ordering::Relaxed)
+    }
+
+    /// Pins evicted to keep the bound since start.
+    pub fn evicted_total(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 
     /// Above this many pins the sweeper evicts.

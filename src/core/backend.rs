@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use http::HeaderValue;
 use http::uri::Authority;
 
+use crate::core::stats::BackendStats;
+
 /// Seed for every hash that must agree across instances and restarts.
 pub const FIXED_SEED: u64 = 0x7469_6465_6761_7465; // "tidegate"
 
@@ -80,6 +82,8 @@ pub struct Backend {
     pub authority: Authority,
     /// The signed affinity cookie naming this backend, built once (`Set-Cookie` value).
     pub affinity_cookie: Option<AffinityCookieValue>,
+    /// Traffic counters.
+    pub stats: BackendStats,
     state: AtomicU8,
 }
 
@@ -106,6 +110,7 @@ impl Backend {
             weight: weight.max(1),
             authority,
             affinity_cookie: None,
+            stats: BackendStats::default(),
             state: AtomicU8::new(BackendState::Up as u8),
         }
     }

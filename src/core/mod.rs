@@ -9,3 +9,4 @@ pub mod learn;
 pub mod pool;
 pub mod route;
 pub mod session_id;
+pub mod stats;

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -12,6 +12,7 @@ use crate::core::affinity_cookie::AffinityCookie;
 use crate::core::backend::{Backend, BackendSet};
 use crate::core::balance::{self, Policy};
 use crate::core::session_id::{IdRules, IdSource, SessionNames};
+use crate::core::stats::PoolStats;
 
 /// How a pool keeps a client on its backend.
 pub enum Affinity {
@@ -120,6 +121,8 @@ pub struct Pool {
     pub affinity: Affinity,
     /// The inserted affinity cookie, if enabled.
     pub cookie: Option<AffinityCookie>,
+    /// Lookup and decision counters.
+    pub stats: PoolStats,
     backends: ArcSwap<BackendSet>,
     cursor: AtomicUsize,
 }
@@ -138,6 +141,7 @@ impl Pool {
             policy,
             affinity,
             cookie,
+            stats: PoolStats::default(),
             backends: ArcSwap::from_pointee(BackendSet::default()),
             cursor: AtomicUsize::new(0),
         };
@@ -172,7 +176,19 @@ impl Pool {
     }
 
     /// Routes one request. `now` is unix seconds. Returns `None` when no backend can take it.
+    /// The decision and the lookup outcome are counted in [`Pool::stats`].
     pub fn route(&self, set: &BackendSet, request: &RequestView<'_>, now: u32) -> Option<Routing> {
+        let routed = self.decide(set, request, now);
+        match &routed {
+            Some(r) => self.stats.decide(r.decision),
+            None => {
+                self.stats.no_backend.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        routed
+    }
+
+    fn decide(&self, set: &BackendSet, request: &RequestView<'_>, now: u32) -> Option<Routing> {
         let session = match &self.affinity {
             Affinity::ClientIp => {
                 return balance::by_client_address(set, request.client).map(|b| Routing {
@@ -185,10 +201,17 @@ impl Pool {
             Affinity::Session(s) => s,
         };
         let key = request.id.map(|(id, _)| PinKey::of(id));
+        let owner = key.and_then(|key| session.table.lookup(key, now));
+        if key.is_some() {
+            let outcome = if owner.is_some() {
+                &self.stats.lookups_hit
+            } else {
+                &self.stats.lookups_miss
+            };
+            outcome.fetch_add(1, Ordering::Relaxed);
+        }
         let mut redispatch = false;
-        if let Some(key) = key
-            && let Some(owner) = session.table.lookup(key, now)
-        {
+        if let (Some(key), Some(owner)) = (key, owner) {
             match set.get(owner) {
                 Some(b) if b.serves_pinned() => {
                     return Some(self.routing(b, Decision::Pinned, false, request));
@@ -357,6 +380,20 @@ mod tests {
             p.table().unwrap().is_empty(),
             "the reply, not the request, creates the pin"
         );
+    }
+
+    #[test]
+    fn lookups_and_decisions_are_counted() {
+        let p = pool(false);
+        let set = p.backends();
+        p.table().unwrap().pin(PinKey::of("S1"), set.all()[0].id, 0);
+        p.route(&set, &view(Some("S1"), None), 1);
+        p.route(&set, &view(Some("nope"), None), 1);
+        p.route(&set, &view(None, None), 1);
+        assert_eq!(p.stats.lookups_hit.load(Ordering::Relaxed), 1);
+        assert_eq!(p.stats.lookups_miss.load(Ordering::Relaxed), 1);
+        assert_eq!(p.stats.decided(Decision::Pinned), 1);
+        assert_eq!(p.stats.decided(Decision::New), 2);
     }
 
     #[test]

@@ -1,0 +1,194 @@
+//! The admin listener, apart from traffic: `/metrics` (Prometheus), `/status` (a live page
+//! for a second screen), `/status.json` (what the page polls) and `/healthz`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::metrics;
+use crate::proxy::Proxy;
+use crate::shutdown::Signal;
+
+const STATUS_PAGE: &str = include_str!("admin/status.html");
+
+/// What the admin endpoints read.
+struct Admin {
+    proxy: Arc<Proxy>,
+    registry: Registry,
+    started: Instant,
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    started: Instant,
+    mut shutdown: Signal,
+) {
+    let admin = Arc::new(Admin {
+        registry: metrics::registry(proxy.clone(), started),
+        proxy,
+        started,
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => return,
+        };
+        let admin = admin.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin.answer(&req)) }
+            });
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+impl Admin {
+    fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain; charset=utf-8",
+                "tidegate admin: only GET\n".into(),
+            );
+        }
+        match req.uri().path() {
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics::render(&self.registry),
+            ),
+            "/status" | "/" => reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                STATUS_PAGE.to_string(),
+            ),
+            "/status.json" => reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string(&self.status()).unwrap_or_else(|_| "{}".into()),
+            ),
+            "/healthz" => reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "tidegate admin: /metrics, /status, /status.json, /healthz\n".into(),
+            ),
+        }
+    }
+
+    fn status(&self) -> Status {
+        let front = &self.proxy.front;
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            connections_open: front.connections_open.load(Ordering::Relaxed),
+            pools: self
+                .proxy
+                .pools()
+                .iter()
+                .map(|p| {
+                    let table = p.table();
+                    PoolStatus {
+                        name: p.name.to_string(),
+                        affinity: if table.is_some() {
+                            "session"
+                        } else {
+                            "client-ip"
+                        },
+                        policy: p.policy.as_str(),
+                        pins: table.map(|t| t.len() as u64),
+                        max_pins: table.map(|t| t.limits().max_pins as u64),
+                        lookups_hit: p.stats.lookups_hit.load(Ordering::Relaxed),
+                        lookups_miss: p.stats.lookups_miss.load(Ordering::Relaxed),
+                        backends: p
+                            .backends()
+                            .all()
+                            .iter()
+                            .map(|b| BackendStatus {
+                                name: b.name.to_string(),
+                                address: b.address.to_string(),
+                                state: b.state().as_str(),
+                                weight: b.weight,
+                                pins: table.map(|t| t.pins_of(b.id)),
+                                in_flight: b.stats.in_flight.load(Ordering::Relaxed),
+                                requests: b.stats.replies_total(),
+                                errors: b.stats.replies[4].load(Ordering::Relaxed),
+                            })
+                            .collect(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// `/status.json`: cumulative counters; the page turns them into rates between polls.
+#[derive(Serialize)]
+struct Status {
+    version: &'static str,
+    uptime_seconds: u64,
+    connections_open: i64,
+    pools: Vec<PoolStatus>,
+}
+
+#[derive(Serialize)]
+struct PoolStatus {
+    name: String,
+    affinity: &'static str,
+    policy: &'static str,
+    pins: Option<u64>,
+    max_pins: Option<u64>,
+    lookups_hit: u64,
+    lookups_miss: u64,
+    backends: Vec<BackendStatus>,
+}
+
+#[derive(Serialize)]
+struct BackendStatus {
+    name: String,
+    address: String,
+    state: &'static str,
+    weight: u32,
+    pins: Option<u64>,
+    in_flight: i64,
+    /// Replies of every status class.
+    requests: u64,
+    /// 5xx replies (the backend's and tidegate's 502/503/504 for it).
+    errors: u64,
+}

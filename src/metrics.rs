@@ -1,0 +1,409 @@
+//! Prometheus exposition: a collector that reads the counters the request path keeps on each
+//! pool and backend (see [`crate::core::stats`]) at scrape time. Labels are bounded: pool
+//! and backend names from the configuration and small fixed sets; never an id, an address, a
+//! path or a Host.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::core::backend::BackendState;
+use crate::core::learn::LearnSource;
+use crate::core::pool::Decision;
+use crate::core::stats::{CLIENT_ERROR_KINDS, TLS_ALPN, TLS_VERSIONS, UPSTREAM_ERROR_KINDS};
+use crate::proxy::Proxy;
+
+/// The status classes, as labels.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const STATES: [BackendState; 4] = [
+    BackendState::Up,
+    BackendState::Down,
+    BackendState::Draining,
+    BackendState::Launching,
+];
+const SOURCES: [LearnSource; 4] = [
+    LearnSource::SetCookie,
+    LearnSource::Location,
+    LearnSource::PageBody,
+    LearnSource::AffinityCookie,
+];
+const DECISIONS: [Decision; 5] = [
+    Decision::Pinned,
+    Decision::Learned,
+    Decision::New,
+    Decision::Redispatched,
+    Decision::Hashed,
+];
+
+/// Reads a running balancer's counters for Prometheus.
+pub struct Exposition {
+    proxy: Arc<Proxy>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Exposition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exposition").finish_non_exhaustive()
+    }
+}
+
+/// A registry holding the collector for `proxy`.
+pub fn registry(proxy: Arc<Proxy>, started: Instant) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Exposition { proxy, started }));
+    registry
+}
+
+/// The registry in the Prometheus text format (0.0.4).
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    if prometheus_client::encoding::prometheus_text::encode(&mut out, registry).is_err() {
+        out.clear();
+        let _ = writeln!(out, "# encoding failed");
+    }
+    out
+}
+
+/// One counter value with no exemplar.
+fn counter(
+    encoder: &mut prometheus_client::encoding::MetricEncoder<'_>,
+    labels: &[(&str, &str)],
+    value: u64,
+) -> std::fmt::Result {
+    encoder
+        .encode_family(&labels)?
+        .encode_counter::<NoLabelSet, u64, f64>(&value, None)
+}
+
+fn gauge(
+    encoder: &mut prometheus_client::encoding::MetricEncoder<'_>,
+    labels: &[(&str, &str)],
+    value: i64,
+) -> std::fmt::Result {
+    encoder.encode_family(&labels)?.encode_gauge(&value)
+}
+
+impl Collector for Exposition {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let pools = self.proxy.pools();
+        let front = &self.proxy.front;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+
+        let mut m = e.encode_descriptor(
+            "tidegate_requests",
+            "Replies by pool, backend and status class (tidegate's own 502/503/504 included)",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in pools {
+            for b in p.backends().all() {
+                for (class, n) in CLASSES.iter().zip(&b.stats.replies) {
+                    counter(
+                        &mut m,
+                        &[("pool", &p.name), ("backend", &b.name), ("class", class)],
+                        load(n),
+                    )?;
+                }
+            }
+        }
+
+        let mut m = e.encode_descriptor(
+            "tidegate_request_duration_seconds",
+            "Time from routing to the end of the reply",
+            None,
+            MetricType::Histogram,
+        )?;
+        for p in pools {
+            for b in p.backends().all() {
+                let (sum, count, buckets) = b.stats.duration.snapshot();
+                m.encode_family(&[("pool", &*p.name), ("backend", &*b.name)])?
+                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+            }
+        }
+
+        for (name, help, pick) in [
+            (
+                "tidegate_request_bytes",
+                "Request body bytes sent to backends",
+                0,
+            ),
+            (
+                "tidegate_response_bytes",
+                "Reply body bytes sent to clients",
+                1,
+            ),
+        ] {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for p in pools {
+                for b in p.backends().all() {
+                    let n = if pick == 0 {
+                        &b.stats.bytes_in
+                    } else {
+                        &b.stats.bytes_out
+                    };
+                    counter(&mut m, &[("pool", &p.name), ("backend", &b.name)], load(n))?;
+                }
+            }
+        }
+
+        let mut m = e.encode_descriptor(
+            "tidegate_in_flight",
+            "Requests being served by a backend now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in pools {
+            for b in p.backends().all() {
+                let n = b.stats.in_flight.load(Ordering::Relaxed);
+                gauge(&mut m, &[("pool", &p.name), ("backend", &b.name)], n)?;
+            }
+        }
+
+        let mut m = e.encode_descriptor(
+            "tidegate_upstream_errors",
+            "Failed exchanges with backends, by kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in pools {
+            for b in p.backends().all() {
+                for (kind, n) in UPSTREAM_ERROR_KINDS.iter().zip(&b.stats.upstream_errors) {
+                    counter(
+                        &mut m,
+                        &[("pool", &p.name), ("backend", &b.name), ("kind", kind)],
+                        load(n),
+                    )?;
+                }
+            }
+        }
+
+        let mut m = e.encode_descriptor(
+            "tidegate_backend_state",
+            "1 for the state each backend is in",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in pools {
+            for b in p.backends().all() {
+                let current = b.state();
+                for state in STATES {
+                    gauge(
+                        &mut m,
+                        &[
+                            ("pool", &p.name),
+                            ("backend", &b.name),
+                            ("state", state.as_str()),
+                        ],
+                        i64::from(state == current),
+                    )?;
+                }
+            }
+        }
+
+        let mut m = e.encode_descriptor(
+            "tidegate_pins",
+            "Live pins in the affinity table",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in pools {
+            if let Some(t) = p.table() {
+                gauge(&mut m, &[("pool", &p.name)], t.len() as i64)?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_pins_max",
+            "The affinity table's bound",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in pools {
+            if let Some(t) = p.table() {
+                gauge(&mut m, &[("pool", &p.name)], t.limits().max_pins as i64)?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_backend_pins",
+            "Live pins per backend",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in pools {
+            if let Some(t) = p.table() {
+                for b in p.backends().all() {
+                    gauge(
+                        &mut m,
+                        &[("pool", &p.name), ("backend", &b.name)],
+                        t.pins_of(b.id) as i64,
+                    )?;
+                }
+            }
+        }
+
+        let mut m = e.encode_descriptor(
+            "tidegate_affinity_lookups",
+            "Session ids looked up: hit, or miss (an unknown, forged or expired id)",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in pools.iter().filter(|p| p.table().is_some()) {
+            counter(
+                &mut m,
+                &[("pool", &p.name), ("result", "hit")],
+                load(&p.stats.lookups_hit),
+            )?;
+            counter(
+                &mut m,
+                &[("pool", &p.name), ("result", "miss")],
+                load(&p.stats.lookups_miss),
+            )?;
+        }
+
+        let mut m = e.encode_descriptor(
+            "tidegate_pins_learned",
+            "Pins learned from backend replies, by source",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in pools.iter().filter(|p| p.table().is_some()) {
+            for source in SOURCES {
+                counter(
+                    &mut m,
+                    &[("pool", &p.name), ("source", source.as_str())],
+                    p.stats.learned(source),
+                )?;
+            }
+        }
+
+        for (name, help, evicted) in [
+            (
+                "tidegate_pins_expired",
+                "Pins expired (idle or lifetime)",
+                false,
+            ),
+            (
+                "tidegate_pins_evicted",
+                "Live pins evicted to keep the bound",
+                true,
+            ),
+        ] {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for p in pools {
+                if let Some(t) = p.table() {
+                    let n = if evicted {
+                        t.evicted_total()
+                    } else {
+                        t.expired_total()
+                    };
+                    counter(&mut m, &[("pool", &p.name)], n)?;
+                }
+            }
+        }
+
+        let mut m = e.encode_descriptor(
+            "tidegate_decisions",
+            "Routing decisions: pinned, learned (affinity cookie), new (by policy), redispatched, hashed (client-ip)",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in pools {
+            for d in DECISIONS {
+                counter(
+                    &mut m,
+                    &[
+                        ("pool", &p.name),
+                        ("decision", d.as_str()),
+                        ("policy", p.policy.as_str()),
+                    ],
+                    p.stats.decided(d),
+                )?;
+            }
+        }
+
+        let mut m = e.encode_descriptor(
+            "tidegate_no_backend",
+            "Requests refused with 503: no backend of the pool could take them",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in pools {
+            counter(&mut m, &[("pool", &p.name)], load(&p.stats.no_backend))?;
+        }
+
+        let mut m = e.encode_descriptor(
+            "tidegate_client_errors",
+            "Requests refused for the client's fault, by kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for (i, kind) in CLIENT_ERROR_KINDS.iter().enumerate() {
+            if *kind != "tls-handshake" {
+                counter(&mut m, &[("kind", kind)], front.client_errors(i))?;
+            }
+        }
+
+        let mut m = e.encode_descriptor(
+            "tidegate_tls_handshakes",
+            "Completed TLS handshakes by version and ALPN",
+            None,
+            MetricType::Counter,
+        )?;
+        for (v, version) in TLS_VERSIONS.iter().enumerate() {
+            for (a, alpn) in TLS_ALPN.iter().enumerate() {
+                counter(
+                    &mut m,
+                    &[("version", version), ("alpn", alpn)],
+                    front.handshakes(v, a),
+                )?;
+            }
+        }
+        let failures = CLIENT_ERROR_KINDS
+            .iter()
+            .position(|k| *k == "tls-handshake")
+            .map_or(0, |i| front.client_errors(i));
+        let mut m = e.encode_descriptor(
+            "tidegate_tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, &[], failures)?;
+
+        let mut m = e.encode_descriptor(
+            "tidegate_connections_open",
+            "Client connections open now",
+            None,
+            MetricType::Gauge,
+        )?;
+        gauge(&mut m, &[], front.connections_open.load(Ordering::Relaxed))?;
+        let mut m = e.encode_descriptor(
+            "tidegate_connections",
+            "Client connections accepted",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, &[], load(&front.connections_total))?;
+
+        let mut m = e.encode_descriptor(
+            "tidegate_uptime_seconds",
+            "Seconds since start",
+            None,
+            MetricType::Gauge,
+        )?;
+        gauge(&mut m, &[], self.started.elapsed().as_secs() as i64)?;
+        let mut m = e.encode_descriptor(
+            "tidegate_build_info",
+            "Build information; always 1",
+            None,
+            MetricType::Gauge,
+        )?;
+        gauge(&mut m, &[("version", env!("CARGO_PKG_VERSION"))], 1)?;
+        Ok(())
+    }
+}
