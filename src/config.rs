@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub admin: Option<String>,
     /// Log line format: `"text"` or `"json"`.
     pub log_format: LogFormat,
+    /// Worker threads serving traffic; 0 (the default) means one per available core.
+    pub workers: usize,
     /// How tidegate talks to backends.
     pub upstream: UpstreamFile,
     /// The pools. A pool without `hosts` serves any host; the most specific route wins
@@ -285,6 +287,8 @@ pub struct Config {
     pub admin: AdminListen,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Worker threads (at least 1).
+    pub workers: usize,
     /// Upstream settings.
     pub upstream: UpstreamConfig,
     /// Pools, in file order.
@@ -550,11 +554,23 @@ impl FileConfig {
                 format!("{a} overlaps {other} ({b}): the admin listener needs its own address"),
             ));
         }
+        if self.workers > 1024 {
+            return Err(invalid(
+                "workers",
+                "must be at most 1024 (0 = one per core)",
+            ));
+        }
+        let workers = if self.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.workers
+        };
         Ok(Config {
             listen,
             tls,
             admin,
             log_format: self.log_format,
+            workers,
             upstream,
             pools,
         })

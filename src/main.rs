@@ -41,7 +41,7 @@ enum Command {
 #[derive(Args, Debug)]
 struct RunArgs {
     /// Read the configuration from this TOML file.
-    #[arg(long, conflicts_with_all = ["listen", "listen_tls", "tls_cert", "tls_key", "backend", "affinity", "session_cookie", "session_param", "policy", "admin", "log_format"])]
+    #[arg(long, conflicts_with_all = ["listen", "listen_tls", "tls_cert", "tls_key", "backend", "affinity", "session_cookie", "session_param", "policy", "admin", "log_format", "threads"])]
     config: Option<PathBuf>,
     /// Listen on this address (repeatable).
     #[arg(long)]
@@ -63,6 +63,9 @@ struct RunArgs {
     /// Log line format.
     #[arg(long = "log-format", value_enum)]
     log_format: Option<LogFormat>,
+    /// Worker threads (default: one per available core).
+    #[arg(long)]
+    threads: Option<usize>,
     /// A backend, `ADDR` or `NAME=ADDR` (repeatable).
     #[arg(long)]
     backend: Vec<String>,
@@ -148,6 +151,7 @@ impl RunArgs {
         let file = FileConfig {
             admin: self.admin.clone(),
             log_format: self.log_format.unwrap_or_default(),
+            workers: self.threads.unwrap_or(0),
             listen: self.listen.clone(),
             listen_tls: self.listen_tls.clone(),
             tls,
@@ -191,7 +195,7 @@ fn main() -> ExitCode {
         },
         Some(Command::Demo { listen }) => {
             init_logs(LogFormat::Text);
-            run(async move { demo(listen).await })
+            run(0, async move { demo(listen).await })
         }
         None => {
             let config = match &cli.run.config {
@@ -208,7 +212,7 @@ fn main() -> ExitCode {
             match config {
                 Ok(config) => {
                     init_logs(config.log_format);
-                    run(async move { serve(config).await })
+                    run(config.workers, async move { serve(config).await })
                 }
                 Err(e) => {
                     eprintln!("{e}");
@@ -243,11 +247,13 @@ fn check(path: &std::path::Path) -> Result<Config, String> {
     Ok(config)
 }
 
-fn run(main: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+/// Runs `main` on a runtime with `workers` threads (0: one per core).
+fn run(workers: usize, main: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tidegate: cannot start the runtime: {e}");
