@@ -176,6 +176,8 @@ impl RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // rustls' crypto provider, chosen once for the whole process: aws-lc-rs.
+    tidegate::tls::provider();
     match cli.command {
         Some(Command::Check { config }) => match check(&config) {
             Ok(c) => {
