@@ -134,6 +134,8 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let mut redirect_addrs = Vec::new();
     let mut certificates = None;
     if let Some(tls) = &config.tls {
+        // The files' times before they are read: a change from here on is seen by the check.
+        let stamps = tls::stamps(&tls.certificates);
         let resolver = Arc::new(CertResolver::new(load_certificates(tls)?));
         let front = TlsFront {
             acceptor: TlsAcceptor::from(tls::server_config(resolver.clone(), tls.min_version)?),
@@ -167,6 +169,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         tasks.spawn(reload_certificates(
             resolver.clone(),
             tls.certificates.clone(),
+            stamps,
             tls.reload_check_interval,
             stop.clone(),
         ));
@@ -247,11 +250,13 @@ async fn sweep(pool: Arc<Pool>, mut stop: Signal) {
     }
 }
 
-/// Reloads the certificates on SIGHUP and when their files change. A file that fails to
+/// Reloads the certificates on SIGHUP and when their files change (compared with `stamps`,
+/// taken before the certificates in use were read). A file that fails to
 /// load is logged with its path and reason, and the certificates in use keep serving.
 async fn reload_certificates(
     resolver: Arc<CertResolver>,
     files: Vec<CertFiles>,
+    mut stamps: Vec<Option<std::time::SystemTime>>,
     check_every: Option<Duration>,
     mut stop: Signal,
 ) {
@@ -262,7 +267,6 @@ async fn reload_certificates(
             None
         }
     };
-    let mut stamps = tls::stamps(&files);
     loop {
         let check = async {
             match check_every {
