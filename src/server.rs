@@ -98,6 +98,8 @@ pub fn build_pool(config: &PoolConfig) -> Pool {
 /// Binds every listener and starts serving.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     let started = Instant::now();
+    // Taken over first, so a SIGHUP from here on never kills the process.
+    let mut hangup = watch_hangup();
     let pools: Vec<Arc<Pool>> = config
         .pools
         .iter()
@@ -171,9 +173,13 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             tls.certificates.clone(),
             stamps,
             tls.reload_check_interval,
+            hangup.take(),
             stop.clone(),
         ));
         certificates = Some(resolver);
+    }
+    if let Some(hangup) = hangup {
+        tasks.spawn(nothing_to_reload(hangup, stop.clone()));
     }
     let admin_addr = match config.admin {
         AdminListen::Off => None,
@@ -250,6 +256,31 @@ async fn sweep(pool: Arc<Pool>, mut stop: Signal) {
     }
 }
 
+/// The SIGHUP stream, if the platform gives one.
+type HangupSignal = tokio::signal::unix::Signal;
+
+fn watch_hangup() -> Option<HangupSignal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot watch SIGHUP: {e}");
+            None
+        }
+    }
+}
+
+/// Without TLS, a SIGHUP has nothing to reload: say so rather than die of it.
+async fn nothing_to_reload(mut hangup: HangupSignal, mut stop: Signal) {
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => tracing::info!(
+                "SIGHUP: nothing to reload (it reloads TLS certificates; configuration changes need a restart)"
+            ),
+            _ = stop.wait() => return,
+        }
+    }
+}
+
 /// Reloads the certificates on SIGHUP and when their files change (compared with `stamps`,
 /// taken before the certificates in use were read). A file that fails to
 /// load is logged with its path and reason, and the certificates in use keep serving.
@@ -258,15 +289,9 @@ async fn reload_certificates(
     files: Vec<CertFiles>,
     mut stamps: Vec<Option<std::time::SystemTime>>,
     check_every: Option<Duration>,
+    mut hangup: Option<HangupSignal>,
     mut stop: Signal,
 ) {
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!("cannot watch SIGHUP, certificates reload on file changes only: {e}");
-            None
-        }
-    };
     loop {
         let check = async {
             match check_every {
