@@ -11,12 +11,12 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+use crate::listener;
 use crate::metrics;
 use crate::proxy::Proxy;
 use crate::shutdown::Signal;
@@ -42,7 +42,7 @@ pub async fn serve(
         proxy,
         started,
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let builder = listener::connection_builder();
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -495,38 +495,6 @@ impl FileConfig {
                 Some(t.validate(self.listen_tls, no_tls_listener, base)?)
             }
         };
-        let mut bound: Vec<(String, SocketAddr)> = Vec::new();
-        let tls_lists = tls.iter().flat_map(|t| {
-            let l = t
-                .listen
-                .iter()
-                .enumerate()
-                .map(|(i, a)| (format!("listen_tls[{i}]"), *a));
-            let r = t
-                .redirect_http
-                .iter()
-                .enumerate()
-                .map(|(i, a)| (format!("tls.redirect_http[{i}]"), *a));
-            l.chain(r)
-        });
-        let plain = self
-            .listen
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (format!("listen[{i}]"), *a));
-        for (key, a) in plain.chain(tls_lists) {
-            if let Some((other, b)) = bound.iter().find(|(_, b)| {
-                a.port() != 0
-                    && a.port() == b.port()
-                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
-            }) {
-                return Err(invalid(
-                    key,
-                    format!("{a} overlaps {other} ({b}): the second bind would fail"),
-                ));
-            }
-            bound.push((key, a));
-        }
         let listen = if self.listen.is_empty() && tls.is_none() {
             vec![DEFAULT_LISTEN.parse().expect("default listen address")]
         } else {
@@ -542,17 +510,36 @@ impl FileConfig {
                 )
             })?),
         };
-        if let AdminListen::Configured(a) = admin
-            && let Some((other, b)) = bound.iter().find(|(_, b)| {
-                a.port() != 0
-                    && a.port() == b.port()
-                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
-            })
-        {
-            return Err(invalid(
-                "admin",
-                format!("{a} overlaps {other} ({b}): the admin listener needs its own address"),
-            ));
+        let plain = listen
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("listen[{i}]"), *a));
+        let tls_lists = tls.iter().flat_map(|t| {
+            let l = t
+                .listen
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("listen_tls[{i}]"), *a));
+            let r = t
+                .redirect_http
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("tls.redirect_http[{i}]"), *a));
+            l.chain(r)
+        });
+        let admin_bind = match admin {
+            AdminListen::Configured(a) => Some(("admin".to_string(), a)),
+            _ => None,
+        };
+        let mut bound: Vec<(String, SocketAddr)> = Vec::new();
+        for (key, a) in plain.chain(tls_lists).chain(admin_bind) {
+            if let Some((other, b)) = bound.iter().find(|(_, b)| binds_overlap(a, *b)) {
+                return Err(invalid(
+                    key,
+                    format!("{a} overlaps {other} ({b}): the second bind would fail"),
+                ));
+            }
+            bound.push((key, a));
         }
         if self.workers > 1024 {
             return Err(invalid(
@@ -646,8 +633,16 @@ impl PoolFile {
         }
         let mut hosts = Vec::with_capacity(self.hosts.len());
         for (j, h) in self.hosts.iter().enumerate() {
-            let wildcard_ok =
-                !h.contains('*') || h == "*" || (h.starts_with("*.") && !h[2..].contains('*'));
+            let wildcard_ok = match h.strip_prefix("*.") {
+                _ if h == "*" || !h.contains('*') => true,
+                Some(domain) => {
+                    !domain.is_empty()
+                        && !domain.contains('*')
+                        && !domain.starts_with('.')
+                        && !domain.ends_with('.')
+                }
+                None => false,
+            };
             if h.is_empty() || h.contains(['/', ' ', ':']) || !wildcard_ok {
                 return Err(invalid(
                     format!("{key}.hosts[{j}]"),
@@ -835,6 +830,18 @@ impl SessionFile {
     }
 }
 
+/// Whether binding `a` after `b` fails: the same port, and the same address, or a wildcard
+/// address of the same family, or `[::]` (which on Linux takes IPv4 too). Port 0 asks for a
+/// free port and never clashes.
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let wildcard_covers = |w: SocketAddr, o: SocketAddr| {
+        w.ip().is_unspecified() && (w.is_ipv6() || w.is_ipv4() == o.is_ipv4())
+    };
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || wildcard_covers(a, b) || wildcard_covers(b, a))
+}
+
 /// A path prefix as routing compares it: `/app/` and `/app` are the same prefix.
 fn normalized_prefix(prefix: &str) -> &str {
     match prefix.strip_suffix('/') {
@@ -964,8 +971,10 @@ address = "127.0.0.1:9001"
             err.contains("pool[1].hosts[0]") && err.contains("line 9"),
             "{err}"
         );
-        let err = load(&pool("a", "\"*example.com\"", "/")).unwrap_err();
-        assert!(err.contains("pool[0].hosts[0]"), "{err}");
+        for bad in ["*example.com", "*.", "*.*.a.test", "a.*.test"] {
+            let err = load(&pool("a", &format!("\"{bad}\""), "/")).unwrap_err();
+            assert!(err.contains("pool[0].hosts[0]"), "{bad}: {err}");
+        }
         let both = pool("a", "\"*.example.com\"", "/") + &pool("b", "\"example.com\"", "/");
         assert!(load(&both).is_ok());
     }
@@ -1006,6 +1015,21 @@ address = "127.0.0.1:9001"
         let text = format!("listen = [\"0.0.0.0:8080\", \"127.0.0.1:8080\"]\n{MINIMAL}");
         let err = load(&text).unwrap_err();
         assert!(err.contains("listen[1]") && err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn bind_overlaps_follow_address_families() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(binds_overlap(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(binds_overlap(a("[::]:80"), a("127.0.0.1:80")));
+        assert!(!binds_overlap(a("0.0.0.0:80"), a("[::1]:80")));
+        assert!(!binds_overlap(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!binds_overlap(a("127.0.0.1:0"), a("127.0.0.1:0")));
+        let err = load(&format!("admin = \"127.0.0.1:8080\"\n{MINIMAL}")).unwrap_err();
+        assert!(
+            err.contains("key `admin`") && err.contains("listen[0]"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -27,8 +27,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The connection protocol settings shared by every connection of a listener.
-fn connection_builder() -> auto::Builder<TokioExecutor> {
+/// The connection protocol settings shared by every connection of a listener (the admin
+/// listener's too).
+pub(crate) fn connection_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -164,6 +164,9 @@ impl RunArgs {
                 k if k.starts_with("cookies") => "--session-cookie",
                 "listen_tls" => "--listen-tls",
                 "admin" => "--admin",
+                "workers" => "--threads",
+                k if k.starts_with("listen_tls") => "--listen-tls",
+                k if k.starts_with("listen") => "--listen",
                 "tls" | "certificate" => "--tls-cert",
                 "param" => "--session-param",
                 "session" => "--affinity",
@@ -182,8 +185,9 @@ fn main() -> ExitCode {
         Some(Command::Check { config }) => match check(&config) {
             Ok(c) => {
                 let backends: usize = c.pools.iter().map(|p| p.backends.len()).sum();
+                let tls = c.tls.as_ref().map_or(0, |t| t.listen.len());
                 println!(
-                    "{}: ok ({} pools, {backends} backends, {} listeners)",
+                    "{}: ok ({} pools, {backends} backends, {} listeners, {tls} TLS listeners)",
                     config.display(),
                     c.pools.len(),
                     c.listen.len()
@@ -296,10 +300,15 @@ async fn demo(listen: SocketAddr) -> Result<(), String> {
         images.push(image);
     }
     let secret = tidegate::demo::random_key(32);
-    // The development certificate in certs/ (run from the repository) adds an HTTPS listener
-    // on the next port.
-    let tls_listen = SocketAddr::new(listen.ip(), listen.port().wrapping_add(363));
-    let tls = if std::path::Path::new(DEMO_CERT).exists() && std::path::Path::new(DEMO_KEY).exists()
+    // With the development certificate in certs/ (run from the repository), an HTTPS
+    // listener joins on port + 363 (8080 → 8443).
+    let tls_listen = listen
+        .port()
+        .checked_add(363)
+        .map(|port| SocketAddr::new(listen.ip(), port));
+    let tls = if let Some(tls_listen) = tls_listen
+        && std::path::Path::new(DEMO_CERT).exists()
+        && std::path::Path::new(DEMO_KEY).exists()
     {
         format!(
             "listen_tls = [\"{tls_listen}\"]\n[tls]\n[[tls.certificate]]\ncert = \"{DEMO_CERT}\"\nkey = \"{DEMO_KEY}\"\n"

@@ -97,7 +97,7 @@ impl Collector for Exposition {
 
         let mut m = e.encode_descriptor(
             "tidegate_requests",
-            "Replies by pool, backend and status class (tidegate's own 502/503/504 included)",
+            "Replies by pool, backend and status class (tidegate's own 502/504 for the backend included; 499: client left first)",
             None,
             MetricType::Counter,
         )?;
@@ -115,7 +115,7 @@ impl Collector for Exposition {
 
         let mut m = e.encode_descriptor(
             "tidegate_request_duration_seconds",
-            "Time from routing to the end of the reply",
+            "Time from the request's arrival to the end of its reply",
             None,
             MetricType::Histogram,
         )?;

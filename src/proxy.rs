@@ -174,12 +174,13 @@ impl Drop for ReplyBody {
         {
             trace.learned = Some(source);
         }
-        trace.settle();
+        // Dropping the trace settles it.
     }
 }
 
-/// What one request did, gathered on its way through and settled when its reply ends:
-/// the backend's counters, and one access-log line.
+/// What one request did, gathered on its way through and settled when it is dropped: when
+/// its reply ends, or when the client leaves before one (counted as status 499, "client
+/// closed request", as nginx does): the backend's counters, and one access-log line.
 struct Trace {
     started: Instant,
     status: u16,
@@ -197,6 +198,22 @@ struct Access {
     host: Option<HeaderValue>,
     path: http::uri::PathAndQuery,
     session: Option<u32>,
+}
+
+/// A path as the access log shows it: without path parameters (`;jsessionid=KEY`), which
+/// may carry session ids.
+struct LoggedPath<'a>(&'a str);
+
+impl std::fmt::Display for LoggedPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, segment) in self.0.split('/').enumerate() {
+            if i > 0 {
+                f.write_str("/")?;
+            }
+            f.write_str(segment.split(';').next().unwrap_or(""))?;
+        }
+        Ok(())
+    }
 }
 
 /// The tracing target of the access log (`RUST_LOG=tidegate::access=off` silences it).
@@ -227,7 +244,7 @@ impl Trace {
         });
         Trace {
             started: Instant::now(),
-            status: 0,
+            status: CLIENT_CLOSED,
             pool: None,
             backend: None,
             decision: None,
@@ -245,8 +262,13 @@ impl Trace {
                 Some(xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), session_log_key()) as u32);
         }
     }
+}
 
-    fn settle(self) {
+/// The status recorded for a request whose client left before the reply head.
+const CLIENT_CLOSED: u16 = 499;
+
+impl Drop for Trace {
+    fn drop(&mut self) {
         let took = self.started.elapsed();
         if let Some(b) = &self.backend {
             b.stats.end(self.status, took);
@@ -257,7 +279,7 @@ impl Trace {
             target: ACCESS_LOG,
             method = %a.method,
             host,
-            path = a.path.path(),
+            path = %LoggedPath(a.path.path()),
             status = self.status,
             ms = %format_args!("{:.3}", took.as_secs_f64() * 1000.0),
             pool = self.pool.as_ref().map_or("-", |p| &*p.name),
@@ -401,7 +423,18 @@ impl Proxy {
         } else {
             None
         };
-        rewrite_request_head(&mut parts, &routing, conn, client_upgrade.is_some());
+        let scan_limit = match &pool.affinity {
+            Affinity::Session(s) => s.page_scan_bytes,
+            Affinity::ClientIp => 0,
+        };
+        let scan_page = routing.scan_page && scan_limit > 0;
+        rewrite_request_head(
+            &mut parts,
+            &routing,
+            conn,
+            client_upgrade.is_some(),
+            scan_page,
+        );
         let backend = &routing.backend;
         let upstream_req = Request::from_parts(parts, ToBackend::new(body, backend.clone()));
         let failed = |failure| ProxyError::Upstream {
@@ -435,13 +468,8 @@ impl Proxy {
             cookie_routed,
         };
         trace.learned = learner.from_head(pool, &head.headers, head.status.is_redirection());
-        let scan_limit = match &pool.affinity {
-            Affinity::Session(s) => s.page_scan_bytes,
-            Affinity::ClientIp => 0,
-        };
-        let scan_page = routing.scan_page
+        let scan_page = scan_page
             && trace.learned.is_none()
-            && scan_limit > 0
             && head.status.is_success()
             && is_html(&head.headers);
         strip_hop_by_hop(&mut head.headers, false);
@@ -670,6 +698,7 @@ fn rewrite_request_head(
     routing: &Routing,
     conn: &ClientConn,
     upgrade: bool,
+    scan_page: bool,
 ) {
     let path = parts
         .uri
@@ -686,7 +715,7 @@ fn rewrite_request_head(
 
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let headers = &mut parts.headers;
-    if routing.scan_page {
+    if scan_page {
         // The page that may name a new session must arrive uncompressed for the scanner to
         // read its links; only requests without a known session are affected.
         headers.remove(http::header::ACCEPT_ENCODING);
@@ -760,6 +789,15 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn logged_paths_lose_their_parameters() {
+        assert_eq!(
+            LoggedPath("/app;jsessionid=KEY/x;y=1").to_string(),
+            "/app/x"
+        );
+        assert_eq!(LoggedPath("/plain/path").to_string(), "/plain/path");
     }
 
     #[test]

@@ -83,10 +83,11 @@ pub fn build_pool(config: &PoolConfig) -> Pool {
             s.page_scan_bytes,
         ))),
     };
-    let cookie = config
-        .affinity_cookie
-        .as_ref()
-        .map(|(name, secret)| AffinityCookie::new(name, secret, &config.path_prefix));
+    let cookie = config.affinity_cookie.as_ref().map(|(name, secret)| {
+        // `/shop/` routes `/shop` too, so the cookie must cover `/shop`.
+        let prefix = config.path_prefix.trim_end_matches('/');
+        AffinityCookie::new(name, secret, if prefix.is_empty() { "/" } else { prefix })
+    });
     let backends = config
         .backends
         .iter()

@@ -36,6 +36,13 @@ impl HostMatch {
         }
     }
 
+    fn len(&self) -> usize {
+        match self {
+            HostMatch::Any => 0,
+            HostMatch::Exact(h) | HostMatch::Suffix(h) => h.len(),
+        }
+    }
+
     fn rank(&self) -> u8 {
         match self {
             HostMatch::Exact(_) => 2,
@@ -66,10 +73,13 @@ pub struct Router {
 impl Router {
     /// Orders the routes by specificity.
     pub fn new(mut routes: Vec<Route>) -> Self {
+        // Within a rank, the longer pattern is the more specific (`*.shop.example.com`
+        // before `*.example.com`).
         routes.sort_by(|a, b| {
             b.host
                 .rank()
                 .cmp(&a.host.rank())
+                .then(b.host.len().cmp(&a.host.len()))
                 .then(b.path_prefix.len().cmp(&a.path_prefix.len()))
         });
         Router {
@@ -131,7 +141,13 @@ mod tests {
             route("shop.example.com", "/", 2),
             route("shop.example.com", "/admin", 3),
             route("*", "/static", 4),
+            route("*.eu.example.com", "/", 5),
         ]);
+        assert_eq!(
+            r.select(Some("a.eu.example.com"), "/"),
+            Some(5),
+            "longer wildcard wins"
+        );
         assert_eq!(r.select(Some("shop.example.com:443"), "/admin/x"), Some(3));
         assert_eq!(r.select(Some("SHOP.example.com"), "/cart"), Some(2));
         assert_eq!(r.select(Some("blog.example.com"), "/"), Some(1));

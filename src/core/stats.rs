@@ -70,7 +70,7 @@ pub struct BackendStats {
     pub bytes_in: AtomicU64,
     /// Reply body bytes sent to clients.
     pub bytes_out: AtomicU64,
-    /// Time from routing to the end of the reply.
+    /// Time from the request's arrival to the end of its reply.
     pub duration: Histogram,
 }
 
