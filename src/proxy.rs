@@ -281,7 +281,7 @@ impl Drop for Trace {
             host,
             path = %LoggedPath(a.path.path()),
             status = self.status,
-            ms = %format_args!("{:.3}", took.as_secs_f64() * 1000.0),
+            ms = took.as_micros() as f64 / 1000.0,
             pool = self.pool.as_ref().map_or("-", |p| &*p.name),
             backend = self.backend.as_ref().map_or("-", |b| &*b.name),
             decision = self.decision.map_or("-", Decision::as_str),
