@@ -1,20 +1,18 @@
 //! Learning pins as a reply passes: from its head (`Set-Cookie`, `Location`) before it is
 //! forwarded, and from the first bytes of its HTML body while it streams.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{LOCATION, SET_COOKIE};
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::core::affinity::PinKey;
 use crate::core::backend::BackendId;
 use crate::core::learn::{LearnSource, PageScanner, id_in_location, id_in_set_cookie};
 use crate::core::pool::{Affinity, Pool, SessionAffinity};
+use crate::tap::{Tap, Tapped};
 
 /// Who is learning: the backend that answered, when, and the id a request carried to it on
 /// the strength of an affinity cookie (a pin of that id is credited to the cookie).
@@ -84,19 +82,20 @@ impl Learner {
 
 /// An HTML reply body that pins the first session id found in its links, as it streams.
 /// Chunks pass through untouched and without delay.
-pub struct PageLearner {
-    inner: Incoming,
+pub type PageLearner = Tapped<Incoming, PageTap>;
+
+/// Scans the chunks of a page for the session id in its links and pins the first one.
+pub struct PageTap {
     scanner: PageScanner,
     pool: Arc<Pool>,
     learner: Learner,
     learned: Option<LearnSource>,
 }
 
-impl PageLearner {
-    /// Wraps `inner`; scans at most `limit` bytes.
-    pub fn new(inner: Incoming, pool: Arc<Pool>, learner: Learner, limit: usize) -> Self {
-        PageLearner {
-            inner,
+impl PageTap {
+    /// A tap that scans at most `limit` bytes.
+    pub fn new(pool: Arc<Pool>, learner: Learner, limit: usize) -> Self {
+        PageTap {
             scanner: PageScanner::new(limit),
             pool,
             learner,
@@ -110,56 +109,31 @@ impl PageLearner {
     }
 }
 
-impl Body for PageLearner {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if this.scanner.is_done() {
-            return polled;
+impl Tap for PageTap {
+    fn data(&mut self, chunk: &Bytes) {
+        if self.scanner.is_done() {
+            return;
         }
-        let Some(session) = (match &this.pool.affinity {
-            Affinity::Session(s) => Some(s),
-            Affinity::ClientIp => None,
-        }) else {
-            return polled;
+        let Affinity::Session(session) = &self.pool.affinity else {
+            return;
         };
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref()
-                    && let Some(id) = this.scanner.feed(data, &session.needle, &session.rules)
-                {
-                    this.learned =
-                        Some(
-                            this.learner
-                                .pin(&this.pool, session, id, LearnSource::PageBody),
-                        );
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(id) = this.scanner.finish(&session.rules) {
-                    this.learned =
-                        Some(
-                            this.learner
-                                .pin(&this.pool, session, id, LearnSource::PageBody),
-                        );
-                }
-            }
-            _ => {}
+        if let Some(id) = self.scanner.feed(chunk, &session.needle, &session.rules) {
+            self.learned = Some(
+                self.learner
+                    .pin(&self.pool, session, id, LearnSource::PageBody),
+            );
         }
-        polled
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn end(&mut self) {
+        let Affinity::Session(session) = &self.pool.affinity else {
+            return;
+        };
+        if let Some(id) = self.scanner.finish(&session.rules) {
+            self.learned = Some(
+                self.learner
+                    .pin(&self.pool, session, id, LearnSource::PageBody),
+            );
+        }
     }
 }

@@ -20,6 +20,7 @@
 //! | [`upstream`] | pooled keep-alive client to backends; the peeked request body |
 //! | [`listener`] | accepting connections, HTTP/1.1 and h2c, graceful shutdown |
 //! | [`server`] | assembling a running balancer; the pin sweeper |
+//! | [`tap`] | watching a body stream past (byte counts, the page learner) |
 //! | [`shutdown`] | the signal that stops listeners, sweepers and demo images |
 //! | [`demo`] | Seaside-like demo images (used by `tidegate demo` and the tests) |
 //! | [`clock`] | unix seconds for pin timestamps |
@@ -42,5 +43,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;
+pub mod tap;
 pub mod tls;
 pub mod upstream;

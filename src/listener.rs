@@ -15,7 +15,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::core::route::strip_port;
@@ -38,6 +39,26 @@ pub(crate) fn connection_builder() -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     builder
+}
+
+/// The next connection, or `None` once `shutdown` fires. A failed accept (out of
+/// descriptors and the like) is logged and retried after a pause rather than spun on.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    shutdown: &mut Signal,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => return Some(pair),
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.wait() => return None,
+        }
+    }
 }
 
 /// What a TLS listener adds to a plain one.
@@ -64,17 +85,8 @@ pub async fn serve(
     let builder = connection_builder();
     let graceful = GracefulShutdown::new();
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of descriptors and the like: back off rather than spin.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.wait() => break,
+        let Some((stream, peer)) = accept(&listener, &mut shutdown).await else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
@@ -167,15 +179,8 @@ impl Drop for OpenConnection {
 pub async fn redirect_to_https(listener: TcpListener, https_port: u16, mut shutdown: Signal) {
     let builder = connection_builder();
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.wait() => break,
+        let Some((stream, _)) = accept(&listener, &mut shutdown).await else {
+            break;
         };
         let builder = builder.clone();
         tokio::spawn(async move {

@@ -31,8 +31,8 @@ use crate::core::route::Router;
 use crate::core::session_id::{self, IdSource};
 use crate::core::stats::FrontStats;
 use crate::error::{ProxyError, UpstreamFailure};
-use crate::learn::{Learner, PageLearner};
-use crate::upstream::{self, RequestBody, ToBackend, UpstreamClient};
+use crate::learn::{Learner, PageLearner, PageTap};
+use crate::upstream::{self, CountBytesIn, RequestBody, ToBackend, UpstreamClient};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -170,7 +170,7 @@ impl Drop for ReplyBody {
             return;
         };
         if let ReplyKind::Learning(page) = &self.kind
-            && let Some(source) = page.learned()
+            && let Some(source) = page.tap().learned()
         {
             trace.learned = Some(source);
         }
@@ -436,7 +436,8 @@ impl Proxy {
             scan_page,
         );
         let backend = &routing.backend;
-        let upstream_req = Request::from_parts(parts, ToBackend::new(body, backend.clone()));
+        let upstream_req =
+            Request::from_parts(parts, ToBackend::new(body, CountBytesIn(backend.clone())));
         let failed = |failure| ProxyError::Upstream {
             backend: backend.name.clone(),
             address: backend.address,
@@ -486,9 +487,7 @@ impl Proxy {
         let body = if scan_page {
             ReplyKind::Learning(Box::new(PageLearner::new(
                 body,
-                pool.clone(),
-                learner,
-                scan_limit,
+                PageTap::new(pool.clone(), learner, scan_limit),
             )))
         } else {
             ReplyKind::Upstream(body)

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::UpstreamConfig;
 use crate::core::backend::Backend;
 use crate::error::UpstreamFailure;
+use crate::tap::{Tap, Tapped};
 
 /// The shared client: one keep-alive pool keyed by backend address.
 pub type UpstreamClient = Client<HttpConnector, ToBackend>;
@@ -183,44 +184,16 @@ impl Body for RequestBody {
 }
 
 /// A request body on its way to a backend, counted into the backend's `bytes_in`.
-pub struct ToBackend {
-    body: RequestBody,
-    backend: Arc<Backend>,
-}
+pub type ToBackend = Tapped<RequestBody, CountBytesIn>;
 
-impl ToBackend {
-    /// Meters `body` for `backend`.
-    pub fn new(body: RequestBody, backend: Arc<Backend>) -> Self {
-        ToBackend { body, backend }
-    }
-}
+/// Counts request body bytes into a backend's `bytes_in`.
+pub struct CountBytesIn(pub Arc<Backend>);
 
-impl Body for ToBackend {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            this.backend
-                .stats
-                .bytes_in
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+impl Tap for CountBytesIn {
+    fn data(&mut self, chunk: &Bytes) {
+        self.0
+            .stats
+            .bytes_in
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
     }
 }
