@@ -389,28 +389,31 @@ impl Proxy {
                     affinity_cookie: cookie_value,
                     client: conn.peer.ip(),
                 };
-                if view.id.is_none()
-                    && let Some(form) = form_kind(&parts.headers, session)
-                {
-                    let peek = upstream::peek(body, session.form_peek_bytes)
-                        .await
-                        .map_err(|_| ProxyError::BadRequestBody)?;
-                    let found = id_in_form(session, form, &peek.head, peek.complete);
-                    view.id = found.map(|id| (id, IdSource::FormBody));
-                    let routing = pool.route(&set, &view, now);
-                    cookie_routed = learned_via_cookie(&routing, &view);
-                    if let Some(r) = &routing {
-                        trace.routed(r, view.id.map(|(id, _)| id));
+                // Only when the head names no session: read the start of a form body.
+                let peekable = view
+                    .id
+                    .is_none()
+                    .then(|| form_kind(&parts.headers, session))
+                    .flatten();
+                let (body, form) = match peekable {
+                    Some(kind) => {
+                        let peek = upstream::peek(body, session.form_peek_bytes)
+                            .await
+                            .map_err(|_| ProxyError::BadRequestBody)?;
+                        (peek.body, Some((kind, peek.head, peek.complete)))
                     }
-                    (routing, peek.body)
-                } else {
-                    let routing = pool.route(&set, &view, now);
-                    cookie_routed = learned_via_cookie(&routing, &view);
-                    if let Some(r) = &routing {
-                        trace.routed(r, view.id.map(|(id, _)| id));
-                    }
-                    (routing, RequestBody::Streaming(body))
+                    None => (RequestBody::Streaming(body), None),
+                };
+                if let Some((kind, head, complete)) = &form {
+                    view.id = id_in_form(session, *kind, head, *complete)
+                        .map(|id| (id, IdSource::FormBody));
                 }
+                let routing = pool.route(&set, &view, now);
+                cookie_routed = learned_via_cookie(&routing, &view);
+                if let Some(r) = &routing {
+                    trace.routed(r, view.id.map(|(id, _)| id));
+                }
+                (routing, body)
             }
         };
         let routing = routing.ok_or_else(|| ProxyError::NoBackend {
