@@ -434,6 +434,45 @@ async fn large_octet_stream_body_streams_back_byte_for_byte() {
     .await;
 }
 
+/// POSTs `body` to `/echo`; the reply must come from `image` (the body's `_s` routed it) and
+/// echo the body byte for byte, with its length.
+async fn post_through_echo(
+    client: &support::HttpClient,
+    base: &str,
+    content_type: &str,
+    body: &[u8],
+    image: &str,
+    what: &str,
+) {
+    let reply = send(
+        client,
+        Method::POST,
+        &format!("{base}/echo"),
+        &[("content-type", content_type)],
+        body.to_vec(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.image(),
+        image,
+        "the {what} _s did not route to its session"
+    );
+    let echoed = Echoed::of(&reply.body);
+    assert_eq!(echoed.body.len(), body.len(), "{what} body length changed");
+    assert!(
+        echoed.body == body,
+        "{what} body bytes changed after the peek"
+    );
+    if let Some(len) = echoed.one("content-length") {
+        assert_eq!(
+            len,
+            body.len().to_string(),
+            "{what} content-length forwarded wrong"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peeked_form_bodies_route_by_their_session_and_arrive_byte_for_byte() {
     bounded(async {
@@ -450,37 +489,15 @@ async fn peeked_form_bodies_route_by_their_session_and_arrive_byte_for_byte() {
                 .map(|b| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789+%"[*b as usize % 38]))
                 .collect();
             let form = format!("_s={key}&comment={filler}&tail=end").into_bytes();
-            let reply = send(
+            post_through_echo(
                 &client,
-                Method::POST,
-                &format!("{}/echo", f.base),
-                &[("content-type", "application/x-www-form-urlencoded")],
-                form.clone(),
+                &f.base,
+                "application/x-www-form-urlencoded",
+                &form,
+                &image,
+                "urlencoded",
             )
             .await;
-            assert_eq!(reply.status, StatusCode::OK);
-            assert_eq!(
-                reply.image(),
-                image,
-                "the form's _s did not route to its session"
-            );
-            let echoed = Echoed::of(&reply.body);
-            assert_eq!(
-                echoed.body.len(),
-                form.len(),
-                "urlencoded body length changed"
-            );
-            assert!(
-                echoed.body == form,
-                "urlencoded body bytes changed after the peek"
-            );
-            if let Some(len) = echoed.one("content-length") {
-                assert_eq!(
-                    len,
-                    form.len().to_string(),
-                    "content-length forwarded wrong"
-                );
-            }
 
             // Multipart: the `_s` part first, then a binary file part of ~200 KiB.
             let boundary = "----tidegateProxyTestBoundaryQ3x9";
@@ -493,30 +510,15 @@ Content-Type: application/octet-stream\r\n\r\n"
             multipart.extend_from_slice(&noise(200 * 1024 + 7, seed + 100));
             multipart.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
             let content_type = format!("multipart/form-data; boundary={boundary}");
-            let reply = send(
+            post_through_echo(
                 &client,
-                Method::POST,
-                &format!("{}/echo", f.base),
-                &[("content-type", &content_type)],
-                multipart.clone(),
+                &f.base,
+                &content_type,
+                &multipart,
+                &image,
+                "multipart",
             )
             .await;
-            assert_eq!(reply.status, StatusCode::OK);
-            assert_eq!(
-                reply.image(),
-                image,
-                "the multipart _s did not route to its session"
-            );
-            let echoed = Echoed::of(&reply.body);
-            assert_eq!(
-                echoed.body.len(),
-                multipart.len(),
-                "multipart body length changed"
-            );
-            assert!(
-                echoed.body == multipart,
-                "multipart body bytes changed after the peek"
-            );
         }
         assert_eq!(
             images_seen.len(),
