@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use prometheus_client::collector::Collector;
@@ -13,10 +13,13 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::core::affinity::AffinityTable;
 use crate::core::backend::BackendState;
 use crate::core::learn::LearnSource;
 use crate::core::pool::Decision;
-use crate::core::stats::{CLIENT_ERROR_KINDS, TLS_ALPN, TLS_VERSIONS, UPSTREAM_ERROR_KINDS};
+use crate::core::stats::{
+    BackendStats, CLIENT_ERROR_KINDS, TLS_ALPN, TLS_VERSIONS, UPSTREAM_ERROR_KINDS,
+};
 use crate::proxy::Proxy;
 
 /// The status classes, as labels.
@@ -69,6 +72,11 @@ pub fn render(registry: &Registry) -> String {
     }
     out
 }
+
+/// Reads one counter of a backend's stats.
+type StatsField = fn(&BackendStats) -> &AtomicU64;
+/// Reads one running total of a pool's table.
+type TableTotal = fn(&AffinityTable) -> u64;
 
 /// One counter value with no exemplar.
 fn counter(
@@ -127,27 +135,24 @@ impl Collector for Exposition {
             }
         }
 
-        for (name, help, pick) in [
+        let bytes: [(&str, &str, StatsField); 2] = [
             (
                 "tidegate_request_bytes",
                 "Request body bytes sent to backends",
-                0,
+                |s| &s.bytes_in,
             ),
             (
                 "tidegate_response_bytes",
                 "Reply body bytes sent to clients",
-                1,
+                |s| &s.bytes_out,
             ),
-        ] {
+        ];
+        for (name, help, field) in bytes {
             let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
             for p in pools {
                 for b in p.backends().all() {
-                    let n = if pick == 0 {
-                        &b.stats.bytes_in
-                    } else {
-                        &b.stats.bytes_out
-                    };
-                    counter(&mut m, &[("pool", &p.name), ("backend", &b.name)], load(n))?;
+                    let labels = [("pool", &*p.name), ("backend", &*b.name)];
+                    counter(&mut m, &labels, load(field(&b.stats)))?;
                 }
             }
         }
@@ -281,27 +286,23 @@ impl Collector for Exposition {
             }
         }
 
-        for (name, help, evicted) in [
+        let removed: [(&str, &str, TableTotal); 2] = [
             (
                 "tidegate_pins_expired",
                 "Pins expired (idle or lifetime)",
-                false,
+                AffinityTable::expired_total,
             ),
             (
                 "tidegate_pins_evicted",
                 "Live pins evicted to keep the bound",
-                true,
+                AffinityTable::evicted_total,
             ),
-        ] {
+        ];
+        for (name, help, total) in removed {
             let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
             for p in pools {
                 if let Some(t) = p.table() {
-                    let n = if evicted {
-                        t.evicted_total()
-                    } else {
-                        t.expired_total()
-                    };
-                    counter(&mut m, &[("pool", &p.name)], n)?;
+                    counter(&mut m, &[("pool", &p.name)], total(t))?;
                 }
             }
         }

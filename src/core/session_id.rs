@@ -194,11 +194,7 @@ pub fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
 fn cookie_pairs(header: &str) -> impl Iterator<Item = (&str, &str)> {
     header.split(';').filter_map(|pair| {
         let (name, value) = pair.split_once('=')?;
-        let value = value.trim();
-        let value = value
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(value);
+        let value = unquote(value.trim());
         Some((name.trim(), value))
     })
 }
@@ -226,6 +222,14 @@ pub fn from_urlencoded<'a>(body: &'a [u8], name: &str, rules: &IdRules) -> Optio
     }
 }
 
+/// `"value"` → `value`; anything else as it is.
+fn unquote(value: &str) -> &str {
+    value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value)
+}
+
 /// The `boundary` parameter of a `multipart/form-data` content type.
 pub fn multipart_boundary(content_type: &str) -> Option<&str> {
     let (mime, params) = content_type.split_once(';')?;
@@ -237,11 +241,7 @@ pub fn multipart_boundary(content_type: &str) -> Option<&str> {
         if !key.trim().eq_ignore_ascii_case("boundary") {
             return None;
         }
-        let value = value.trim();
-        let value = value
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(value);
+        let value = unquote(value.trim());
         (!value.is_empty() && value.len() <= 70).then_some(value)
     })
 }
