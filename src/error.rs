@@ -41,6 +41,8 @@ pub enum UpstreamFailure {
     Reset,
     /// No reply head within the response timeout.
     ResponseTimeout,
+    /// The reply was not valid HTTP/1.1.
+    Invalid,
 }
 
 /// Request-path failures a client sees.
@@ -96,6 +98,7 @@ impl ProxyError {
                 UpstreamFailure::Connect => "connect-error",
                 UpstreamFailure::Reset => "reset",
                 UpstreamFailure::ResponseTimeout => "response-timeout",
+                UpstreamFailure::Invalid => "bad-reply",
             },
             ProxyError::BadRequestBody => "bad-request-body",
         }
@@ -121,9 +124,12 @@ impl std::fmt::Display for ProxyError {
                     UpstreamFailure::Connect => "cannot connect",
                     UpstreamFailure::Reset => "connection closed before a complete reply",
                     UpstreamFailure::ResponseTimeout => "no reply within the response timeout",
+                    UpstreamFailure::Invalid => "the reply is not valid HTTP/1.1",
                 };
                 let what = match failure {
-                    UpstreamFailure::Reset | UpstreamFailure::ResponseTimeout => "failed",
+                    UpstreamFailure::Reset
+                    | UpstreamFailure::ResponseTimeout
+                    | UpstreamFailure::Invalid => "failed",
                     _ => "unreachable",
                 };
                 write!(f, "backend {backend} ({address}) {what}: {why}")

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{LOCATION, SET_COOKIE};
-use hyper::body::Incoming;
 
 use crate::core::affinity::PinKey;
 use crate::core::backend::BackendId;
 use crate::core::learn::{LearnSource, PageScanner, id_in_location, id_in_set_cookie};
 use crate::core::pool::{Affinity, Pool, SessionAffinity};
 use crate::tap::{Tap, Tapped};
+use crate::upstream::UpBody;
 
 /// Who is learning: the backend that answered, when, and the id a request carried to it on
 /// the strength of an affinity cookie (a pin of that id is credited to the cookie).
@@ -82,7 +82,7 @@ impl Learner {
 
 /// An HTML reply body that pins the first session id found in its links, as it streams.
 /// Chunks pass through untouched and without delay.
-pub type PageLearner = Tapped<Incoming, PageTap>;
+pub type PageLearner = Tapped<UpBody, PageTap>;
 
 /// Scans the chunks of a page for the session id in its links and pins the first one.
 pub struct PageTap {

@@ -257,8 +257,12 @@ fn check(path: &std::path::Path) -> Result<Config, String> {
 
 /// Runs `main` on a runtime with `workers` threads (0: one per core).
 fn run(workers: usize, main: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if workers > 1 {
         builder.worker_threads(workers);
     }
     let runtime = match builder.enable_all().build() {

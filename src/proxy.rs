@@ -16,11 +16,12 @@ use bytes::Bytes;
 use http::header::{
     CONNECTION, CONTENT_TYPE, COOKIE, HOST, HeaderName, HeaderValue, SET_COOKIE, UPGRADE,
 };
-use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 
 use crate::clock;
 use crate::core::affinity::PinKey;
@@ -32,7 +33,9 @@ use crate::core::session_id::{self, IdSource};
 use crate::core::stats::FrontStats;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::learn::{Learner, PageLearner, PageTap};
-use crate::upstream::{self, CountBytesIn, RequestBody, ToBackend, UpstreamClient};
+use crate::upstream::{
+    self, CountBytesIn, RequestBody, SendError, ToBackend, Tunnel, UpBody, Upstream,
+};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -88,7 +91,7 @@ impl ClientConn {
 pub struct Proxy {
     router: Router,
     pools: Box<[Arc<Pool>]>,
-    client: UpstreamClient,
+    upstream: Arc<Upstream>,
     response_timeout: Duration,
     /// Connection, TLS and client-error counters.
     pub front: FrontStats,
@@ -104,7 +107,7 @@ pub struct ReplyBody {
 
 enum ReplyKind {
     /// The backend's body, untouched.
-    Upstream(Incoming),
+    Upstream(UpBody),
     /// The backend's body, scanned for a new session id as it passes.
     Learning(Box<PageLearner>),
     /// A message from tidegate itself.
@@ -123,12 +126,12 @@ impl ReplyBody {
 
 impl Body for ReplyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             ReplyKind::Upstream(b) => Pin::new(b).poll_frame(cx),
@@ -296,13 +299,13 @@ impl Proxy {
     pub fn new(
         router: Router,
         pools: Vec<Arc<Pool>>,
-        client: UpstreamClient,
+        upstream: Upstream,
         response_timeout: Duration,
     ) -> Self {
         Proxy {
             router,
             pools: pools.into_boxed_slice(),
-            client,
+            upstream: Arc::new(upstream),
             response_timeout,
             front: FrontStats::default(),
         }
@@ -431,33 +434,31 @@ impl Proxy {
             Affinity::ClientIp => 0,
         };
         let scan_page = routing.scan_page && scan_limit > 0;
-        rewrite_request_head(
-            &mut parts,
-            &routing,
-            conn,
-            client_upgrade.is_some(),
-            scan_page,
-        );
+        rewrite_request_head(&mut parts, conn, client_upgrade.is_some(), scan_page);
         let backend = &routing.backend;
-        let upstream_req =
-            Request::from_parts(parts, ToBackend::new(body, CountBytesIn(backend.clone())));
+        let body = ToBackend::new(body, CountBytesIn(backend.clone()));
         let failed = |failure| ProxyError::Upstream {
             backend: backend.name.clone(),
             address: backend.address,
             failure,
         };
-        let mut reply =
-            tokio::time::timeout(self.response_timeout, self.client.request(upstream_req))
-                .await
-                .map_err(|_| failed(UpstreamFailure::ResponseTimeout))?
-                .map_err(|e| failed(upstream::classify(&e)))?;
+        let reply = tokio::time::timeout(
+            self.response_timeout,
+            self.upstream.send(backend.address, &parts, body),
+        )
+        .await
+        .map_err(|_| failed(UpstreamFailure::ResponseTimeout))?
+        .map_err(|e| match e {
+            SendError::Upstream(failure) => failed(failure),
+            SendError::Body => ProxyError::BadRequestBody,
+        })?;
 
-        if reply.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client_upgrade) = client_upgrade
-        {
-            let backend_upgrade = hyper::upgrade::on(&mut reply);
-            tokio::spawn(tunnel(client_upgrade, backend_upgrade));
-            let (mut head, _) = reply.into_parts();
+        if reply.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let (mut head, body) = reply.into_parts();
+            let (Some(client_upgrade), Some(backend)) = (client_upgrade, body.into_tunnel()) else {
+                return Err(failed(UpstreamFailure::Invalid));
+            };
+            tokio::spawn(tunnel(client_upgrade, backend));
             strip_hop_by_hop(&mut head.headers, true);
             return Ok(Response::from_parts(
                 head,
@@ -610,7 +611,8 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
 }
 
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+/// Whether a `Connection` header lists `token`.
+pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(CONNECTION)
         .iter()
@@ -693,28 +695,15 @@ impl ListedNames {
     }
 }
 
-/// Prepares the request head for the backend: absolute URI for the pooled client, HTTP/1.1,
-/// hop-by-hop fields removed, the client's Host kept, and the X-Forwarded-* fields set.
+/// Prepares the request head for the backend: hop-by-hop fields removed, the client's Host
+/// kept (or taken from an HTTP/2 request's authority), and the X-Forwarded-* fields set.
 fn rewrite_request_head(
     parts: &mut http::request::Parts,
-    routing: &Routing,
     conn: &ClientConn,
     upgrade: bool,
     scan_page: bool,
 ) {
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let client_authority = parts.uri.authority().cloned();
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(routing.backend.authority.clone());
-    uri.path_and_query = Some(path);
-    parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
-    parts.version = Version::HTTP_11;
-
+    let client_authority = parts.uri.authority();
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let headers = &mut parts.headers;
     if scan_page {
@@ -759,13 +748,21 @@ fn is_html(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Copies bytes both ways between an upgraded client and backend until either closes.
-async fn tunnel(client: OnUpgrade, backend: OnUpgrade) {
-    match tokio::try_join!(client, backend) {
-        Ok((client, backend)) => {
+/// Copies bytes both ways between an upgraded client and backend until either closes,
+/// starting with what the backend sent right after its `101` head.
+async fn tunnel(client: OnUpgrade, backend: Tunnel) {
+    let Tunnel {
+        stream: mut backend,
+        early,
+    } = backend;
+    match client.await {
+        Ok(client) => {
             let mut client = TokioIo::new(client);
-            let mut backend = TokioIo::new(backend);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+            let ended = async {
+                client.write_all(&early).await?;
+                tokio::io::copy_bidirectional(&mut client, &mut backend).await
+            };
+            if let Err(e) = ended.await {
                 tracing::debug!("upgraded connection ended: {e}");
             }
         }

@@ -121,7 +121,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let proxy = Arc::new(Proxy::new(
         Router::new(routes),
         pools,
-        upstream::client(&config.upstream),
+        upstream::Upstream::new(&config.upstream),
         config.upstream.response_timeout,
     ));
     let (shutdown, stop) = shutdown::channel();

@@ -1,60 +1,634 @@
-//! The upstream side: a pooled keep-alive HTTP/1.1 client to backends, the request body
-//! that streams to them (after an optional bounded peek), and failure classification.
+//! The upstream side: keep-alive HTTP/1.1 connections to backends, each driven directly by
+//! the request holding it (no connection task and no channel between them, so a request
+//! costs no extra task wake-ups), parked per backend between requests; the request body
+//! that streams to them (after an optional bounded peek); the reply body read back.
 
 use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
 use crate::core::backend::Backend;
 use crate::error::UpstreamFailure;
+use crate::proxy::connection_has;
 use crate::tap::{Tap, Tapped};
 
-/// The shared client: one keep-alive pool keyed by backend address.
-pub type UpstreamClient = Client<HttpConnector, ToBackend>;
+/// The largest reply head a backend may send.
+const MAX_HEAD: usize = 64 * 1024;
+/// The most header fields a reply head may carry.
+const MAX_HEADERS: usize = 128;
+/// How much is read from a backend at a time.
+const READ_CHUNK: usize = 16 * 1024;
+/// The longest chunk-size or trailer line accepted in a chunked reply.
+const MAX_LINE: usize = 4096;
 
-/// Builds the client from the `[upstream]` settings.
-pub fn client(config: &UpstreamConfig) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(config.idle_timeout)
-        .pool_max_idle_per_host(config.max_idle_per_backend)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
+/// Connections to backends: dialled on demand, parked idle per backend address between
+/// requests (most recently used first, so a quiet farm lets its extra connections expire).
+pub struct Upstream {
+    idle: DashMap<SocketAddr, VecDeque<Idle>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
 }
 
-/// Classifies a client error by walking its source chain to the I/O error.
-pub fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamFailure {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => UpstreamFailure::Refused,
-                std::io::ErrorKind::TimedOut => UpstreamFailure::ConnectTimeout,
-                _ if err.is_connect() => UpstreamFailure::Connect,
-                _ => UpstreamFailure::Reset,
-            };
-        }
-        source = e.source();
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One connection to a backend and what has been read from it but not yet consumed.
+pub struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    /// The request head being written, kept to reuse its allocation.
+    out: Vec<u8>,
+    addr: SocketAddr,
+    /// Whether it served a request before: a failure before any reply byte may then be a
+    /// close the pool had not yet seen, and a request without a body is sent again.
+    reused: bool,
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// The backend could not be reached, broke off, or answered with something that is not
+    /// HTTP.
+    Upstream(UpstreamFailure),
+    /// The client's request body failed while it was being forwarded.
+    Body,
+}
+
+/// How an exchange failed, as far as sending it again is concerned.
+enum Failed {
+    /// Nothing came back: on a reused connection, the backend may have closed it idle.
+    Silent,
+    /// Anything else.
+    Final(SendError),
+}
+
+impl From<UpstreamFailure> for Failed {
+    fn from(f: UpstreamFailure) -> Self {
+        Failed::Final(SendError::Upstream(f))
     }
-    if err.is_connect() {
-        UpstreamFailure::Connect
+}
+
+impl Upstream {
+    /// Connections with the `[upstream]` settings.
+    pub fn new(config: &UpstreamConfig) -> Self {
+        Upstream {
+            idle: DashMap::new(),
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+            max_idle: config.max_idle_per_backend,
+        }
+    }
+
+    /// Sends a request to the backend at `addr` and reads the reply head; the reply body
+    /// streams from the connection, which is parked again once the body has been read whole.
+    pub async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        head: &http::request::Parts,
+        mut body: ToBackend,
+    ) -> Result<Response<UpBody>, SendError> {
+        let bodyless = body.is_end_stream();
+        let mut conn = match self.checkout(addr) {
+            Some(conn) => conn,
+            None => self.connect(addr).await.map_err(SendError::Upstream)?,
+        };
+        loop {
+            match conn.exchange(head, &mut body, bodyless).await {
+                Ok((parts, state, keep_alive)) => {
+                    let body = UpBody {
+                        conn: Some(conn),
+                        state,
+                        keep_alive,
+                        upstream: self.clone(),
+                    };
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(Failed::Silent) if conn.reused && bodyless => {
+                    conn = self.connect(addr).await.map_err(SendError::Upstream)?;
+                }
+                Err(Failed::Silent) => return Err(SendError::Upstream(UpstreamFailure::Reset)),
+                Err(Failed::Final(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// The most recently parked connection to `addr` that is still open and quiet.
+    fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
+        let mut idle = self.idle.get_mut(&addr)?;
+        while let Some(Idle { mut conn, since }) = idle.pop_back() {
+            if since.elapsed() < self.idle_timeout && conn.is_quiet() {
+                conn.reused = true;
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Parks a connection whose last reply was read whole.
+    fn release(&self, conn: Conn) {
+        if self.max_idle == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.entry(conn.addr).or_default();
+        while idle
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
+        {
+            idle.pop_front();
+        }
+        if idle.len() >= self.max_idle {
+            idle.pop_front();
+        }
+        idle.push_back(Idle { conn, since: now });
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Conn, UpstreamFailure> {
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Err(_) => return Err(UpstreamFailure::ConnectTimeout),
+                Ok(Err(e)) => {
+                    return Err(match e.kind() {
+                        io::ErrorKind::ConnectionRefused => UpstreamFailure::Refused,
+                        io::ErrorKind::TimedOut => UpstreamFailure::ConnectTimeout,
+                        _ => UpstreamFailure::Connect,
+                    });
+                }
+                Ok(Ok(stream)) => stream,
+            };
+        let _ = stream.set_nodelay(true);
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            out: Vec::with_capacity(1024),
+            addr,
+            reused: false,
+        })
+    }
+}
+
+impl Conn {
+    /// Whether a parked connection can take a request: nothing unread, and no sign that the
+    /// backend closed it. The reactor's readiness answers without a system call; only when
+    /// it is stale (the last read filled the buffer exactly) does a read confirm.
+    fn is_quiet(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => matches!(
+                self.stream.try_read_buf(&mut self.buf),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+
+    /// Writes the request, then reads the reply head (skipping interim 1xx replies).
+    async fn exchange(
+        &mut self,
+        head: &http::request::Parts,
+        body: &mut ToBackend,
+        bodyless: bool,
+    ) -> Result<(http::response::Parts, BodyState, bool), Failed> {
+        let chunked = !bodyless && !head.headers.contains_key(CONTENT_LENGTH);
+        encode_head(&mut self.out, head, chunked);
+        if self.stream.write_all(&self.out).await.is_err() {
+            return Err(Failed::Silent);
+        }
+        if !bodyless {
+            self.write_body(body, chunked).await?;
+        }
+        self.read_head(head.method == Method::HEAD).await
+    }
+
+    async fn write_body(&mut self, body: &mut ToBackend, chunked: bool) -> Result<(), Failed> {
+        let broke = |_| Failed::from(UpstreamFailure::Reset);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| Failed::Final(SendError::Body))?;
+            let Ok(data) = frame.into_data() else {
+                continue; // Trailers are not forwarded.
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if chunked {
+                let size = format!("{:x}\r\n", data.len());
+                self.stream
+                    .write_all(size.as_bytes())
+                    .await
+                    .map_err(broke)?;
+                self.stream.write_all(&data).await.map_err(broke)?;
+                self.stream.write_all(b"\r\n").await.map_err(broke)?;
+            } else {
+                self.stream.write_all(&data).await.map_err(broke)?;
+            }
+        }
+        if chunked {
+            self.stream.write_all(b"0\r\n\r\n").await.map_err(broke)?;
+        }
+        Ok(())
+    }
+
+    async fn read_head(
+        &mut self,
+        to_head: bool,
+    ) -> Result<(http::response::Parts, BodyState, bool), Failed> {
+        let mut received = false;
+        loop {
+            if !self.buf.is_empty() {
+                received = true;
+                if let Some(parsed) = self.parse_head(to_head)? {
+                    return Ok(parsed);
+                }
+                if self.buf.len() >= MAX_HEAD {
+                    return Err(UpstreamFailure::Invalid.into());
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) if !received => return Err(Failed::Silent),
+                Ok(0) | Err(_) => return Err(UpstreamFailure::Reset.into()),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// A complete final reply head at the start of the buffer, taken out of it; `None` when
+    /// more bytes are needed (an interim 1xx head is dropped and `None` returned).
+    fn parse_head(
+        &mut self,
+        to_head: bool,
+    ) -> Result<Option<(http::response::Parts, BodyState, bool)>, Failed> {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut reply = httparse::Response::new(&mut fields);
+        let len = match reply.parse(&self.buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(UpstreamFailure::Invalid.into()),
+        };
+        let code = reply.code.unwrap_or(0);
+        let version = if reply.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Where each name and value lies in the head, to share them out of it uncopied.
+        let base = self.buf.as_ptr() as usize;
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = reply.headers.len();
+        for (span, field) in spans.iter_mut().zip(reply.headers.iter()) {
+            *span = (
+                field.name.as_ptr() as usize - base,
+                field.name.len(),
+                field.value.as_ptr() as usize - base,
+                field.value.len(),
+            );
+        }
+        let status = StatusCode::from_u16(code).map_err(|_| UpstreamFailure::Invalid)?;
+        let head = self.buf.split_to(len).freeze();
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(None);
+        }
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(name, name_len, value, value_len) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[name..name + name_len])
+                .map_err(|_| UpstreamFailure::Invalid)?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))
+                .map_err(|_| UpstreamFailure::Invalid)?;
+            headers.append(name, value);
+        }
+        let keep_alive = match version {
+            Version::HTTP_11 => !connection_has(&headers, "close"),
+            _ => connection_has(&headers, "keep-alive"),
+        };
+        let state = body_framing(status, to_head, &headers)?;
+        let keep_alive = keep_alive && !matches!(state, BodyState::Close);
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        Ok(Some((parts, state, keep_alive)))
+    }
+}
+
+/// How the reply body is delimited (RFC 9112 §6.3).
+fn body_framing(
+    status: StatusCode,
+    to_head: bool,
+    headers: &HeaderMap,
+) -> Result<BodyState, UpstreamFailure> {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(BodyState::Tunnel);
+    }
+    if to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(BodyState::Length(0));
+    }
+    if let Some(te) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
+        let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
+        return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            BodyState::Chunked(Chunk::Size)
+        } else {
+            BodyState::Close
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let n = std::str::from_utf8(item.trim_ascii())
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or(UpstreamFailure::Invalid)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(UpstreamFailure::Invalid);
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length.map_or(BodyState::Close, BodyState::Length))
+}
+
+/// The request head as the backend receives it: origin-form target, HTTP/1.1, the fields as
+/// the proxy left them, and chunked framing when a body of unknown length follows.
+fn encode_head(out: &mut Vec<u8>, head: &http::request::Parts, chunked: bool) {
+    out.clear();
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(if target.is_empty() {
+        b"/"
     } else {
-        UpstreamFailure::Reset
+        target.as_bytes()
+    });
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &head.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Where a reply body stands.
+#[derive(Debug)]
+enum BodyState {
+    /// This many bytes still to come.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked(Chunk),
+    /// Until the backend closes.
+    Close,
+    /// The connection switched protocols; it carries no HTTP body.
+    Tunnel,
+    /// Read whole.
+    Done,
+}
+
+/// Where a chunked body stands.
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF that ends a chunk.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+}
+
+/// A backend's reply body, read from its connection as the client takes it; the
+/// connection is parked again the moment the body is complete.
+pub struct UpBody {
+    conn: Option<Conn>,
+    state: BodyState,
+    keep_alive: bool,
+    upstream: Arc<Upstream>,
+}
+
+/// A connection that switched protocols, with the bytes the backend already sent past the
+/// reply head.
+pub struct Tunnel {
+    /// The backend connection.
+    pub stream: TcpStream,
+    /// What the backend sent after its `101` head.
+    pub early: Bytes,
+}
+
+impl UpBody {
+    /// The connection of a `101 Switching Protocols` reply.
+    pub fn into_tunnel(mut self) -> Option<Tunnel> {
+        if !matches!(self.state, BodyState::Tunnel) {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        Some(Tunnel {
+            stream: conn.stream,
+            early: conn.buf.freeze(),
+        })
+    }
+
+    /// The body is complete: park the connection if it can serve another request.
+    fn finish(&mut self) {
+        self.state = BodyState::Done;
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && conn.buf.is_empty()
+        {
+            self.upstream.release(conn);
+        }
+    }
+
+    /// The next piece of body already in the buffer, or `None` when more must be read.
+    fn take_buffered(&mut self) -> Result<Option<Bytes>, io::Error> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(None);
+        };
+        let buf = &mut conn.buf;
+        loop {
+            match &mut self.state {
+                BodyState::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = (*left).min(buf.len() as u64) as usize;
+                    *left -= n as u64;
+                    return Ok(Some(buf.split_to(n).freeze()));
+                }
+                BodyState::Close => {
+                    return Ok((!buf.is_empty()).then(|| buf.split().freeze()));
+                }
+                BodyState::Tunnel | BodyState::Done => return Ok(None),
+                BodyState::Chunked(chunk) => match *chunk {
+                    Chunk::Size => {
+                        let Some(line) = take_line(buf)? else {
+                            return Ok(None);
+                        };
+                        let size = chunk_size(&line)?;
+                        *chunk = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Chunk::Data(left) => {
+                        if buf.is_empty() {
+                            return Ok(None);
+                        }
+                        let n = left.min(buf.len() as u64) as usize;
+                        *chunk = if n as u64 == left {
+                            Chunk::DataEnd
+                        } else {
+                            Chunk::Data(left - n as u64)
+                        };
+                        return Ok(Some(buf.split_to(n).freeze()));
+                    }
+                    Chunk::DataEnd => {
+                        let Some(line) = take_line(buf)? else {
+                            return Ok(None);
+                        };
+                        if !line.is_empty() {
+                            return Err(invalid("chunk data longer than its size"));
+                        }
+                        *chunk = Chunk::Size;
+                    }
+                    Chunk::Trailers => {
+                        let Some(line) = take_line(buf)? else {
+                            return Ok(None);
+                        };
+                        if line.is_empty() {
+                            self.state = BodyState::Length(0);
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// One line (without its CRLF or LF) off the front of `buf`, once it is all there.
+fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, io::Error> {
+    match memchr::memchr(b'\n', buf) {
+        Some(end) => {
+            let mut line = buf.split_to(end + 1);
+            line.truncate(end);
+            if line.last() == Some(&b'\r') {
+                line.truncate(end - 1);
+            }
+            Ok(Some(line.freeze()))
+        }
+        None if buf.len() > MAX_LINE => Err(invalid("chunk line too long")),
+        None => Ok(None),
+    }
+}
+
+/// The size on a chunk-size line (extensions ignored).
+fn chunk_size(line: &[u8]) -> Result<u64, io::Error> {
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or(b"")
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(invalid("bad chunk size"));
+    }
+    digits.iter().try_fold(0u64, |size, &b| {
+        let digit = (b as char)
+            .to_digit(16)
+            .ok_or_else(|| invalid("bad chunk size"))?;
+        Ok(size * 16 + u64::from(digit))
+    })
+}
+
+fn invalid(why: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if matches!(this.state, BodyState::Length(0)) {
+                this.finish();
+            }
+            let data = this.take_buffered()?;
+            if matches!(this.state, BodyState::Length(0)) {
+                this.finish();
+            }
+            if let Some(data) = data {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if matches!(this.state, BodyState::Tunnel) {
+                return Poll::Ready(None);
+            }
+            if conn.buf.capacity() - conn.buf.len() < READ_CHUNK / 4 {
+                conn.buf.reserve(READ_CHUNK);
+            }
+            let read = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.stream),
+                cx,
+                &mut conn.buf
+            ))?;
+            if read == 0 {
+                if matches!(this.state, BodyState::Close) {
+                    this.keep_alive = false;
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                this.conn = None;
+                return Poll::Ready(Some(Err(io::ErrorKind::UnexpectedEof.into())));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, BodyState::Done | BodyState::Length(0))
+            || (self.conn.is_none() && !matches!(self.state, BodyState::Tunnel))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            BodyState::Length(left) => SizeHint::with_exact(left),
+            BodyState::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
     }
 }
 

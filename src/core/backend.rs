@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use http::HeaderValue;
-use http::uri::Authority;
 
 use crate::core::stats::BackendStats;
 
@@ -78,8 +77,6 @@ pub struct Backend {
     pub address: SocketAddr,
     /// Relative share of new sessions (1 or more).
     pub weight: u32,
-    /// The address as a URI authority, built once for every forwarded request.
-    pub authority: Authority,
     /// The signed affinity cookie naming this backend, built once (`Set-Cookie` value).
     pub affinity_cookie: Option<AffinityCookieValue>,
     /// Traffic counters.
@@ -101,14 +98,11 @@ pub struct AffinityCookieValue {
 impl Backend {
     /// A backend in state `Up`.
     pub fn new(name: &str, address: SocketAddr, weight: u32) -> Self {
-        let authority = Authority::try_from(address.to_string().as_str())
-            .expect("a socket address is a valid authority");
         Backend {
             id: BackendId::from_name(name),
             name: name.into(),
             address,
             weight: weight.max(1),
-            authority,
             affinity_cookie: None,
             stats: BackendStats::default(),
             state: AtomicU8::new(BackendState::Up as u8),

@@ -14,12 +14,13 @@ pub const DURATION_BUCKETS: [f64; 12] = [
 ];
 
 /// Upstream failure kinds counted per backend, in [`UPSTREAM_ERROR_KINDS`] order.
-pub const UPSTREAM_ERROR_KINDS: [&str; 5] = [
+pub const UPSTREAM_ERROR_KINDS: [&str; 6] = [
     "connect-refused",
     "connect-timeout",
     "connect-error",
     "reset",
     "response-timeout",
+    "bad-reply",
 ];
 
 /// A cumulative histogram of durations with fixed buckets.
