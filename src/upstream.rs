@@ -259,8 +259,10 @@ impl Conn {
         loop {
             if !self.buf.is_empty() {
                 received = true;
-                if let Some(parsed) = self.parse_head(to_head)? {
-                    return Ok(parsed);
+                match self.parse_head(to_head)? {
+                    Head::Final(parsed) => return Ok(parsed),
+                    Head::Interim => continue,
+                    Head::Partial => {}
                 }
                 if self.buf.len() >= MAX_HEAD {
                     return Err(UpstreamFailure::Invalid.into());
@@ -277,17 +279,13 @@ impl Conn {
         }
     }
 
-    /// A complete final reply head at the start of the buffer, taken out of it; `None` when
-    /// more bytes are needed (an interim 1xx head is dropped and `None` returned).
-    fn parse_head(
-        &mut self,
-        to_head: bool,
-    ) -> Result<Option<(http::response::Parts, BodyState, bool)>, Failed> {
+    /// The reply head at the start of the buffer, taken out of it when complete.
+    fn parse_head(&mut self, to_head: bool) -> Result<Head, Failed> {
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut reply = httparse::Response::new(&mut fields);
         let len = match reply.parse(&self.buf) {
             Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
+            Ok(httparse::Status::Partial) => return Ok(Head::Partial),
             Err(_) => return Err(UpstreamFailure::Invalid.into()),
         };
         let code = reply.code.unwrap_or(0);
@@ -311,7 +309,7 @@ impl Conn {
         let status = StatusCode::from_u16(code).map_err(|_| UpstreamFailure::Invalid)?;
         let head = self.buf.split_to(len).freeze();
         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-            return Ok(None);
+            return Ok(Head::Interim);
         }
         let mut headers = HeaderMap::with_capacity(count);
         for &(name, name_len, value, value_len) in &spans[..count] {
@@ -331,8 +329,18 @@ impl Conn {
         parts.status = status;
         parts.version = version;
         parts.headers = headers;
-        Ok(Some((parts, state, keep_alive)))
+        Ok(Head::Final((parts, state, keep_alive)))
     }
+}
+
+/// What the start of the read buffer holds.
+enum Head {
+    /// Not yet a whole head.
+    Partial,
+    /// An interim (1xx) head, now dropped.
+    Interim,
+    /// The final head, the body's framing, and whether the connection stays open.
+    Final((http::response::Parts, BodyState, bool)),
 }
 
 /// How the reply body is delimited (RFC 9112 §6.3).

@@ -1,0 +1,334 @@
+//! The backend side of the wire: scripted backends that reply in every HTTP/1.1 framing,
+//! close idle connections under the balancer, send interim replies or garbage; the client
+//! must see whole replies, and refusals that say why.
+
+mod support;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use support::{get, send};
+use tidegate::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The most any one test may take.
+const TEST_LIMIT: Duration = Duration::from_secs(30);
+
+async fn bounded(test: impl Future<Output = ()>) {
+    tokio::time::timeout(TEST_LIMIT, test)
+        .await
+        .expect("test finished within its time limit");
+}
+
+/// What a scripted backend does with a request: the bytes to answer, or `None` to close
+/// the connection without a word. It is told which connection (0, 1, …), which request on
+/// that connection, and the request head.
+type Script = dyn Fn(usize, usize, &str) -> Option<Vec<u8>> + Send + Sync;
+
+/// A raw HTTP/1.1 backend that follows a script, counting connections and requests.
+struct Scripted {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Scripted {
+    async fn start(
+        script: impl Fn(usize, usize, &str) -> Option<Vec<u8>> + Send + Sync + 'static,
+    ) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let script: Arc<Script> = Arc::new(script);
+        let (count, seen) = (connections.clone(), heads.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let conn = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve_script(stream, conn, script.clone(), seen.clone()));
+            }
+        });
+        Scripted {
+            addr,
+            connections,
+            heads,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> usize {
+        self.heads.lock().unwrap().len()
+    }
+}
+
+async fn serve_script(
+    mut stream: TcpStream,
+    conn: usize,
+    script: Arc<Script>,
+    heads: Arc<Mutex<Vec<String>>>,
+) {
+    let mut buf = Vec::new();
+    for request in 0.. {
+        let Some(end) = read_head(&mut stream, &mut buf).await else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let length = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < end + length {
+            let mut chunk = [0u8; 8192];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..end + length);
+        heads.lock().unwrap().push(head.clone());
+        let Some(reply) = script(conn, request, &head) else {
+            return;
+        };
+        if stream.write_all(&reply).await.is_err() {
+            return;
+        }
+        let text = String::from_utf8_lossy(&reply).to_ascii_lowercase();
+        if text.contains("connection: close")
+            || !text.contains("content-length")
+                && !text.contains("chunked")
+                && !text.starts_with("http/1.1 204")
+                && !text.starts_with("http/1.1 304")
+                && !head.starts_with("HEAD")
+        {
+            return;
+        }
+    }
+}
+
+/// Reads until a blank line; the offset just past it.
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        let mut chunk = [0u8; 8192];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A balancer with one pool of the given backends.
+async fn balancer(backends: &[SocketAddr]) -> tidegate::server::Running {
+    let mut text =
+        String::from("listen = [\"127.0.0.1:0\"]\nadmin = \"off\"\n[[pool]]\nname = \"app\"\n");
+    for (i, addr) in backends.iter().enumerate() {
+        text.push_str(&format!(
+            "[[pool.backend]]\nname = \"image{i}\"\naddress = \"{addr}\"\n"
+        ));
+    }
+    let config = Config::from_toml(&text, "test").expect("test config is valid");
+    tidegate::server::start(&config)
+        .await
+        .expect("balancer starts")
+}
+
+fn ok(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_connections_are_kept_alive_and_reused() {
+    bounded(async {
+        let backend = Scripted::start(|_, n, _| Some(ok(&format!("reply {n}")))).await;
+        let running = balancer(&[backend.addr]).await;
+        let client = support::client();
+        let base = format!("http://{}", running.addrs()[0]);
+        for i in 0..50 {
+            let reply = get(&client, &format!("{base}/x")).await;
+            assert_eq!(reply.status, StatusCode::OK);
+            assert_eq!(reply.text(), format!("reply {i}"));
+        }
+        assert_eq!(backend.connections(), 1, "one connection served all 50");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_closing_an_idle_connection_costs_the_client_nothing() {
+    bounded(async {
+        // Each connection answers one request, then closes on the next one without a word
+        // (a keep-alive timeout racing the balancer's reuse).
+        let backend = Scripted::start(|_, n, _| (n == 0).then(|| ok("fresh"))).await;
+        let running = balancer(&[backend.addr]).await;
+        let client = support::client();
+        let base = format!("http://{}", running.addrs()[0]);
+        for _ in 0..20 {
+            let reply = get(&client, &format!("{base}/x")).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+            assert_eq!(reply.text(), "fresh");
+        }
+        assert_eq!(backend.connections(), 20);
+        // Some of the 20 found their parked connection closed and were sent again.
+        assert!(
+            backend.requests() > 20,
+            "the stale connections were tried first"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_is_never_sent_twice_when_a_reused_connection_fails() {
+    bounded(async {
+        let backend = Scripted::start(|_, n, _| (n == 0).then(|| ok("fresh"))).await;
+        let running = balancer(&[backend.addr]).await;
+        let client = support::client();
+        let base = format!("http://{}", running.addrs()[0]);
+        assert_eq!(
+            get(&client, &format!("{base}/x")).await.status,
+            StatusCode::OK
+        );
+        let post = send(
+            &client,
+            Method::POST,
+            &format!("{base}/form"),
+            &[("content-type", "application/octet-stream")],
+            Bytes::from_static(b"payload"),
+        )
+        .await;
+        assert_eq!(post.status, StatusCode::BAD_GATEWAY, "{}", post.text());
+        assert!(post.text().contains("image0"), "{}", post.text());
+        let posts = backend
+            .heads
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.starts_with("POST"))
+            .count();
+        assert_eq!(posts, 1, "the POST reached the backend once");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_in_every_framing_arrive_whole() {
+    bounded(async {
+        let big: String = (0..5000).map(|i| format!("{i},")).collect();
+        let chunked_body = big.clone();
+        let backend = Scripted::start(move |_, _, head| {
+            let path = head.split(' ').nth(1).unwrap_or("");
+            Some(match path {
+                "/chunked" => {
+                    let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                    for (i, piece) in chunked_body.as_bytes().chunks(777).enumerate() {
+                        out.extend_from_slice(format!("{:X};ext={i}\r\n", piece.len()).as_bytes());
+                        out.extend_from_slice(piece);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    out.extend_from_slice(b"0\r\nx-trailer: 1\r\n\r\n");
+                    out
+                }
+                "/until-close" => {
+                    format!("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{chunked_body}")
+                        .into_bytes()
+                }
+                "/http10" => format!("HTTP/1.0 200 OK\r\n\r\n{chunked_body}").into_bytes(),
+                "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+                "/head" => b"HTTP/1.1 200 OK\r\ncontent-length: 12345\r\n\r\n".to_vec(),
+                _ => ok("plain"),
+            })
+        })
+        .await;
+        let running = balancer(&[backend.addr]).await;
+        let client = support::client();
+        let base = format!("http://{}", running.addrs()[0]);
+        for round in 0..2 {
+            for path in ["/chunked", "/until-close", "/http10"] {
+                let reply = get(&client, &format!("{base}{path}")).await;
+                assert_eq!(reply.status, StatusCode::OK, "{path} round {round}");
+                assert_eq!(reply.text(), big, "{path} round {round}");
+            }
+            let empty = get(&client, &format!("{base}/empty")).await;
+            assert_eq!(empty.status, StatusCode::NO_CONTENT);
+            assert!(empty.body.is_empty());
+            let head = send(
+                &client,
+                Method::HEAD,
+                &format!("{base}/head"),
+                &[],
+                Bytes::new(),
+            )
+            .await;
+            assert_eq!(head.status, StatusCode::OK);
+            assert_eq!(head.header("content-length"), "12345");
+            assert_eq!(get(&client, &format!("{base}/plain")).await.text(), "plain");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_replies_are_passed_over_for_the_final_one() {
+    bounded(async {
+        let backend = Scripted::start(|_, _, _| {
+            let mut out =
+                b"HTTP/1.1 103 Early Hints\r\nlink: </app.css>; rel=preload\r\n\r\n".to_vec();
+            out.extend_from_slice(&ok("final"));
+            Some(out)
+        })
+        .await;
+        let running = balancer(&[backend.addr]).await;
+        let client = support::client();
+        let reply = get(&client, &format!("http://{}/x", running.addrs()[0])).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), "final");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_is_not_http_is_a_502_that_says_so() {
+    bounded(async {
+        let backend = Scripted::start(|_, _, head| {
+            Some(if head.starts_with("GET /garbage") {
+                b"HELLO FROM A TELNET SERVER\r\n\r\n".to_vec()
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!".to_vec()
+            })
+        })
+        .await;
+        let running = balancer(&[backend.addr]).await;
+        let client = support::client();
+        let base = format!("http://{}", running.addrs()[0]);
+        for path in ["/garbage", "/two-lengths"] {
+            let reply = get(&client, &format!("{base}{path}")).await;
+            assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{path}");
+            let text = reply.text();
+            assert!(text.contains("image0"), "{path}: {text}");
+            assert!(text.contains("not valid HTTP/1.1"), "{path}: {text}");
+        }
+        let set = running.pool("app").expect("pool app").backends();
+        let stats = &set.all()[0].stats;
+        assert_eq!(stats.upstream_errors_total(), 2);
+    })
+    .await;
+}
