@@ -2,20 +2,25 @@
 //! (keep-alive, upgrades) and HTTP/2 (h2c by prior knowledge, or h2 over TLS), until
 //! shutdown; and the HTTP→HTTPS redirect listener.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::rt::{Read, Write};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::net::SocketAddr;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -28,8 +33,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The connection protocol settings shared by every connection of a listener (the admin
-/// listener's too).
+/// The protocol settings of the admin and redirect listeners' connections (HTTP/1.1 or
+/// h2c, told apart by hyper).
 pub(crate) fn connection_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -39,6 +44,131 @@ pub(crate) fn connection_builder() -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     builder
+}
+
+/// The protocol settings of a traffic listener's connections: the same as
+/// [`connection_builder`]'s, each protocol apart, so the listener picks one itself.
+struct Protocols {
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new() -> Self {
+        Protocols {
+            http1: connection_builder().http1_only(),
+            http2: connection_builder().http2_only(),
+        }
+    }
+
+    /// Serves the requests of one connection through `proxy` until it closes (or, once
+    /// shutdown begins, until its requests in flight are done).
+    async fn serve<I>(
+        &self,
+        io: I,
+        h2: bool,
+        conn: ClientConn,
+        proxy: Arc<Proxy>,
+        watcher: Watcher,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        I: Read + Write + Unpin + Send + 'static,
+    {
+        let conn = Arc::new(conn);
+        let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
+        let builder = if h2 { &self.http2 } else { &self.http1 };
+        watcher
+            .watch(
+                builder
+                    .serve_connection_with_upgrades(io, service)
+                    .into_owned(),
+            )
+            .await
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4): a plain connection that opens with it
+/// speaks h2c by prior knowledge.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How much the first read of a plain connection takes: a whole typical request head, so
+/// telling HTTP/1.1 from h2c costs no read of its own.
+const FIRST_READ: usize = 8 * 1024;
+
+/// Reads the first bytes of a plain connection: enough to tell whether it opens with the
+/// HTTP/2 preface. `None` when the client closes or stays silent first.
+async fn first_bytes(stream: &mut TcpStream) -> Option<(Bytes, bool)> {
+    let mut first = BytesMut::with_capacity(FIRST_READ);
+    let sniff = async {
+        loop {
+            if stream.read_buf(&mut first).await.ok()? == 0 {
+                return None;
+            }
+            let n = first.len().min(H2_PREFACE.len());
+            if first[..n] != H2_PREFACE[..n] {
+                return Some(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(true);
+            }
+        }
+    };
+    let h2 = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff)
+        .await
+        .ok()??;
+    Some((first.freeze(), h2))
+}
+
+/// A connection whose first bytes were already read: it hands them out again, then reads on.
+struct Replayed {
+    first: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Replayed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.first.is_empty() {
+            return Pin::new(&mut self.stream).poll_read(cx, buf);
+        }
+        let n = self.first.len().min(buf.remaining());
+        buf.put_slice(&self.first[..n]);
+        self.first.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Replayed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 /// The next connection, or `None` once `shutdown` fires. A failed accept (out of
@@ -82,26 +212,29 @@ pub async fn serve(
     mut shutdown: Signal,
     tls: Option<TlsFront>,
 ) {
-    let builder = connection_builder();
+    let protocols = Arc::new(Protocols::new());
     let graceful = GracefulShutdown::new();
     loop {
-        let Some((stream, peer)) = accept(&listener, &mut shutdown).await else {
+        let Some((mut stream, peer)) = accept(&listener, &mut shutdown).await else {
             break;
         };
+        // Linux connections inherit it from the listener.
+        #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let watcher = graceful.watcher();
-        let builder = builder.clone();
+        let protocols = protocols.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let _open = OpenConnection::count(proxy.clone());
             let ended = match tls {
                 None => {
-                    let conn = Arc::new(ClientConn::new(peer, None));
-                    let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
-                    let connection =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
+                    let Some((first, h2)) = first_bytes(&mut stream).await else {
+                        return;
+                    };
+                    let io = TokioIo::new(Replayed { first, stream });
+                    let conn = ClientConn::new(peer, None);
+                    protocols.serve(io, h2, conn, proxy, watcher).await
                 }
                 Some(tls) => {
                     let handshake =
@@ -130,11 +263,10 @@ pub async fn serve(
                         None => 2,
                     };
                     proxy.front.handshake(version, alpn);
-                    let conn = Arc::new(ClientConn::new(peer, Some(tls.hsts)));
-                    let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
-                    let connection =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
+                    let conn = ClientConn::new(peer, Some(tls.hsts));
+                    protocols
+                        .serve(TokioIo::new(stream), alpn == 0, conn, proxy, watcher)
+                        .await
                 }
             };
             if let Err(e) = ended {

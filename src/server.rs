@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinSet;
 
 use crate::admin;
@@ -58,10 +58,24 @@ pub enum StartError {
 
 async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let fail = |source| StartError::Listen { address, source };
-    let listener = TcpListener::bind(address).await.map_err(fail)?;
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(fail)?;
+    socket.set_reuseaddr(true).map_err(fail)?;
+    // Linux hands TCP_NODELAY down to every accepted connection: one system call here
+    // instead of one per connection (elsewhere the listener sets it per connection).
+    socket.set_nodelay(true).map_err(fail)?;
+    socket.bind(address).map_err(fail)?;
+    let listener = socket.listen(LISTEN_BACKLOG).map_err(fail)?;
     let local = listener.local_addr().map_err(fail)?;
     Ok((listener, local))
 }
+
+/// Pending connections the kernel may queue per listener (capped by `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Loads and checks the certificates of a TLS configuration (what `tidegate check` and
 /// start-up both do): every bad file is an error naming it, an expired one a warning.

@@ -557,6 +557,39 @@ async fn h2c_prior_knowledge_serves_and_keeps_sessions_pinned() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protocol_is_told_apart_when_the_first_bytes_arrive_in_pieces() {
+    bounded(async {
+        let f = farm(1, Tracking::Links).await;
+        // The h2c preface in two writes: the balancer answers with its SETTINGS frame.
+        let mut h2 = connect(f.addr(), None).await;
+        write(&mut h2, b"PRI * HTTP/2.0\r\n").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        write(&mut h2, b"\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await;
+        let mut frame = Vec::new();
+        while frame.len() < 9 {
+            assert!(
+                read_more(&mut h2, &mut frame).await,
+                "h2c connection closed"
+            );
+        }
+        assert_eq!(frame[3], 0x4, "the first frame is SETTINGS: {frame:?}");
+        // An HTTP/1.1 request whose first byte is also the preface's.
+        let mut h1 = connect(f.addr(), None).await;
+        write(&mut h1, b"P").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        write(
+            &mut h1,
+            b"OST /app HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+        let reply = read_reply(&mut h1).await;
+        assert_eq!(reply.status, 200);
+        assert!(String::from_utf8_lossy(&reply.body).contains("_s="));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_passes_through_pinned_to_its_session() {
     bounded(async {
         let f = farm(3, Tracking::Links).await;
