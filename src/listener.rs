@@ -51,6 +51,17 @@ pub(crate) fn connection_builder() -> auto::Builder<TokioExecutor> {
 struct Protocols {
     http1: auto::Builder<TokioExecutor>,
     http2: auto::Builder<TokioExecutor>,
+    either: auto::Builder<TokioExecutor>,
+}
+
+/// What a connection speaks, as far as the listener knows.
+#[derive(Clone, Copy)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// TLS without ALPN: hyper tells them apart by the HTTP/2 preface (from rustls' buffer,
+    /// at no extra system call).
+    Either,
 }
 
 impl Protocols {
@@ -58,6 +69,7 @@ impl Protocols {
         Protocols {
             http1: connection_builder().http1_only(),
             http2: connection_builder().http2_only(),
+            either: connection_builder(),
         }
     }
 
@@ -66,7 +78,7 @@ impl Protocols {
     async fn serve<I>(
         &self,
         io: I,
-        h2: bool,
+        protocol: Protocol,
         conn: ClientConn,
         proxy: Arc<Proxy>,
         watcher: Watcher,
@@ -76,7 +88,11 @@ impl Protocols {
     {
         let conn = Arc::new(conn);
         let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
-        let builder = if h2 { &self.http2 } else { &self.http1 };
+        let builder = match protocol {
+            Protocol::Http1 => &self.http1,
+            Protocol::Http2 => &self.http2,
+            Protocol::Either => &self.either,
+        };
         watcher
             .watch(
                 builder
@@ -97,7 +113,7 @@ const FIRST_READ: usize = 8 * 1024;
 
 /// Reads the first bytes of a plain connection: enough to tell whether it opens with the
 /// HTTP/2 preface. `None` when the client closes or stays silent first.
-async fn first_bytes(stream: &mut TcpStream) -> Option<(Bytes, bool)> {
+async fn first_bytes(stream: &mut TcpStream) -> Option<(Bytes, Protocol)> {
     let mut first = BytesMut::with_capacity(FIRST_READ);
     let sniff = async {
         loop {
@@ -106,17 +122,17 @@ async fn first_bytes(stream: &mut TcpStream) -> Option<(Bytes, bool)> {
             }
             let n = first.len().min(H2_PREFACE.len());
             if first[..n] != H2_PREFACE[..n] {
-                return Some(false);
+                return Some(Protocol::Http1);
             }
             if n == H2_PREFACE.len() {
-                return Some(true);
+                return Some(Protocol::Http2);
             }
         }
     };
-    let h2 = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff)
+    let protocol = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff)
         .await
         .ok()??;
-    Some((first.freeze(), h2))
+    Some((first.freeze(), protocol))
 }
 
 /// A connection whose first bytes were already read: it hands them out again, then reads on.
@@ -229,12 +245,12 @@ pub async fn serve(
             let _open = OpenConnection::count(proxy.clone());
             let ended = match tls {
                 None => {
-                    let Some((first, h2)) = first_bytes(&mut stream).await else {
+                    let Some((first, protocol)) = first_bytes(&mut stream).await else {
                         return;
                     };
                     let io = TokioIo::new(Replayed { first, stream });
                     let conn = ClientConn::new(peer, None);
-                    protocols.serve(io, h2, conn, proxy, watcher).await
+                    protocols.serve(io, protocol, conn, proxy, watcher).await
                 }
                 Some(tls) => {
                     let handshake =
@@ -264,8 +280,13 @@ pub async fn serve(
                     };
                     proxy.front.handshake(version, alpn);
                     let conn = ClientConn::new(peer, Some(tls.hsts));
+                    let protocol = match alpn {
+                        0 => Protocol::Http2,
+                        1 => Protocol::Http1,
+                        _ => Protocol::Either,
+                    };
                     protocols
-                        .serve(TokioIo::new(stream), alpn == 0, conn, proxy, watcher)
+                        .serve(TokioIo::new(stream), protocol, conn, proxy, watcher)
                         .await
                 }
             };

@@ -114,12 +114,16 @@ impl Upstream {
         loop {
             match conn.exchange(head, &mut body, bodyless).await {
                 Ok((parts, state, keep_alive)) => {
-                    let body = UpBody {
+                    let mut body = UpBody {
                         conn: Some(conn),
                         state,
                         keep_alive,
                         upstream: self.clone(),
                     };
+                    if matches!(body.state, BodyState::Length(0)) {
+                        // No body to read: the client side may never poll it.
+                        body.finish();
+                    }
                     return Ok(Response::from_parts(parts, body));
                 }
                 Err(Failed::Silent) if conn.reused && bodyless => {

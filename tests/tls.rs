@@ -851,6 +851,19 @@ async fn sessions_stay_pinned_over_tls_with_http2_and_http1() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_without_alpn_may_speak_http2_or_http1() {
+    let f = farm("no-alpn", Setup::default()).await;
+    let none = f.client(&[]);
+    let stream = tls_connect(f.tls_port(), "a.test", &none).await.unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), None);
+    let mut h2 = http2_over(stream).await.unwrap();
+    assert_eq!(get2(&mut h2, "/app").await.unwrap().status, StatusCode::OK);
+    let stream = tls_connect(f.tls_port(), "a.test", &none).await.unwrap();
+    let mut h1 = http1_over(stream).await.unwrap();
+    assert_eq!(get1(&mut h1, "/app").await.unwrap().status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn affinity_cookie_set_over_tls_is_secure_and_over_plain_http_is_not() {
     let f = farm(
         "cookie",

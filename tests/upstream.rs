@@ -158,16 +158,38 @@ fn ok(body: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_connections_are_kept_alive_and_reused() {
     bounded(async {
-        let backend = Scripted::start(|_, n, _| Some(ok(&format!("reply {n}")))).await;
+        let backend = Scripted::start(|_, n, head| {
+            Some(if head.starts_with("GET /empty") {
+                b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()
+            } else if head.starts_with("HEAD") {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n".to_vec()
+            } else {
+                ok(&format!("reply {n}"))
+            })
+        })
+        .await;
         let running = balancer(&[backend.addr]).await;
         let client = support::client();
         let base = format!("http://{}", running.addrs()[0]);
         for i in 0..50 {
             let reply = get(&client, &format!("{base}/x")).await;
             assert_eq!(reply.status, StatusCode::OK);
-            assert_eq!(reply.text(), format!("reply {i}"));
+            assert_eq!(reply.text(), format!("reply {}", 3 * i));
+            let head = send(
+                &client,
+                Method::HEAD,
+                &format!("{base}/x"),
+                &[],
+                Bytes::new(),
+            )
+            .await;
+            assert_eq!(head.status, StatusCode::OK);
+            assert_eq!(
+                get(&client, &format!("{base}/empty")).await.status,
+                StatusCode::NO_CONTENT
+            );
         }
-        assert_eq!(backend.connections(), 1, "one connection served all 50");
+        assert_eq!(backend.connections(), 1, "one connection served all 150");
     })
     .await;
 }
