@@ -239,20 +239,24 @@ curl -s -D - -o /dev/null -H 'X-Warm: 1' "http://127.0.0.1:$B1/app?_s=CHECK01234
 # ------------------------------------------------------------------------------------------
 # Measuring
 
-# utime+stime (clock ticks) of a process and its direct children (nginx's worker).
+# "utime+stime stime" (clock ticks) of a process and its direct children (nginx's worker).
 tree_pids() { echo "$1"; pgrep -P "$1" 2>/dev/null || true; }
 proc_ticks() {
     local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0 0; return; }
     s=${s##*) }
     # shellcheck disable=SC2086
     set -- $s
-    echo $(( ${12} + ${13} ))
+    echo $(( ${12} + ${13} )) "${13}"
 }
 tree_ticks() {
-    local total=0 p
-    for p in $(tree_pids "$1"); do total=$((total + $(proc_ticks "$p"))); done
-    echo "$total"
+    local total=0 sys=0 p t k
+    for p in $(tree_pids "$1"); do
+        read -r t k < <(proc_ticks "$p")
+        total=$((total + t))
+        sys=$((sys + k))
+    done
+    echo "$total $sys"
 }
 proc_status_kib() { # field pid
     awk -v f="$1:" '$1 == f { print $2 }' "/proc/$2/status" 2>/dev/null || echo 0
@@ -415,9 +419,9 @@ run_cell() { # run proxy variant
         stat_pid=$!
         STARTED+=("$stat_pid")
     fi
-    t0=$(tree_ticks "$PROXY_PID")
+    read -r t0 k0 < <(tree_ticks "$PROXY_PID")
     drive "$variant" "$DURATION" "$IDS" "$run-$proxy-$variant"
-    t1=$(tree_ticks "$PROXY_PID")
+    read -r t1 k1 < <(tree_ticks "$PROXY_PID")
     hwm=$(tree_status_kib VmHWM "$PROXY_PID")
     if [ -n "$perf_pid" ]; then
         wait "$perf_pid" 2>/dev/null || true
@@ -448,15 +452,17 @@ run_cell() { # run proxy variant
         cpu100k=nan
     fi
     util=$(awk -v t=$((t1 - t0)) -v hz="$HZ" -v d="$DURATION" 'BEGIN { printf "%.0f", t / hz / d * 100 }')
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$variant" "$proxy" "$rps" "$cpu100k" \
-        "$util" "$p50" "$p99" "$((hwm / 1024))" "$errs" >>"$RAW"
+    kernel=$(awk -v t=$((t1 - t0)) -v k=$((k1 - k0)) 'BEGIN { if (t > 0) printf "%.0f", k / t * 100; else print "nan" }')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$variant" "$proxy" "$rps" "$cpu100k" \
+        "$util" "$p50" "$p99" "$((hwm / 1024))" "$errs" "$kernel" >>"$RAW"
     log "run $run $variant $proxy: $rps req/s, $cpu100k CPU-s/100k, CPU $util%, p50 ${p50} ms, p99 ${p99} ms, peak RSS $((hwm / 1024)) MiB, errors $errs"
 }
 
 median() { # numbers on stdin -> median
     sort -g | awk '{ v[NR] = $1 } END {
         if (NR == 0) { print "nan"; exit }
-        if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+        if (NR % 2) { print v[(NR + 1) / 2]; exit }
+        m = sprintf("%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2); sub(/\.?0+$/, "", m); print m }'
 }
 cell() { # variant proxy column -> median over runs
     awk -F'\t' -v v="$1" -v p="$2" -v c="$3" '$2 == v && $3 == p { print $c }' "$RAW" | median
@@ -482,12 +488,12 @@ report_matrix() {
     local v p
     echo "### Cells (median of $RUNS run(s); $DURATION s each, $CONNS connections, $IDS session ids)"
     echo
-    echo "| variant | proxy | req/s | CPU-s per 100k req | proxy CPU % | p50 ms | p99 ms | peak RSS MiB | errors |"
-    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    echo "| variant | proxy | req/s | CPU-s per 100k req | kernel % | proxy CPU % | p50 ms | p99 ms | peak RSS MiB | errors |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     for v in $VARIANTS; do
         for p in $PROXIES; do
-            printf '| %s | %s | %.0f | %s | %s | %s | %s | %s | %s |\n' "$v" "$p" "$(cell "$v" "$p" 4)" \
-                "$(cell "$v" "$p" 5)" "$(cell "$v" "$p" 6)" "$(cell "$v" "$p" 7)" \
+            printf '| %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %s |\n' "$v" "$p" "$(cell "$v" "$p" 4)" \
+                "$(cell "$v" "$p" 5)" "$(cell "$v" "$p" 11)" "$(cell "$v" "$p" 6)" "$(cell "$v" "$p" 7)" \
                 "$(cell "$v" "$p" 8)" "$(cell "$v" "$p" 9)" "$(cell "$v" "$p" 10)"
         done
     done
@@ -512,6 +518,18 @@ report_matrix() {
             rr = (br + 0 > 0) ? sprintf("%.2f", tr / br) : "n/a"
             printf "| %s | %s | %s | %s | %s | %s | %s |\n", v, tg, hp, ng, r, r99, rr }'
     done
+    if [ "$RUNS" -gt 1 ]; then
+        echo
+        echo "tidegate ÷ better peer, run by run:"
+        awk -F'\t' '{ c[$1 "\t" $2 "\t" $3] = $5; if (!($2 in seen)) { seen[$2] = 1; order[++n] = $2 }
+                       if ($1 > runs) runs = $1 }
+            END { for (i = 1; i <= n; i++) { v = order[i]; line = "- " v ":"
+                    for (r = 1; r <= runs; r++) {
+                        t = c[r "\t" v "\ttidegate"]; h = c[r "\t" v "\thaproxy"]; g = c[r "\t" v "\tnginx"]
+                        b = (h != "" && (g == "" || h + 0 <= g + 0)) ? h : g
+                        line = line ((t != "" && b + 0 > 0) ? sprintf(" %.2f", t / b) : " n/a") }
+                    print line } }' "$RAW"
+    fi
     if [[ " $VARIANTS " == *" https-handshake "* ]]; then
         local tg ng
         tg=$(cell https-handshake tidegate 5); ng=$(cell https-handshake nginx 5)
@@ -527,9 +545,9 @@ SCALE_RAW=$WORK/scale.tsv
 HOT_IDS=1000
 scale_pass() { # ids-in-table ids-drawn run tag -> appends a line to $SCALE_RAW
     local n=$1 drawn=$2 run=$3 tag=$4 t0 t1 reqs rps p50 p99 errs rss hwm cpu100k
-    t0=$(tree_ticks "$PROXY_PID")
+    read -r t0 _ < <(tree_ticks "$PROXY_PID")
     drive http-cookie "$DURATION" "$drawn" "scale-$n-$tag-$run"
-    t1=$(tree_ticks "$PROXY_PID")
+    read -r t1 _ < <(tree_ticks "$PROXY_PID")
     rss=$(proc_status_kib VmRSS "$PROXY_PID")
     hwm=$(proc_status_kib VmHWM "$PROXY_PID")
     read -r reqs rps p50 p99 errs < <(parse_wrk)
