@@ -33,8 +33,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The protocol settings of the admin and redirect listeners' connections (HTTP/1.1 or
-/// h2c, told apart by hyper).
+/// The protocol settings every HTTP connection shares (traffic, admin and redirect
+/// listeners); as built here, hyper tells HTTP/1.1 from h2c itself.
 pub(crate) fn connection_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use dashmap::DashMap;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
@@ -34,6 +34,8 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// How much is read from a backend at a time.
 const READ_CHUNK: usize = 16 * 1024;
+/// The end of a chunked body.
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 /// The longest chunk-size or trailer line accepted in a chunked reply.
 const MAX_LINE: usize = 4096;
 
@@ -218,39 +220,53 @@ impl Conn {
     ) -> Result<(http::response::Parts, BodyState, bool), Failed> {
         let chunked = !bodyless && !head.headers.contains_key(CONTENT_LENGTH);
         encode_head(&mut self.out, head, chunked);
-        if self.stream.write_all(&self.out).await.is_err() {
-            return Err(Failed::Silent);
-        }
-        if !bodyless {
+        if bodyless {
+            if self.stream.write_all(&self.out).await.is_err() {
+                return Err(Failed::Silent);
+            }
+        } else {
             self.write_body(body, chunked).await?;
         }
         self.read_head(head.method == Method::HEAD).await
     }
 
+    /// Writes the encoded head with the body as it streams, each piece in one vectored write:
+    /// the head goes out with the first piece of body, and a chunked body's last chunk with
+    /// the piece the body ends on, so a form post is one write.
     async fn write_body(&mut self, body: &mut ToBackend, chunked: bool) -> Result<(), Failed> {
         let broke = |_| Failed::from(UpstreamFailure::Reset);
-        while let Some(frame) = body.frame().await {
+        let Conn { stream, out, .. } = self;
+        let mut head: &[u8] = out;
+        let mut ended = false;
+        while !ended && let Some(frame) = body.frame().await {
             let frame = frame.map_err(|_| Failed::Final(SendError::Body))?;
             let Ok(data) = frame.into_data() else {
                 continue; // Trailers are not forwarded.
             };
-            if data.is_empty() {
+            ended = body.is_end_stream();
+            if data.is_empty() && !ended {
                 continue;
             }
-            if chunked {
-                let size = format!("{:x}\r\n", data.len());
-                self.stream
-                    .write_all(size.as_bytes())
-                    .await
-                    .map_err(broke)?;
-                self.stream.write_all(&data).await.map_err(broke)?;
-                self.stream.write_all(b"\r\n").await.map_err(broke)?;
-            } else {
-                self.stream.write_all(&data).await.map_err(broke)?;
-            }
+            let (size, size_len) = match (chunked, data.len()) {
+                (true, 1..) => chunk_size_line(data.len()),
+                _ => ([0; 18], 0),
+            };
+            let end: &[u8] = match (chunked, data.is_empty(), ended) {
+                (false, _, _) => b"",
+                (true, true, _) => LAST_CHUNK,
+                (true, false, false) => b"\r\n",
+                (true, false, true) => b"\r\n0\r\n\r\n",
+            };
+            let mut piece = Buf::chain(head, &size[..size_len])
+                .chain(&data[..])
+                .chain(end);
+            stream.write_all_buf(&mut piece).await.map_err(broke)?;
+            head = b"";
         }
-        if chunked {
-            self.stream.write_all(b"0\r\n\r\n").await.map_err(broke)?;
+        let last: &[u8] = if chunked && !ended { LAST_CHUNK } else { b"" };
+        let mut rest = Buf::chain(head, last);
+        if rest.has_remaining() {
+            stream.write_all_buf(&mut rest).await.map_err(broke)?;
         }
         Ok(())
     }
@@ -580,6 +596,18 @@ fn chunk_size(line: &[u8]) -> Result<u64, io::Error> {
     })
 }
 
+/// The chunk-size line announcing `len` bytes (`1F4\r\n`), in a stack buffer.
+fn chunk_size_line(len: usize) -> ([u8; 18], usize) {
+    let mut line = [0u8; 18];
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, slot) in line[..digits].iter_mut().enumerate() {
+        let shift = 4 * (digits - 1 - i);
+        *slot = b"0123456789ABCDEF"[(len >> shift) & 0xF];
+    }
+    line[digits..digits + 2].copy_from_slice(b"\r\n");
+    (line, digits + 2)
+}
+
 fn invalid(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
 }
@@ -781,5 +809,36 @@ impl Tap for CountBytesIn {
             .stats
             .bytes_in
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_hex_with_crlf() {
+        for (len, text) in [
+            (1, "1\r\n"),
+            (15, "F\r\n"),
+            (16, "10\r\n"),
+            (500, "1F4\r\n"),
+            (65536, "10000\r\n"),
+        ] {
+            let (line, n) = chunk_size_line(len);
+            assert_eq!(&line[..n], text.as_bytes(), "{len}");
+        }
+        let (line, n) = chunk_size_line(usize::MAX);
+        assert_eq!(&line[..n], b"FFFFFFFFFFFFFFFF\r\n");
+    }
+
+    #[test]
+    fn chunk_sizes_parse_with_extensions_and_refuse_junk() {
+        assert_eq!(chunk_size(b"1F4").unwrap(), 500);
+        assert_eq!(chunk_size(b"a;name=value").unwrap(), 10);
+        assert_eq!(chunk_size(b" 10 ").unwrap(), 16);
+        assert!(chunk_size(b"").is_err());
+        assert!(chunk_size(b"xyz").is_err());
+        assert!(chunk_size(b"1234567890abcdef0").is_err());
     }
 }
