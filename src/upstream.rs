@@ -344,6 +344,11 @@ impl Conn {
             _ => connection_has(&headers, "keep-alive"),
         };
         let state = body_framing(status, to_head, &headers)?;
+        if headers.contains_key(TRANSFER_ENCODING) {
+            // The coding decides the length; a length beside it must not reach the client
+            // (RFC 9112 §6.3: a mismatch is how responses get smuggled).
+            headers.remove(CONTENT_LENGTH);
+        }
         let keep_alive = keep_alive && !matches!(state, BodyState::Close);
         let mut parts = Response::new(()).into_parts().0;
         parts.status = status;

@@ -269,6 +269,15 @@ async fn replies_in_every_framing_arrive_whole() {
                     out.extend_from_slice(b"0\r\nx-trailer: 1\r\n\r\n");
                     out
                 }
+                "/chunked-and-length" => {
+                    let mut out =
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"
+                            .to_vec();
+                    out.extend_from_slice(format!("{:x}\r\n", chunked_body.len()).as_bytes());
+                    out.extend_from_slice(chunked_body.as_bytes());
+                    out.extend_from_slice(b"\r\n0\r\n\r\n");
+                    out
+                }
                 "/until-close" => {
                     format!("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{chunked_body}")
                         .into_bytes()
@@ -284,7 +293,7 @@ async fn replies_in_every_framing_arrive_whole() {
         let client = support::client();
         let base = format!("http://{}", running.addrs()[0]);
         for round in 0..2 {
-            for path in ["/chunked", "/until-close", "/http10"] {
+            for path in ["/chunked", "/chunked-and-length", "/until-close", "/http10"] {
                 let reply = get(&client, &format!("{base}{path}")).await;
                 assert_eq!(reply.status, StatusCode::OK, "{path} round {round}");
                 assert_eq!(reply.text(), big, "{path} round {round}");
