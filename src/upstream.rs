@@ -224,8 +224,16 @@ impl Conn {
             if self.stream.write_all(&self.out).await.is_err() {
                 return Err(Failed::Silent);
             }
-        } else {
-            self.write_body(body, chunked).await?;
+        } else if let Err(failed) = self.write_body(body, chunked).await {
+            // A backend may refuse a body before reading all of it (413, 401) and close the
+            // connection: its answer, if one came, is worth more than the broken write.
+            let Failed::Final(SendError::Upstream(UpstreamFailure::Reset)) = failed else {
+                return Err(failed);
+            };
+            return match self.read_head(head.method == Method::HEAD).await {
+                Ok((parts, state, _)) => Ok((parts, state, false)),
+                Err(_) => Err(failed),
+            };
         }
         self.read_head(head.method == Method::HEAD).await
     }

@@ -363,3 +363,55 @@ async fn a_reply_that_is_not_http_is_a_502_that_says_so() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_refusing_a_body_early_is_heard() {
+    bounded(async {
+        // Reads the head of an upload, answers 413 at once and closes, the body unread.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = Vec::new();
+                if read_head(&mut stream, &mut buf).await.is_some() {
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large",
+                        )
+                        .await;
+                }
+            }
+        });
+        let running = balancer(&[addr]).await;
+        // A raw client: curl-like, it reads the answer while its upload is still going.
+        let stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        tokio::spawn(async move {
+            let head = b"POST /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 16777216\r\n\r\n";
+            if writer.write_all(head).await.is_err() {
+                return;
+            }
+            let piece = vec![b'x'; 64 * 1024];
+            for _ in 0..256 {
+                if writer.write_all(&piece).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut reply = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => reply.extend_from_slice(&chunk[..n]),
+            }
+            if reply.ends_with(b"too large") {
+                break;
+            }
+        }
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+        assert!(reply.ends_with("too large"), "{reply}");
+    })
+    .await;
+}
