@@ -24,6 +24,7 @@
 //! | [`shutdown`] | the signal that stops listeners, sweepers and demo images |
 //! | [`demo`] | Seaside-like demo images (used by `tidegate demo` and the tests) |
 //! | [`clock`] | unix seconds for pin timestamps |
+//! | [`log_output`] | log lines written out in batches by a thread of their own |
 //! | [`core::stats`] | per-backend, per-pool and front counters the request path bumps |
 //! | [`metrics`] | Prometheus exposition of those counters |
 //! | [`admin`] | the admin listener: `/metrics`, `/status`, `/status.json`, `/healthz` |
@@ -39,6 +40,7 @@ pub mod demo;
 pub mod error;
 pub mod learn;
 pub mod listener;
+pub mod log_output;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

@@ -11,6 +11,7 @@ use tidegate::config::{
 };
 use tidegate::demo::{Image, ImageOptions};
 use tidegate::error::ConfigError;
+use tidegate::log_output::{self, Flusher};
 
 /// A session-affinity load balancer for Seaside farms and other stateful HTTP apps.
 #[derive(Parser, Debug)]
@@ -200,7 +201,7 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Demo { listen }) => {
-            init_logs(LogFormat::Text);
+            let _logs = init_logs(LogFormat::Text);
             run(0, async move { demo(listen).await })
         }
         None => {
@@ -217,7 +218,7 @@ fn main() -> ExitCode {
             };
             match config {
                 Ok(config) => {
-                    init_logs(config.log_format);
+                    let _logs = init_logs(config.log_format);
                     run(config.workers, async move { serve(config).await })
                 }
                 Err(e) => {
@@ -231,23 +232,27 @@ fn main() -> ExitCode {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`; the access log is the
 /// `tidegate::access` target).
-fn init_logs(format: LogFormat) {
+fn init_logs(format: LogFormat) -> Flusher {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Written in batches by a thread of its own (see `log_output`); the flusher writes
+    // what is left when the process ends.
+    let (output, flusher) = log_output::buffered(std::io::stderr());
     // Colours only on a terminal: a log file or journal gets plain text.
     let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(output)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter);
     match format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
+    flusher
 }
 
 /// Validates a config file and, when it has TLS, loads its certificates.
 fn check(path: &std::path::Path) -> Result<Config, String> {
-    init_logs(LogFormat::Text);
+    let _logs = init_logs(LogFormat::Text);
     let config = Config::from_file(path).map_err(|e| e.to_string())?;
     if let Some(tls) = &config.tls {
         tidegate::server::load_certificates(tls).map_err(|e| e.to_string())?;
