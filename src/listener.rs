@@ -112,8 +112,9 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FIRST_READ: usize = 8 * 1024;
 
 /// Reads the first bytes of a plain connection: enough to tell whether it opens with the
-/// HTTP/2 preface. `None` when the client closes or stays silent first.
-async fn first_bytes(stream: &mut TcpStream) -> Option<(Bytes, Protocol)> {
+/// HTTP/2 preface. `None` when the client closes or stays silent first, or shutdown begins
+/// (a connection that has sent nothing holds nobody up).
+async fn first_bytes(stream: &mut TcpStream, mut shutdown: Signal) -> Option<(Bytes, Protocol)> {
     let mut first = BytesMut::with_capacity(FIRST_READ);
     let sniff = async {
         loop {
@@ -129,9 +130,10 @@ async fn first_bytes(stream: &mut TcpStream) -> Option<(Bytes, Protocol)> {
             }
         }
     };
-    let protocol = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff)
-        .await
-        .ok()??;
+    let protocol = tokio::select! {
+        sniffed = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff) => sniffed.ok()??,
+        _ = shutdown.wait() => return None,
+    };
     Some((first.freeze(), protocol))
 }
 
@@ -241,11 +243,12 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let protocols = protocols.clone();
         let tls = tls.clone();
+        let stop = shutdown.clone();
         tokio::spawn(async move {
             let _open = OpenConnection::count(proxy.clone());
             let ended = match tls {
                 None => {
-                    let Some((first, protocol)) = first_bytes(&mut stream).await else {
+                    let Some((first, protocol)) = first_bytes(&mut stream, stop).await else {
                         return;
                     };
                     let io = TokioIo::new(Replayed { first, stream });

@@ -10,7 +10,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -28,6 +28,8 @@ struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
     dropped: AtomicU64,
+    /// The output itself, written line by line, when no writer thread could be started.
+    direct: OnceLock<Mutex<Box<dyn Write + Send>>>,
 }
 
 #[derive(Default)]
@@ -48,18 +50,35 @@ pub struct Flusher {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Starts the writer thread over `out`.
+/// Starts the writer thread over `out`. Should the thread not start, lines go to `out`
+/// one by one, as they would without this module.
 pub fn buffered<W: Write + Send + 'static>(out: W) -> (LogOutput, Flusher) {
     let shared = Arc::new(Shared {
         pending: Mutex::new(Pending::default()),
         wake: Condvar::new(),
         dropped: AtomicU64::new(0),
+        direct: OnceLock::new(),
     });
     let writer = shared.clone();
+    // The output is handed over once the thread runs, so a failed start keeps it here.
+    let (hand_over, take_over) = std::sync::mpsc::channel::<W>();
     let thread = std::thread::Builder::new()
         .name("tidegate-log".into())
-        .spawn(move || write_out(&writer, out))
-        .ok();
+        .spawn(move || {
+            if let Ok(out) = take_over.recv() {
+                write_out(&writer, out);
+            }
+        });
+    let thread = match thread {
+        Ok(thread) => {
+            let _ = hand_over.send(out);
+            Some(thread)
+        }
+        Err(_) => {
+            let _ = shared.direct.set(Mutex::new(Box::new(out)));
+            None
+        }
+    };
     let output = LogOutput {
         shared: shared.clone(),
     };
@@ -123,6 +142,11 @@ pub struct Line<'a> {
 
 impl Write for Line<'_> {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        if let Some(direct) = self.shared.direct.get() {
+            let mut out = direct.lock().unwrap_or_else(PoisonError::into_inner);
+            out.write_all(line)?;
+            return Ok(line.len());
+        }
         let mut pending = self
             .shared
             .pending
@@ -218,18 +242,20 @@ mod tests {
         let (output, flusher) = buffered(Stuck(gate.clone(), sink.clone()));
         let mut line = vec![b'x'; 1023];
         line.push(b'\n');
-        // Fill well past the bound while the output is stuck.
-        for _ in 0..(MAX_PENDING / 1024) * 2 {
+        // Fill to four times the bound while the output is stuck.
+        for _ in 0..(MAX_PENDING / 1024) * 4 {
             output.make_writer().write_all(&line).unwrap();
         }
         *gate.0.lock().unwrap() = true;
         gate.1.notify_all();
         drop(flusher);
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        // At most what the writer took before it got stuck, plus the bound.
         assert!(
-            text.len() <= 2 * MAX_PENDING + 1024,
-            "bounded: {}",
-            text.len()
+            text.len() <= 2 * MAX_PENDING + 4096,
+            "bounded: {} bytes written of {} logged",
+            text.len(),
+            4 * MAX_PENDING
         );
         assert!(
             text.contains("log lines dropped"),

@@ -434,7 +434,13 @@ impl Proxy {
             Affinity::ClientIp => 0,
         };
         let scan_page = routing.scan_page && scan_limit > 0;
-        rewrite_request_head(&mut parts, conn, client_upgrade.is_some(), scan_page);
+        rewrite_request_head(
+            &mut parts,
+            routing.backend.address,
+            conn,
+            client_upgrade.is_some(),
+            scan_page,
+        );
         let backend = &routing.backend;
         let body = ToBackend::new(body, CountBytesIn(backend.clone()));
         let failed = |failure| ProxyError::Upstream {
@@ -696,9 +702,11 @@ impl ListedNames {
 }
 
 /// Prepares the request head for the backend: hop-by-hop fields removed, the client's Host
-/// kept (or taken from an HTTP/2 request's authority), and the X-Forwarded-* fields set.
+/// kept (or taken from an HTTP/2 request's authority, or the backend's address when the
+/// request names no host), and the X-Forwarded-* fields set.
 fn rewrite_request_head(
     parts: &mut http::request::Parts,
+    backend: std::net::SocketAddr,
     conn: &ClientConn,
     upgrade: bool,
     scan_page: bool,
@@ -711,11 +719,16 @@ fn rewrite_request_head(
         // read its links; only requests without a known session are affected.
         headers.remove(http::header::ACCEPT_ENCODING);
     }
-    if !headers.contains_key(HOST)
-        && let Some(authority) = client_authority
-        && let Ok(v) = HeaderValue::from_str(authority.as_str())
-    {
-        headers.insert(HOST, v);
+    if !headers.contains_key(HOST) {
+        // HTTP/2 names the host in the authority; a request that names none (HTTP/1.0)
+        // still owes the backend a Host (RFC 9112 §3.2): its address.
+        let host = match client_authority {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => HeaderValue::try_from(backend.to_string()).ok(),
+        };
+        if let Some(host) = host {
+            headers.insert(HOST, host);
+        }
     }
     let forwarded_for = if headers.contains_key(&X_FORWARDED_FOR) {
         // Every prior hop, over however many lines the client sent, then this client.

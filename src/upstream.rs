@@ -128,7 +128,8 @@ impl Upstream {
                     }
                     return Ok(Response::from_parts(parts, body));
                 }
-                Err(Failed::Silent) if conn.reused && bodyless => {
+                // Sent again only when that cannot do anything twice (RFC 9110 §9.2.2).
+                Err(Failed::Silent) if conn.reused && bodyless && head.method.is_idempotent() => {
                     conn = self.connect(addr).await.map_err(SendError::Upstream)?;
                 }
                 Err(Failed::Silent) => return Err(SendError::Upstream(UpstreamFailure::Reset)),
@@ -137,16 +138,16 @@ impl Upstream {
         }
     }
 
-    /// The most recently parked connection to `addr` that is still open and quiet.
+    /// The most recently parked connection to `addr` that is still open and quiet. The
+    /// checks and the closing of stale ones happen outside the pool's lock.
     fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
-        let mut idle = self.idle.get_mut(&addr)?;
-        while let Some(Idle { mut conn, since }) = idle.pop_back() {
+        loop {
+            let Idle { mut conn, since } = self.idle.get_mut(&addr)?.pop_back()?;
             if since.elapsed() < self.idle_timeout && conn.is_quiet() {
                 conn.reused = true;
                 return Some(conn);
             }
         }
-        None
     }
 
     /// Parks a connection whose last reply was read whole.
@@ -156,16 +157,20 @@ impl Upstream {
         }
         let now = Instant::now();
         let mut idle = self.idle.entry(conn.addr).or_default();
-        while idle
-            .front()
-            .is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
+        // At most one leaves per release (the oldest: expired, or over the bound), so a
+        // socket is closed after the lock is let go without collecting a list.
+        let leaving = if idle.len() >= self.max_idle
+            || idle
+                .front()
+                .is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
         {
-            idle.pop_front();
-        }
-        if idle.len() >= self.max_idle {
-            idle.pop_front();
-        }
+            idle.pop_front()
+        } else {
+            None
+        };
         idle.push_back(Idle { conn, since: now });
+        drop(idle);
+        drop(leaving);
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<Conn, UpstreamFailure> {
@@ -218,13 +223,25 @@ impl Conn {
         body: &mut ToBackend,
         bodyless: bool,
     ) -> Result<(http::response::Parts, BodyState, bool), Failed> {
-        let chunked = !bodyless && !head.headers.contains_key(CONTENT_LENGTH);
+        // The length the client declared, which the body must match exactly; none: chunked.
+        let declared = head.headers.get(CONTENT_LENGTH).map(|v| {
+            std::str::from_utf8(v.as_bytes())
+                .ok()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        });
+        if declared == Some(None) {
+            return Err(Failed::Final(SendError::Body));
+        }
+        let declared = declared.flatten();
+        let chunked = !bodyless && declared.is_none();
         encode_head(&mut self.out, head, chunked);
         if bodyless {
             if self.stream.write_all(&self.out).await.is_err() {
                 return Err(Failed::Silent);
             }
-        } else if let Err(failed) = self.write_body(body, chunked).await {
+        } else if let Err(failed) = self.write_body(body, declared).await {
             // A backend may refuse a body before reading all of it (413, 401) and close the
             // connection: its answer, if one came, is worth more than the broken write.
             let Failed::Final(SendError::Upstream(UpstreamFailure::Reset)) = failed else {
@@ -241,16 +258,31 @@ impl Conn {
     /// Writes the encoded head with the body as it streams, each piece in one vectored write:
     /// the head goes out with the first piece of body, and a chunked body's last chunk with
     /// the piece the body ends on, so a form post is one write.
-    async fn write_body(&mut self, body: &mut ToBackend, chunked: bool) -> Result<(), Failed> {
+    ///
+    /// A body that does not match its declared length fails the exchange (and so closes
+    /// the connection) before a byte too many is written: whatever the client side let
+    /// through, the backend never sees one request's bytes run into the next.
+    async fn write_body(
+        &mut self,
+        body: &mut ToBackend,
+        declared: Option<u64>,
+    ) -> Result<(), Failed> {
         let broke = |_| Failed::from(UpstreamFailure::Reset);
+        let mismatch = || Failed::Final(SendError::Body);
+        let chunked = declared.is_none();
         let Conn { stream, out, .. } = self;
         let mut head: &[u8] = out;
         let mut ended = false;
+        let mut sent = 0u64;
         while !ended && let Some(frame) = body.frame().await {
             let frame = frame.map_err(|_| Failed::Final(SendError::Body))?;
             let Ok(data) = frame.into_data() else {
                 continue; // Trailers are not forwarded.
             };
+            sent += data.len() as u64;
+            if declared.is_some_and(|length| sent > length) {
+                return Err(mismatch());
+            }
             ended = body.is_end_stream();
             if data.is_empty() && !ended {
                 continue;
@@ -270,6 +302,9 @@ impl Conn {
                 .chain(end);
             stream.write_all_buf(&mut piece).await.map_err(broke)?;
             head = b"";
+        }
+        if declared.is_some_and(|length| sent != length) {
+            return Err(mismatch());
         }
         let last: &[u8] = if chunked && !ended { LAST_CHUNK } else { b"" };
         let mut rest = Buf::chain(head, last);

@@ -219,34 +219,148 @@ async fn backend_closing_an_idle_connection_costs_the_client_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_is_never_sent_twice_when_a_reused_connection_fails() {
+async fn a_request_with_a_body_or_not_idempotent_is_never_sent_twice() {
     bounded(async {
         let backend = Scripted::start(|_, n, _| (n == 0).then(|| ok("fresh"))).await;
         let running = balancer(&[backend.addr]).await;
         let client = support::client();
         let base = format!("http://{}", running.addrs()[0]);
-        assert_eq!(
-            get(&client, &format!("{base}/x")).await.status,
-            StatusCode::OK
-        );
-        let post = send(
-            &client,
-            Method::POST,
-            &format!("{base}/form"),
-            &[("content-type", "application/octet-stream")],
-            Bytes::from_static(b"payload"),
-        )
+        for (method, body) in [
+            (Method::POST, Bytes::from_static(b"payload")),
+            (Method::POST, Bytes::new()),
+            (Method::PATCH, Bytes::new()),
+        ] {
+            // A fresh connection answers, is parked, then fails the next request.
+            assert_eq!(
+                get(&client, &format!("{base}/x")).await.status,
+                StatusCode::OK
+            );
+            let reply = send(
+                &client,
+                method.clone(),
+                &format!("{base}/form"),
+                &[("content-type", "application/octet-stream")],
+                body,
+            )
+            .await;
+            assert_eq!(
+                reply.status,
+                StatusCode::BAD_GATEWAY,
+                "{method}: {}",
+                reply.text()
+            );
+            assert!(reply.text().contains("image0"), "{}", reply.text());
+        }
+        let heads = backend.heads.lock().unwrap().clone();
+        let sent = |m: &str| heads.iter().filter(|h| h.starts_with(m)).count();
+        assert_eq!(sent("POST"), 2, "each POST reached the backend once");
+        assert_eq!(sent("PATCH"), 1, "the PATCH reached the backend once");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_backend_closed_while_parked_is_not_used() {
+    bounded(async {
+        // Answers one request per connection, keeps it "alive", and closes it 30 ms later.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let Some(end) = read_head(&mut stream, &mut buf).await else {
+                        return;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while buf.len() < end + length {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = stream.write_all(&ok(&format!("got {length}"))).await;
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                });
+            }
+        });
+        let running = balancer(&[addr]).await;
+        let client = support::client();
+        let base = format!("http://{}", running.addrs()[0]);
+        for i in 0..5 {
+            assert_eq!(get(&client, &format!("{base}/x")).await.text(), "got 0");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            // Not sent again if it failed: only noticing the close saves it.
+            let post = send(
+                &client,
+                Method::POST,
+                &format!("{base}/form"),
+                &[("content-type", "application/octet-stream")],
+                Bytes::from_static(b"payload"),
+            )
+            .await;
+            assert_eq!(post.status, StatusCode::OK, "round {i}: {}", post.text());
+            assert_eq!(post.text(), "got 7");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 10);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_bytes_beyond_its_reply_is_not_reused() {
+    bounded(async {
+        let backend = Scripted::start(|_, _, head| {
+            Some(if head.starts_with("GET /extra") {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nJUNK!".to_vec()
+            } else {
+                ok("clean")
+            })
+        })
         .await;
-        assert_eq!(post.status, StatusCode::BAD_GATEWAY, "{}", post.text());
-        assert!(post.text().contains("image0"), "{}", post.text());
-        let posts = backend
-            .heads
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|h| h.starts_with("POST"))
-            .count();
-        assert_eq!(posts, 1, "the POST reached the backend once");
+        let running = balancer(&[backend.addr]).await;
+        let client = support::client();
+        let base = format!("http://{}", running.addrs()[0]);
+        assert_eq!(get(&client, &format!("{base}/extra")).await.text(), "hello");
+        assert_eq!(get(&client, &format!("{base}/next")).await.text(), "clean");
+        assert_eq!(get(&client, &format!("{base}/next")).await.text(), "clean");
+        assert_eq!(backend.connections(), 2, "the connection with extra bytes was closed");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_naming_no_host_reaches_the_backend_with_one() {
+    bounded(async {
+        let backend = Scripted::start(|_, _, _| Some(ok("hi"))).await;
+        let running = balancer(&[backend.addr]).await;
+        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        stream
+            .write_all(b"GET /old HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).await.unwrap();
+        assert!(
+            reply.ends_with(b"hi"),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        let heads = backend.heads.lock().unwrap().clone();
+        let host = heads[0]
+            .lines()
+            .find_map(|l| l.strip_prefix("host: "))
+            .unwrap_or_else(|| panic!("no host: {heads:?}"));
+        assert_eq!(host, backend.addr.to_string());
     })
     .await;
 }
