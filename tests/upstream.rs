@@ -529,3 +529,52 @@ async fn a_backend_refusing_a_body_early_is_heard() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_a_backend_sends_right_after_its_101_reach_the_client() {
+    bounded(async {
+        // Switches protocols and speaks first, in the same write as its 101; then echoes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let Some(end) = read_head(&mut stream, &mut buf).await else {
+                        return;
+                    };
+                    buf.drain(..end);
+                    let hello = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\nWELCOME;";
+                    if stream.write_all(hello).await.is_err() {
+                        return;
+                    }
+                    let mut chunk = [0u8; 1024];
+                    while let Ok(n) = stream.read(&mut chunk).await {
+                        if n == 0 || stream.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let running = balancer(&[addr]).await;
+        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        stream
+            .write_all(b"GET /chat HTTP/1.1\r\nhost: app\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !got.ends_with(b"WELCOME;") {
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+        stream.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        stream.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"ping");
+    })
+    .await;
+}
