@@ -260,8 +260,14 @@ fn check(path: &std::path::Path) -> Result<Config, String> {
     Ok(config)
 }
 
-/// Runs `main` on a runtime with `workers` threads (0: one per core).
+/// Runs `main` on a runtime with `workers` threads (0: one per core). One thread gets tokio's
+/// single-threaded scheduler (no work stealing, no cross-thread wake-ups), also when "one per
+/// core" means one.
 fn run(workers: usize, main: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let workers = match workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
