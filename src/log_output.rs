@@ -114,6 +114,10 @@ fn write_out<W: Write>(shared: &Shared, mut out: W) {
             // Nowhere to report a failing log output; the lines are lost.
             let _ = out.write_all(&batch).and_then(|()| out.flush());
             batch.clear();
+            if batch.capacity() > 4 * BATCH {
+                // A burst is over: give back what it took.
+                batch = Vec::with_capacity(BATCH);
+            }
         }
         if closing {
             return;
