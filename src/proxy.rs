@@ -719,11 +719,15 @@ fn rewrite_request_head(
         // read its links; only requests without a known session are affected.
         headers.remove(http::header::ACCEPT_ENCODING);
     }
-    if !headers.contains_key(HOST) {
+    let mut named_host = headers.contains_key(HOST);
+    if !named_host {
         // HTTP/2 names the host in the authority; a request that names none (HTTP/1.0)
         // still owes the backend a Host (RFC 9112 §3.2): its address.
         let host = match client_authority {
-            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            Some(authority) => {
+                named_host = true;
+                HeaderValue::from_str(authority.as_str()).ok()
+            }
             None => HeaderValue::try_from(backend.to_string()).ok(),
         };
         if let Some(host) = host {
@@ -745,9 +749,11 @@ fn rewrite_request_head(
 
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     headers.insert(X_FORWARDED_PROTO.clone(), conn.proto());
-    if let Some(host) = headers.get(HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
-    }
+    // The host the client asked for; none when it named none (not the backend's address).
+    match headers.get(HOST).cloned().filter(|_| named_host) {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
 }
 
 fn is_html(headers: &HeaderMap) -> bool {

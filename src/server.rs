@@ -1,5 +1,6 @@
-//! Assembles a running balancer from a [`Config`]: pools, router, upstream client, the
-//! listeners, and the sweeper that expires pins off the request path.
+//! Assembles a running balancer from a [`Config`]: pools, router, the
+//! [`Upstream`](crate::upstream::Upstream) connections, the listeners, and the sweeper that
+//! expires pins off the request path.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -361,6 +361,10 @@ async fn a_request_naming_no_host_reaches_the_backend_with_one() {
             .find_map(|l| l.strip_prefix("host: "))
             .unwrap_or_else(|| panic!("no host: {heads:?}"));
         assert_eq!(host, backend.addr.to_string());
+        assert!(
+            !heads[0].contains("x-forwarded-host"),
+            "no forwarded host for a request that named none: {heads:?}"
+        );
     })
     .await;
 }
