@@ -42,18 +42,13 @@ impl Scripted {
     async fn start(
         script: impl Fn(usize, usize, &str) -> Option<Vec<u8>> + Send + Sync + 'static,
     ) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Script> = Arc::new(script);
-        let (count, seen) = (connections.clone(), heads.clone());
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let conn = count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve_script(stream, conn, script.clone(), seen.clone()));
-            }
-        });
+        let seen = heads.clone();
+        let (addr, connections) = raw_backend(move |stream, conn| {
+            serve_script(stream, conn, script.clone(), seen.clone())
+        })
+        .await;
         Scripted {
             addr,
             connections,
@@ -78,26 +73,9 @@ async fn serve_script(
 ) {
     let mut buf = Vec::new();
     for request in 0.. {
-        let Some(end) = read_head(&mut stream, &mut buf).await else {
+        let Some((head, _)) = read_request(&mut stream, &mut buf).await else {
             return;
         };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        let length = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse::<usize>().ok())?
-            })
-            .unwrap_or(0);
-        while buf.len() < end + length {
-            let mut chunk = [0u8; 8192];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        buf.drain(..end + length);
         heads.lock().unwrap().push(head.clone());
         let Some(reply) = script(conn, request, &head) else {
             return;
@@ -116,6 +94,50 @@ async fn serve_script(
             return;
         }
     }
+}
+
+/// A raw backend: each accepted connection is served by `serve` on a task of its own, told
+/// its number (0, 1, …); also returns the count of connections accepted.
+async fn raw_backend<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let conn = count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve(stream, conn));
+        }
+    });
+    (addr, connections)
+}
+
+/// Reads one request (head and `Content-Length` body) off the front of `buf` and the
+/// stream: its head, and its body length.
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, usize)> {
+    let end = read_head(stream, buf).await?;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < end + length {
+        let mut chunk = [0u8; 8192];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    buf.drain(..end + length);
+    Some((head, length))
 }
 
 /// Reads until a blank line; the offset just past it.
@@ -147,6 +169,15 @@ async fn balancer(backends: &[SocketAddr]) -> tidegate::server::Running {
         .expect("balancer starts")
 }
 
+/// A balancer in front of `backends`, a client, and the balancer's base URL.
+async fn front(
+    backends: &[SocketAddr],
+) -> (tidegate::server::Running, support::HttpClient, String) {
+    let running = balancer(backends).await;
+    let base = format!("http://{}", running.addrs()[0]);
+    (running, support::client(), base)
+}
+
 fn ok(body: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
@@ -168,9 +199,7 @@ async fn backend_connections_are_kept_alive_and_reused() {
             })
         })
         .await;
-        let running = balancer(&[backend.addr]).await;
-        let client = support::client();
-        let base = format!("http://{}", running.addrs()[0]);
+        let (_running, client, base) = front(&[backend.addr]).await;
         for i in 0..50 {
             let reply = get(&client, &format!("{base}/x")).await;
             assert_eq!(reply.status, StatusCode::OK);
@@ -200,9 +229,7 @@ async fn backend_closing_an_idle_connection_costs_the_client_nothing() {
         // Each connection answers one request, then closes on the next one without a word
         // (a keep-alive timeout racing the balancer's reuse).
         let backend = Scripted::start(|_, n, _| (n == 0).then(|| ok("fresh"))).await;
-        let running = balancer(&[backend.addr]).await;
-        let client = support::client();
-        let base = format!("http://{}", running.addrs()[0]);
+        let (_running, client, base) = front(&[backend.addr]).await;
         for _ in 0..20 {
             let reply = get(&client, &format!("{base}/x")).await;
             assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -222,9 +249,7 @@ async fn backend_closing_an_idle_connection_costs_the_client_nothing() {
 async fn a_request_with_a_body_or_not_idempotent_is_never_sent_twice() {
     bounded(async {
         let backend = Scripted::start(|_, n, _| (n == 0).then(|| ok("fresh"))).await;
-        let running = balancer(&[backend.addr]).await;
-        let client = support::client();
-        let base = format!("http://{}", running.addrs()[0]);
+        let (_running, client, base) = front(&[backend.addr]).await;
         for (method, body) in [
             (Method::POST, Bytes::from_static(b"payload")),
             (Method::POST, Bytes::new()),
@@ -263,38 +288,15 @@ async fn a_request_with_a_body_or_not_idempotent_is_never_sent_twice() {
 async fn a_connection_the_backend_closed_while_parked_is_not_used() {
     bounded(async {
         // Answers one request per connection, keeps it "alive", and closes it 30 ms later.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let count = connections.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let Some(end) = read_head(&mut stream, &mut buf).await else {
-                        return;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse().unwrap());
-                    while buf.len() < end + length {
-                        let mut chunk = [0u8; 4096];
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let _ = stream.write_all(&ok(&format!("got {length}"))).await;
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                });
+        let (addr, connections) = raw_backend(|mut stream, _| async move {
+            let mut buf = Vec::new();
+            if let Some((_, length)) = read_request(&mut stream, &mut buf).await {
+                let _ = stream.write_all(&ok(&format!("got {length}"))).await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
             }
-        });
-        let running = balancer(&[addr]).await;
-        let client = support::client();
-        let base = format!("http://{}", running.addrs()[0]);
+        })
+        .await;
+        let (_running, client, base) = front(&[addr]).await;
         for i in 0..5 {
             assert_eq!(get(&client, &format!("{base}/x")).await.text(), "got 0");
             tokio::time::sleep(Duration::from_millis(150)).await;
@@ -327,9 +329,7 @@ async fn a_connection_with_bytes_beyond_its_reply_is_not_reused() {
             })
         })
         .await;
-        let running = balancer(&[backend.addr]).await;
-        let client = support::client();
-        let base = format!("http://{}", running.addrs()[0]);
+        let (_running, client, base) = front(&[backend.addr]).await;
         assert_eq!(get(&client, &format!("{base}/extra")).await.text(), "hello");
         assert_eq!(get(&client, &format!("{base}/next")).await.text(), "clean");
         assert_eq!(get(&client, &format!("{base}/next")).await.text(), "clean");
@@ -407,9 +407,7 @@ async fn replies_in_every_framing_arrive_whole() {
             })
         })
         .await;
-        let running = balancer(&[backend.addr]).await;
-        let client = support::client();
-        let base = format!("http://{}", running.addrs()[0]);
+        let (_running, client, base) = front(&[backend.addr]).await;
         for round in 0..2 {
             for path in ["/chunked", "/chunked-and-length", "/until-close", "/http10"] {
                 let reply = get(&client, &format!("{base}{path}")).await;
@@ -465,9 +463,7 @@ async fn a_reply_that_is_not_http_is_a_502_that_says_so() {
             })
         })
         .await;
-        let running = balancer(&[backend.addr]).await;
-        let client = support::client();
-        let base = format!("http://{}", running.addrs()[0]);
+        let (running, client, base) = front(&[backend.addr]).await;
         for path in ["/garbage", "/two-lengths"] {
             let reply = get(&client, &format!("{base}{path}")).await;
             assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{path}");
@@ -486,20 +482,14 @@ async fn a_reply_that_is_not_http_is_a_502_that_says_so() {
 async fn a_backend_refusing_a_body_early_is_heard() {
     bounded(async {
         // Reads the head of an upload, answers 413 at once and closes, the body unread.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let mut buf = Vec::new();
-                if read_head(&mut stream, &mut buf).await.is_some() {
-                    let _ = stream
-                        .write_all(
-                            b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large",
-                        )
-                        .await;
-                }
+        let (addr, _) = raw_backend(|mut stream, _| async move {
+            let mut buf = Vec::new();
+            if read_head(&mut stream, &mut buf).await.is_some() {
+                let refusal = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large";
+                let _ = stream.write_all(refusal).await;
             }
-        });
+        })
+        .await;
         let running = balancer(&[addr]).await;
         // A raw client: curl-like, it reads the answer while its upload is still going.
         let stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
@@ -538,29 +528,23 @@ async fn a_backend_refusing_a_body_early_is_heard() {
 async fn bytes_a_backend_sends_right_after_its_101_reach_the_client() {
     bounded(async {
         // Switches protocols and speaks first, in the same write as its 101; then echoes.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let Some(end) = read_head(&mut stream, &mut buf).await else {
-                        return;
-                    };
-                    buf.drain(..end);
-                    let hello = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\nWELCOME;";
-                    if stream.write_all(hello).await.is_err() {
-                        return;
-                    }
-                    let mut chunk = [0u8; 1024];
-                    while let Ok(n) = stream.read(&mut chunk).await {
-                        if n == 0 || stream.write_all(&chunk[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+        let (addr, _) = raw_backend(|mut stream, _| async move {
+            let mut buf = Vec::new();
+            if read_head(&mut stream, &mut buf).await.is_none() {
+                return;
             }
-        });
+            let hello = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\nWELCOME;";
+            if stream.write_all(hello).await.is_err() {
+                return;
+            }
+            let mut chunk = [0u8; 1024];
+            while let Ok(n) = stream.read(&mut chunk).await {
+                if n == 0 || stream.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
         let running = balancer(&[addr]).await;
         let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
         stream
