@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -981,33 +980,10 @@ fn chromium() -> PathBuf {
     );
 }
 
-/// A fresh directory under the temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "tidegate-obs-{}-{}-{label}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("temp dir");
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs headless Chromium on `url` with `extra` flags and returns its stdout; killed (its
 /// whole process group) if it outlives [`BROWSER_LIMIT`].
 async fn browse(url: &str, extra: &[String]) -> String {
-    let profile = TempDir::new("chromium-profile");
+    let profile = support::TempDir::new("chromium-profile");
     let mut command = Command::new(chromium());
     command
         .args([
@@ -1022,7 +998,7 @@ async fn browse(url: &str, extra: &[String]) -> String {
             "--hide-scrollbars",
             "--virtual-time-budget=4000",
         ])
-        .arg(format!("--user-data-dir={}", profile.0.display()))
+        .arg(format!("--user-data-dir={}", profile.dir().display()))
         .args(extra)
         .arg(url)
         .stdin(Stdio::null())
@@ -1216,8 +1192,8 @@ async fn status_page_shows_pools_backends_and_growing_totals_in_a_browser() {
                 "some backend's total grew"
             );
 
-            let shots = TempDir::new("screenshot");
-            let shot = shots.0.join("status.png");
+            let shots = support::TempDir::new("screenshot");
+            let shot = shots.path("status.png");
             browse(
                 &url,
                 &[

@@ -8,9 +8,9 @@ mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,53 +46,6 @@ const RELOAD_LIMIT: Duration = Duration::from_secs(6);
 
 /// A raw `/echo` request, as typed into `s_client`.
 const ECHO_REQUEST: &[u8] = b"GET /echo HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
-
-// ---------------------------------------------------------------------------------------
-// Temporary files
-
-/// A directory no other test or run shares, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "tidegate-tls-{}-{}-{label}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("temp dir created");
-        TempDir(path)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn arg(&self, name: &str) -> String {
-        self.path(name)
-            .to_str()
-            .expect("UTF-8 temp path")
-            .to_string()
-    }
-
-    /// Replaces `name` whole: written under a temporary name, then renamed over it.
-    fn write(&self, name: &str, contents: &str) {
-        let tmp = self.path(&format!(".{name}.tmp"));
-        std::fs::write(&tmp, contents).expect("temp file written");
-        std::fs::rename(&tmp, self.path(name)).expect("temp file renamed");
-    }
-
-    fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.path(name)).unwrap_or_default()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Certificates
@@ -181,7 +134,7 @@ fn der_of(pem: &str) -> Vec<u8> {
 /// A balancer with TLS in front of demo images, and its files.
 struct Farm {
     running: Running,
-    dir: TempDir,
+    dir: support::TempDir,
     pki: Pki,
     ab: Leaf,
     c: Leaf,
@@ -222,7 +175,7 @@ fn config_text(tls: &str, certs: &[(&str, &str)], pool: &str, backends: &str) ->
 }
 
 async fn farm(label: &str, setup: Setup<'_>) -> Farm {
-    let dir = TempDir::new(label);
+    let dir = support::TempDir::new(label);
     let pki = Pki::new();
     let ab = pki.leaf(&["a.test", "*.b.test"], 2020, 2090);
     let c = pki.leaf(&["c.test"], 2020, 2091);
@@ -1017,7 +970,7 @@ async fn certificate_reload_under_load_loses_no_request_and_a_broken_file_keeps_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_makes_the_binary_reload_its_certificates() {
-    let dir = TempDir::new("sighup");
+    let dir = support::TempDir::new("sighup");
     let pki = Pki::new();
     let first = pki.leaf(&["a.test", "*.b.test"], 2020, 2090);
     dir.write("ab.pem", &first.cert);
@@ -1109,7 +1062,7 @@ async fn sighup_makes_the_binary_reload_its_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_refuses_bad_certificate_files_naming_the_file_and_the_reason() {
-    let dir = TempDir::new("check");
+    let dir = support::TempDir::new("check");
     let pki = Pki::new();
     let ab = pki.leaf(&["a.test"], 2020, 2090);
     let other = pki.leaf(&["c.test"], 2020, 2090);
@@ -1208,7 +1161,7 @@ async fn check_refuses_bad_certificate_files_naming_the_file_and_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_certificate_is_a_warning_at_check_and_still_served() {
-    let dir = TempDir::new("expired");
+    let dir = support::TempDir::new("expired");
     let pki = Pki::new();
     let old = pki.leaf(&["a.test"], 2000, 2001);
     dir.write("ca.pem", &pki.pem);
@@ -1420,7 +1373,7 @@ async fn garbage_and_aborted_handshakes_do_not_disturb_the_tls_listener() {
 #[test]
 fn tls_and_plain_listeners_on_port_zero_do_not_count_as_overlapping() {
     // Port 0 asks the kernel for a free port, so two such binds never collide.
-    let dir = TempDir::new("port0");
+    let dir = support::TempDir::new("port0");
     let text = "listen = [\"127.0.0.1:0\"]\nlisten_tls = [\"127.0.0.1:0\"]\n[tls]\n\
                 redirect_http = [\"127.0.0.1:0\"]\n[[tls.certificate]]\ncert = \"a.pem\"\n\
                 key = \"a.key\"\n[[pool]]\nname = \"app\"\n[[pool.backend]]\naddress = \"127.0.0.1:9\"\n";

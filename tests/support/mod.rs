@@ -334,3 +334,52 @@ Content-Type: text/plain\r\n\r\nsome file content\r\n"
         (action, fields)
     }
 }
+
+/// A directory no other test or run shares, removed on drop.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "tidegate-test-{}-{}-{label}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("temp dir created");
+        TempDir(path)
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+
+    pub fn arg(&self, name: &str) -> String {
+        self.path(name)
+            .to_str()
+            .expect("UTF-8 temp path")
+            .to_string()
+    }
+
+    /// Replaces `name` whole: written under a temporary name, then renamed over it.
+    pub fn write(&self, name: &str, contents: &str) {
+        let tmp = self.path(&format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents).expect("temp file written");
+        std::fs::rename(&tmp, self.path(name)).expect("temp file renamed");
+    }
+
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
