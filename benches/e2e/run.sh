@@ -7,6 +7,8 @@
 #   benches/e2e/run.sh --scale         # also tidegate's cost at 1k, 100k, 1M and 10M live pins
 #   benches/e2e/run.sh --scale-only --scale-sizes "1000 1000000"
 #   benches/e2e/run.sh --check         # short tidegate-only pass showing the pins are used
+#   benches/e2e/run.sh --floor         # adds floor.c, a relay doing nothing but the system
+#                                      # calls, as a yardstick in the plain-HTTP variants
 #
 # Everything runs on 127.0.0.1. Each proxy is pinned to one CPU (--proxy-cpu, default 0) and
 # has exactly one worker; wrk and the three backends share another (--load-cpu, default 1).
@@ -40,6 +42,7 @@ SCALE_SIZES="1000 100000 1000000 10000000"
 OUT=""
 BUILD=1
 PERF=0
+FLOOR=0
 
 usage() {
     sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
@@ -51,6 +54,8 @@ Options:
   --runs N              repeat the matrix N times (interleaved) and report medians
   --connections N       wrk connections (default $CONNS)
   --proxies "LIST"      subset of: $PROXIES
+  --floor               also run floor.c (plain-HTTP variants only): the cost of the system
+                        calls alone, with no proxy work, on this machine
   --variants "LIST"     subset of: $VARIANTS
   --scale               add the scale curve (tidegate only) after the matrix
   --scale-only          only the scale curve
@@ -86,6 +91,7 @@ while [ $# -gt 0 ]; do
         --port-base) PORT_BASE=$2; shift ;;
         --no-build) BUILD=0 ;;
         --perf) PERF=1 ;;
+        --floor) FLOOR=1 ;;
         --out) OUT=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -217,6 +223,10 @@ cat "$CERT" "$KEY" >"$COMBINED"
 
 # wrk keeps the last TLS session when it reconnects; this shim drops it (full handshakes).
 cc -shared -fPIC -O2 -o "$WORK/noresume.so" "$HERE/noresume.c" -ldl
+if [ "$FLOOR" = 1 ]; then
+    cc -O2 -o "$WORK/floor" "$HERE/floor.c"
+    case " $PROXIES " in *" floor "*) ;; *) PROXIES="$PROXIES floor" ;; esac
+fi
 
 BODY="<!DOCTYPE html><html><head><title>Seaside</title></head><body>"
 while [ ${#BODY} -lt $((BODY_BYTES - 15)) ]; do BODY+="<p>lorem ipsum dolor sit amet</p>"; done
@@ -313,6 +323,9 @@ start_proxy() { # name [scale]
             taskset -c "$PROXY_CPU" "$NGINX" -e "$WORK/nginx-proxy.err" -p "$WORK" \
                 -c "$WORK/nginx-proxy.conf" >"$log" 2>&1 &
             ;;
+        floor)
+            taskset -c "$PROXY_CPU" "$WORK/floor" "$HTTP_PORT" "$B1" "$B2" "$B3" >"$log" 2>&1 &
+            ;;
         *) die "unknown proxy $name" ;;
     esac
     PROXY_PID=$!
@@ -320,7 +333,7 @@ start_proxy() { # name [scale]
     wait_port "$HTTP_PORT" || die "$name did not start: $(tail -5 "$log")"
     if [ "$name" = tidegate ] && [ "${2:-}" = scale ]; then
         wait_port "$ADMIN_PORT" || die "tidegate's admin listener did not start: $(tail -5 "$log")"
-    else
+    elif [ "$name" != floor ]; then
         wait_port "$HTTPS_PORT" || die "$name TLS did not start: $(tail -5 "$log")"
     fi
 }
@@ -492,6 +505,7 @@ report_matrix() {
     echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     for v in $VARIANTS; do
         for p in $PROXIES; do
+            [ "$p" = floor ] && [[ "$v" == https* ]] && continue
             printf '| %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %s |\n' "$v" "$p" "$(cell "$v" "$p" 4)" \
                 "$(cell "$v" "$p" 5)" "$(cell "$v" "$p" 11)" "$(cell "$v" "$p" 6)" "$(cell "$v" "$p" 7)" \
                 "$(cell "$v" "$p" 8)" "$(cell "$v" "$p" 9)" "$(cell "$v" "$p" 10)"
@@ -529,6 +543,22 @@ report_matrix() {
                         b = (h != "" && (g == "" || h + 0 <= g + 0)) ? h : g
                         line = line ((t != "" && b + 0 > 0) ? sprintf(" %.2f", t / b) : " n/a") }
                     print line } }' "$RAW"
+    fi
+    if [[ " $PROXIES " == *" floor "* ]]; then
+        echo
+        echo "### The floor: system calls alone (floor.c) against the proxies"
+        echo
+        echo "| variant | floor CPU-s/100k | floor kernel % | floor ÷ better peer | tidegate ÷ floor | 0.8 × better peer ÷ floor |"
+        echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+        for v in $VARIANTS; do
+            [[ "$v" == https* ]] && continue
+            awk -v v="$v" -v fl="$(cell "$v" floor 5)" -v fk="$(cell "$v" floor 11)" \
+                -v tg="$(cell "$v" tidegate 5)" -v hp="$(cell "$v" haproxy 5)" \
+                -v ng="$(cell "$v" nginx 5)" 'BEGIN {
+                best = (hp != "nan" && (ng == "nan" || hp + 0 <= ng + 0)) ? hp : ng
+                if (fl + 0 <= 0 || best + 0 <= 0) { printf "| %s | %s | %s | n/a | n/a | n/a |\n", v, fl, fk; exit }
+                printf "| %s | %s | %s | %.2f | %.2f | %.2f |\n", v, fl, fk, fl / best, tg / fl, 0.8 * best / fl }'
+        done
     fi
     if [[ " $VARIANTS " == *" https-handshake "* ]]; then
         local tg ng
@@ -639,7 +669,11 @@ if [ "$MATRIX" = 1 ]; then
         shift_by=$(( (run - 1) % ${#proxies[@]} ))
         order=("${proxies[@]:$shift_by}" "${proxies[@]:0:$shift_by}")
         for v in $VARIANTS; do
-            for p in "${order[@]}"; do run_cell "$run" "$p" "$v"; done
+            for p in "${order[@]}"; do
+                # The floor relay speaks plain HTTP only.
+                [ "$p" = floor ] && [[ "$v" == https* ]] && continue
+                run_cell "$run" "$p" "$v"
+            done
         done
     done
 fi
