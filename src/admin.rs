@@ -42,7 +42,7 @@ pub async fn serve(
         proxy,
         started,
     });
-    let builder = listener::connection_builder();
+    let builder = listener::connection_builder(listener::CLIENT_TIMEOUT);
     loop {
         let Some((stream, _)) = listener::accept(&listener, &mut shutdown).await else {
             return;

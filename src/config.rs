@@ -21,6 +21,13 @@ use crate::tls::{CertFiles, MinVersion};
 /// The default traffic listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
+/// Client connections served at once unless `max_connections` says otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Seconds a client has for a request head (and may stay silent within a body) unless
+/// `client_timeout` says otherwise.
+pub const DEFAULT_CLIENT_TIMEOUT: u64 = 30;
+
 /// The whole file, as written. Every field has a default.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -38,6 +45,13 @@ pub struct FileConfig {
     pub log_format: LogFormat,
     /// Worker threads serving traffic; 0 (the default) means one per available core.
     pub workers: usize,
+    /// Client connections served at once over all traffic listeners (default
+    /// [`DEFAULT_MAX_CONNECTIONS`]); more wait in the kernel's accept queue.
+    pub max_connections: Option<usize>,
+    /// Seconds a client has to send a request head (and, for a form post without a session
+    /// id in its head, the start of its body), and may stay silent in the middle of a
+    /// request body (default [`DEFAULT_CLIENT_TIMEOUT`]).
+    pub client_timeout: Option<u64>,
     /// How tidegate talks to backends.
     pub upstream: UpstreamFile,
     /// The pools. A pool without `hosts` serves any host; the most specific route wins
@@ -289,6 +303,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Worker threads (at least 1).
     pub workers: usize,
+    /// Client connections served at once.
+    pub max_connections: usize,
+    /// Time a client has for a request head, and may stay silent within a body.
+    pub client_timeout: std::time::Duration,
     /// Upstream settings.
     pub upstream: UpstreamConfig,
     /// Pools, in file order.
@@ -552,12 +570,25 @@ impl FileConfig {
         } else {
             self.workers
         };
+        let client_timeout = self.client_timeout.unwrap_or(DEFAULT_CLIENT_TIMEOUT);
+        if !(1..=3600).contains(&client_timeout) {
+            return Err(invalid(
+                "client_timeout",
+                "must be between 1 and 3600 seconds",
+            ));
+        }
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if !(1..=1_000_000).contains(&max_connections) {
+            return Err(invalid("max_connections", "must be between 1 and 1000000"));
+        }
         Ok(Config {
             listen,
             tls,
             admin,
             log_format: self.log_format,
             workers,
+            max_connections,
+            client_timeout: std::time::Duration::from_secs(client_timeout),
             upstream,
             pools,
         })

@@ -68,6 +68,9 @@ impl ImageOptions {
 /// Seaside's default cap on sessions per image.
 const MAX_SESSIONS: usize = 10_000;
 
+/// The most of a request body a demo image reads (a demo form is a few hundred bytes).
+const DEMO_FORM_LIMIT: usize = 1024 * 1024;
+
 type Reply = Response<http_body_util::Either<Full<Bytes>, chunked::Chunks>>;
 
 /// A running image.
@@ -228,8 +231,8 @@ impl ImageState {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let body = req
-            .into_body()
+        // A demo image reads forms up to this size; a larger body is not read for a key.
+        let body = http_body_util::Limited::new(req.into_body(), DEMO_FORM_LIMIT)
             .collect()
             .await
             .map(|b| b.to_bytes())

@@ -68,6 +68,11 @@ pub enum ProxyError {
     },
     /// The request body failed while it was being read.
     BadRequestBody,
+    /// An HTTP/1.1 request without a `Host` field, or any request with more than one
+    /// (RFC 9112 §3.2: a 400).
+    BadHost,
+    /// The client stopped sending its request body part-way.
+    RequestTimeout,
 }
 
 impl ProxyError {
@@ -82,7 +87,8 @@ impl ProxyError {
                 ..
             } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequestBody | ProxyError::BadHost => StatusCode::BAD_REQUEST,
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -101,6 +107,8 @@ impl ProxyError {
                 UpstreamFailure::Invalid => "bad-reply",
             },
             ProxyError::BadRequestBody => "bad-request-body",
+            ProxyError::BadHost => "bad-host",
+            ProxyError::RequestTimeout => "request-timeout",
         }
     }
 }
@@ -135,6 +143,8 @@ impl std::fmt::Display for ProxyError {
                 write!(f, "backend {backend} ({address}) {what}: {why}")
             }
             ProxyError::BadRequestBody => write!(f, "the request body could not be read"),
+            ProxyError::BadHost => write!(f, "an HTTP/1.1 request needs exactly one Host field"),
+            ProxyError::RequestTimeout => write!(f, "the request body stopped arriving"),
         }
     }
 }

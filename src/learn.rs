@@ -14,8 +14,9 @@ use crate::core::pool::{Affinity, Pool, SessionAffinity};
 use crate::tap::{Tap, Tapped};
 use crate::upstream::UpBody;
 
-/// Who is learning: the backend that answered, when, and the id a request carried to it on
-/// the strength of an affinity cookie (a pin of that id is credited to the cookie).
+/// Who is learning: the backend that answered, when, the id a request carried to it on
+/// the strength of an affinity cookie (a pin of that id is credited to the cookie), and an
+/// unknown id the request carried on no one's word.
 #[derive(Clone, Copy, Debug)]
 pub struct Learner {
     /// The backend whose reply this is.
@@ -24,6 +25,12 @@ pub struct Learner {
     pub now: u32,
     /// The unknown id an affinity cookie routed here, if any.
     pub cookie_routed: Option<PinKey>,
+    /// The unknown id the request named without an affinity cookie, if any. A backend that
+    /// merely repeats it — a redirect that keeps the query, links that carry it along —
+    /// does not make it a session: Seaside answers an unknown id with a new one. Only a
+    /// `Set-Cookie` of it, the backend's explicit word, pins it. Otherwise any client could
+    /// fill the table with ids of its own through such a backend.
+    pub carried_unknown: Option<PinKey>,
 }
 
 impl Learner {
@@ -47,27 +54,36 @@ impl Learner {
                     i64::from(self.now),
                 )
             {
-                learned = Some(self.pin(pool, session, id, LearnSource::SetCookie));
+                learned = self
+                    .pin(pool, session, id, LearnSource::SetCookie)
+                    .or(learned);
             }
         }
         if redirect
             && let Some(v) = headers.get(LOCATION).and_then(|v| v.to_str().ok())
             && let Some(id) = id_in_location(v, &session.names.param, &session.rules)
         {
-            learned = Some(self.pin(pool, session, id, LearnSource::Location));
+            learned = self
+                .pin(pool, session, id, LearnSource::Location)
+                .or(learned);
         }
         learned
     }
 
-    /// Pins `id` to the backend: the one place a reply teaches the table.
+    /// Pins `id` to the backend: the one place a reply teaches the table. `None` when the
+    /// reply only repeated the request's own unknown id.
     fn pin(
         &self,
         pool: &Pool,
         session: &SessionAffinity,
         id: &str,
         source: LearnSource,
-    ) -> LearnSource {
+    ) -> Option<LearnSource> {
         let key = PinKey::of(id);
+        if source != LearnSource::SetCookie && self.carried_unknown == Some(key) {
+            tracing::debug!(backend = %self.backend, source = source.as_str(), "reply repeats the request's unknown id: not pinned");
+            return None;
+        }
         let source = if self.cookie_routed == Some(key) {
             LearnSource::AffinityCookie
         } else {
@@ -76,7 +92,7 @@ impl Learner {
         let outcome = session.table.pin(key, self.backend, self.now);
         pool.stats.learn(source);
         tracing::debug!(backend = %self.backend, source = source.as_str(), ?outcome, "pin learned");
-        source
+        Some(source)
     }
 }
 
@@ -118,10 +134,9 @@ impl Tap for PageTap {
             return;
         };
         if let Some(id) = self.scanner.feed(chunk, &session.needle, &session.rules) {
-            self.learned = Some(
-                self.learner
-                    .pin(&self.pool, session, id, LearnSource::PageBody),
-            );
+            self.learned = self
+                .learner
+                .pin(&self.pool, session, id, LearnSource::PageBody);
         }
     }
 
@@ -130,10 +145,9 @@ impl Tap for PageTap {
             return;
         };
         if let Some(id) = self.scanner.finish(&session.rules) {
-            self.learned = Some(
-                self.learner
-                    .pin(&self.pool, session, id, LearnSource::PageBody),
-            );
+            self.learned = self
+                .learner
+                .pin(&self.pool, session, id, LearnSource::PageBody);
         }
     }
 }

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HOST, LOCATION};
@@ -24,25 +24,34 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::DEFAULT_CLIENT_TIMEOUT;
 use crate::core::route::strip_port;
 use crate::proxy::{ClientConn, Proxy};
 use crate::shutdown::Signal;
 
-/// How long a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client of the admin and redirect listeners may take to send a request head.
+pub(crate) const CLIENT_TIMEOUT: Duration = Duration::from_secs(DEFAULT_CLIENT_TIMEOUT);
+/// How often an HTTP/2 connection is pinged, and how long the answer may take.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(60);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long shutdown waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The protocol settings every HTTP connection shares (traffic, admin and redirect
 /// listeners); as built here, hyper tells HTTP/1.1 from h2c itself.
-pub(crate) fn connection_builder() -> auto::Builder<TokioExecutor> {
+pub(crate) fn connection_builder(client_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(client_timeout)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    // Pings find peers that vanished without closing (HTTP/1.1 has the head timeout).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     builder
 }
 
@@ -65,11 +74,11 @@ enum Protocol {
 }
 
 impl Protocols {
-    fn new() -> Self {
+    fn new(client_timeout: Duration) -> Self {
         Protocols {
-            http1: connection_builder().http1_only(),
-            http2: connection_builder().http2_only(),
-            either: connection_builder(),
+            http1: connection_builder(client_timeout).http1_only(),
+            http2: connection_builder(client_timeout).http2_only(),
+            either: connection_builder(client_timeout),
         }
     }
 
@@ -114,7 +123,11 @@ const FIRST_READ: usize = 8 * 1024;
 /// Reads the first bytes of a plain connection: enough to tell whether it opens with the
 /// HTTP/2 preface. `None` when the client closes or stays silent first, or shutdown begins
 /// (a connection that has sent nothing holds nobody up).
-async fn first_bytes(stream: &mut TcpStream, mut shutdown: Signal) -> Option<(Bytes, Protocol)> {
+async fn first_bytes(
+    stream: &mut TcpStream,
+    client_timeout: Duration,
+    mut shutdown: Signal,
+) -> Option<(Bytes, Protocol)> {
     let mut first = BytesMut::with_capacity(FIRST_READ);
     let sniff = async {
         loop {
@@ -131,7 +144,7 @@ async fn first_bytes(stream: &mut TcpStream, mut shutdown: Signal) -> Option<(By
         }
     };
     let protocol = tokio::select! {
-        sniffed = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff) => sniffed.ok()??,
+        sniffed = tokio::time::timeout(client_timeout, sniff) => sniffed.ok()??,
         _ = shutdown.wait() => return None,
     };
     Some((first.freeze(), protocol))
@@ -218,6 +231,9 @@ pub struct TlsFront {
     pub hsts: Option<HeaderValue>,
 }
 
+/// How often, at most, a full connection limit is logged.
+const FULL_WARNING_PERIOD: Duration = Duration::from_secs(10);
+
 /// How long a client may take to complete a TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -230,9 +246,31 @@ pub async fn serve(
     mut shutdown: Signal,
     tls: Option<TlsFront>,
 ) {
-    let protocols = Arc::new(Protocols::new());
+    let protocols = Arc::new(Protocols::new(proxy.client_timeout));
     let graceful = GracefulShutdown::new();
+    let mut warned: Option<Instant> = None;
     loop {
+        // A slot first: at the limit, new connections wait in the kernel's accept queue.
+        let slot = match proxy.connection_slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if warned.is_none_or(|at| at.elapsed() >= FULL_WARNING_PERIOD) {
+                    warned = Some(Instant::now());
+                    tracing::warn!(
+                        "{} client connections open, the most allowed (max_connections): \
+                         new connections wait until some close",
+                        proxy.max_connections
+                    );
+                }
+                tokio::select! {
+                    slot = proxy.connection_slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                    _ = shutdown.wait() => break,
+                }
+            }
+        };
         let Some((mut stream, peer)) = accept(&listener, &mut shutdown).await else {
             break;
         };
@@ -245,10 +283,13 @@ pub async fn serve(
         let tls = tls.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let _open = OpenConnection::count(proxy.clone());
             let ended = match tls {
                 None => {
-                    let Some((first, protocol)) = first_bytes(&mut stream, stop).await else {
+                    let Some((first, protocol)) =
+                        first_bytes(&mut stream, proxy.client_timeout, stop).await
+                    else {
                         return;
                     };
                     let io = TokioIo::new(Replayed { first, stream });
@@ -333,7 +374,7 @@ impl Drop for OpenConnection {
 /// Answers every request on a plain listener with a permanent redirect to the same URL over
 /// HTTPS (`https_port` is added unless it is 443).
 pub async fn redirect_to_https(listener: TcpListener, https_port: u16, mut shutdown: Signal) {
-    let builder = connection_builder();
+    let builder = connection_builder(CLIENT_TIMEOUT);
     loop {
         let Some((stream, _)) = accept(&listener, &mut shutdown).await else {
             break;

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::header::{
     CONNECTION, CONTENT_TYPE, COOKIE, HOST, HeaderName, HeaderValue, SET_COOKIE, UPGRADE,
 };
-use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -36,6 +36,7 @@ use crate::learn::{Learner, PageLearner, PageTap};
 use crate::upstream::{
     self, CountBytesIn, RequestBody, SendError, ToBackend, Tunnel, UpBody, Upstream,
 };
+use tokio::sync::Semaphore;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -92,7 +93,12 @@ pub struct Proxy {
     router: Router,
     pools: Box<[Arc<Pool>]>,
     upstream: Arc<Upstream>,
-    response_timeout: Duration,
+    /// One permit per client connection served, over all traffic listeners.
+    pub connection_slots: Arc<Semaphore>,
+    /// How many permits there are (`max_connections`).
+    pub max_connections: usize,
+    /// Time a client has for a request head, and may stay silent within a body.
+    pub client_timeout: Duration,
     /// Connection, TLS and client-error counters.
     pub front: FrontStats,
 }
@@ -219,6 +225,18 @@ impl std::fmt::Display for LoggedPath<'_> {
     }
 }
 
+/// A session as the access log shows it: its keyed hash in hex, or `-`.
+struct LoggedSession(Option<u32>);
+
+impl std::fmt::Display for LoggedSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(hash) => write!(f, "{hash:08x}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// The tracing target of the access log (`RUST_LOG=tidegate::access=off` silences it).
 pub const ACCESS_LOG: &str = "tidegate::access";
 
@@ -289,7 +307,7 @@ impl Drop for Trace {
             backend = self.backend.as_ref().map_or("-", |b| &*b.name),
             decision = self.decision.map_or("-", Decision::as_str),
             learned = self.learned.map_or("-", LearnSource::as_str),
-            session = %a.session.map_or_else(|| "-".to_string(), |h| format!("{h:08x}")),
+            session = %LoggedSession(a.session),
         );
     }
 }
@@ -300,13 +318,16 @@ impl Proxy {
         router: Router,
         pools: Vec<Arc<Pool>>,
         upstream: Upstream,
-        response_timeout: Duration,
+        max_connections: usize,
+        client_timeout: Duration,
     ) -> Self {
         Proxy {
             router,
             pools: pools.into_boxed_slice(),
             upstream: Arc::new(upstream),
-            response_timeout,
+            connection_slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            client_timeout,
             front: FrontStats::default(),
         }
     }
@@ -360,7 +381,7 @@ impl Proxy {
         }
         let now = clock::unix_now();
         let (mut parts, body) = req.into_parts();
-        let host = request_host(&parts.headers, &parts.uri);
+        let host = request_host(&parts.headers, &parts.uri, parts.version)?;
         let pool = self
             .router
             .select(host, parts.uri.path())
@@ -369,6 +390,7 @@ impl Proxy {
         trace.pool = Some(pool.clone());
         let set = pool.backends();
         let mut cookie_routed = None;
+        let mut carried_unknown = None;
         let (routing, body) = match &pool.affinity {
             Affinity::ClientIp => {
                 let view = RequestView {
@@ -400,8 +422,11 @@ impl Proxy {
                     .flatten();
                 let (body, form) = match peekable {
                     Some(kind) => {
-                        let peek = upstream::peek(body, session.form_peek_bytes)
+                        // Like the head, the start of the body has a bounded time to come.
+                        let peek = upstream::peek(body, session.form_peek_bytes);
+                        let peek = tokio::time::timeout(self.client_timeout, peek)
                             .await
+                            .map_err(|_| ProxyError::RequestTimeout)?
                             .map_err(|_| ProxyError::BadRequestBody)?;
                         (peek.body, Some((kind, peek.head, peek.complete)))
                     }
@@ -412,7 +437,8 @@ impl Proxy {
                         .map(|id| (id, IdSource::FormBody));
                 }
                 let routing = pool.route(&set, &view, now);
-                cookie_routed = learned_via_cookie(&routing, &view);
+                cookie_routed = unknown_id(&routing, &view, Decision::Learned);
+                carried_unknown = unknown_id(&routing, &view, Decision::New);
                 if let Some(r) = &routing {
                     trace.routed(r, view.id.map(|(id, _)| id));
                 }
@@ -448,16 +474,15 @@ impl Proxy {
             address: backend.address,
             failure,
         };
-        let reply = tokio::time::timeout(
-            self.response_timeout,
-            self.upstream.send(backend.address, &parts, body),
-        )
-        .await
-        .map_err(|_| failed(UpstreamFailure::ResponseTimeout))?
-        .map_err(|e| match e {
-            SendError::Upstream(failure) => failed(failure),
-            SendError::Body => ProxyError::BadRequestBody,
-        })?;
+        let reply = self
+            .upstream
+            .send(backend.address, &parts, body)
+            .await
+            .map_err(|e| match e {
+                SendError::Upstream(failure) => failed(failure),
+                SendError::Body => ProxyError::BadRequestBody,
+                SendError::BodyStalled => ProxyError::RequestTimeout,
+            })?;
 
         if reply.status() == StatusCode::SWITCHING_PROTOCOLS {
             let (mut head, body) = reply.into_parts();
@@ -477,6 +502,7 @@ impl Proxy {
             backend: backend.id,
             now,
             cookie_routed,
+            carried_unknown,
         };
         trace.learned = learner.from_head(pool, &head.headers, head.status.is_redirection());
         let scan_page = scan_page
@@ -506,11 +532,16 @@ impl Proxy {
     }
 }
 
-/// The key of an unknown id that an affinity cookie routed: its pin, once the reply names
-/// it, is credited to the cookie.
-fn learned_via_cookie(routing: &Option<Routing>, view: &RequestView<'_>) -> Option<PinKey> {
+/// The key of the unknown id a request named, if it was routed with `decision`: `Learned`,
+/// on an affinity cookie's word (its pin, once the reply names it, is credited to the
+/// cookie), or `New`, on nobody's (only a `Set-Cookie` of it pins it).
+fn unknown_id(
+    routing: &Option<Routing>,
+    view: &RequestView<'_>,
+    decision: Decision,
+) -> Option<PinKey> {
     let routing = routing.as_ref()?;
-    (routing.decision == Decision::Learned)
+    (routing.decision == decision)
         .then_some(view.id)
         .flatten()
         .map(|(id, _)| PinKey::of(id))
@@ -527,12 +558,22 @@ fn refusal(e: &ProxyError) -> Response<ReplyBody> {
     reply
 }
 
-/// The host a request is for: its `Host` header, or the URI authority (HTTP/2).
-fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
-    headers
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| uri.authority().map(|a| a.as_str()))
+/// The host a request is for: its `Host` header, or the URI authority (HTTP/2, or an
+/// HTTP/1.0 request in absolute form). A request with two `Host` fields, or an HTTP/1.1
+/// request with none, is refused (RFC 9112 §3.2): a backend could read another host than
+/// the one tidegate routed by.
+fn request_host<'a>(
+    headers: &'a HeaderMap,
+    uri: &'a Uri,
+    version: Version,
+) -> Result<Option<&'a str>, ProxyError> {
+    let mut fields = headers.get_all(HOST).iter();
+    match (fields.next(), fields.next()) {
+        (Some(_), Some(_)) => Err(ProxyError::BadHost),
+        (Some(host), None) => Ok(host.to_str().ok()),
+        (None, _) if version == Version::HTTP_11 => Err(ProxyError::BadHost),
+        (None, _) => Ok(uri.authority().map(|a| a.as_str())),
+    }
 }
 
 /// The session id named in the request head: query field, then path parameter, then

@@ -136,8 +136,9 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let proxy = Arc::new(Proxy::new(
         Router::new(routes),
         pools,
-        upstream::Upstream::new(&config.upstream),
-        config.upstream.response_timeout,
+        upstream::Upstream::new(&config.upstream, config.client_timeout),
+        config.max_connections,
+        config.client_timeout,
     ));
     let (shutdown, stop) = shutdown::channel();
     let mut tasks = JoinSet::new();

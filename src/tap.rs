@@ -12,7 +12,8 @@ pub trait Tap {
     /// A data chunk is passing.
     fn data(&mut self, chunk: &Bytes);
 
-    /// The body ended (cleanly).
+    /// The body ended (cleanly): called once, after the last chunk (bodies that know their
+    /// length end without a last empty poll, so this does not wait for one).
     fn end(&mut self) {}
 }
 
@@ -20,17 +21,32 @@ pub trait Tap {
 pub struct Tapped<B, T> {
     body: B,
     tap: T,
+    ended: bool,
 }
 
 impl<B, T> Tapped<B, T> {
     /// Taps `body` with `tap`.
     pub fn new(body: B, tap: T) -> Self {
-        Tapped { body, tap }
+        Tapped {
+            body,
+            tap,
+            ended: false,
+        }
     }
 
     /// The tap, to read what it saw.
     pub fn tap(&self) -> &T {
         &self.tap
+    }
+
+    fn end(&mut self)
+    where
+        T: Tap,
+    {
+        if !self.ended {
+            self.ended = true;
+            self.tap.end();
+        }
     }
 }
 
@@ -53,8 +69,12 @@ where
                 if let Some(chunk) = frame.data_ref() {
                     this.tap.data(chunk);
                 }
+                // hyper stops polling a body once it says it has ended.
+                if this.body.is_end_stream() {
+                    this.end();
+                }
             }
-            Poll::Ready(None) => this.tap.end(),
+            Poll::Ready(None) => this.end(),
             _ => {}
         }
         polled

@@ -44,6 +44,8 @@ const MAX_LINE: usize = 4096;
 pub struct Upstream {
     idle: DashMap<SocketAddr, VecDeque<Idle>>,
     connect_timeout: Duration,
+    response_timeout: Duration,
+    client_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
 }
@@ -73,6 +75,9 @@ pub enum SendError {
     Upstream(UpstreamFailure),
     /// The client's request body failed while it was being forwarded.
     Body,
+    /// The client stopped sending its request body part-way (nothing for the client
+    /// timeout).
+    BodyStalled,
 }
 
 /// How an exchange failed, as far as sending it again is concerned.
@@ -90,11 +95,14 @@ impl From<UpstreamFailure> for Failed {
 }
 
 impl Upstream {
-    /// Connections with the `[upstream]` settings.
-    pub fn new(config: &UpstreamConfig) -> Self {
+    /// Connections with the `[upstream]` settings; a client may stay silent for
+    /// `client_timeout` in the middle of a request body.
+    pub fn new(config: &UpstreamConfig, client_timeout: Duration) -> Self {
         Upstream {
             idle: DashMap::new(),
             connect_timeout: config.connect_timeout,
+            response_timeout: config.response_timeout,
+            client_timeout,
             idle_timeout: config.idle_timeout,
             max_idle: config.max_idle_per_backend,
         }
@@ -114,7 +122,7 @@ impl Upstream {
             None => self.connect(addr).await.map_err(SendError::Upstream)?,
         };
         loop {
-            match conn.exchange(head, &mut body, bodyless).await {
+            match conn.exchange(head, &mut body, bodyless, self.waits()).await {
                 Ok((parts, state, keep_alive)) => {
                     let mut body = UpBody {
                         conn: Some(conn),
@@ -135,6 +143,13 @@ impl Upstream {
                 Err(Failed::Silent) => return Err(SendError::Upstream(UpstreamFailure::Reset)),
                 Err(Failed::Final(e)) => return Err(e),
             }
+        }
+    }
+
+    fn waits(&self) -> Waits {
+        Waits {
+            backend: self.response_timeout,
+            client: self.client_timeout,
         }
     }
 
@@ -217,12 +232,18 @@ impl Conn {
     }
 
     /// Writes the request, then reads the reply head (skipping interim 1xx replies).
+    ///
+    /// The backend has `waits.backend` for each write of the request to go through and,
+    /// once the request is sent, for its reply head: an upload takes as long as the client
+    /// takes, as long as neither side stalls.
     async fn exchange(
         &mut self,
         head: &http::request::Parts,
         body: &mut ToBackend,
         bodyless: bool,
+        waits: Waits,
     ) -> Result<(http::response::Parts, BodyState, bool), Failed> {
+        let wait = waits.backend;
         // The length the client declared, which the body must match exactly; none: chunked.
         let declared = head.headers.get(CONTENT_LENGTH).map(|v| {
             std::str::from_utf8(v.as_bytes())
@@ -237,22 +258,29 @@ impl Conn {
         let declared = declared.flatten();
         let chunked = !bodyless && declared.is_none();
         encode_head(&mut self.out, head, chunked);
+        let to_head = head.method == Method::HEAD;
         if bodyless {
-            if self.stream.write_all(&self.out).await.is_err() {
-                return Err(Failed::Silent);
-            }
-        } else if let Err(failed) = self.write_body(body, declared).await {
+            // One deadline for the head's write and the reply.
+            let exchange = async {
+                if self.stream.write_all(&self.out).await.is_err() {
+                    return Err(Failed::Silent);
+                }
+                self.read_head(to_head).await
+            };
+            return within(wait, exchange).await;
+        }
+        if let Err(failed) = self.write_body(body, declared, waits).await {
             // A backend may refuse a body before reading all of it (413, 401) and close the
             // connection: its answer, if one came, is worth more than the broken write.
             let Failed::Final(SendError::Upstream(UpstreamFailure::Reset)) = failed else {
                 return Err(failed);
             };
-            return match self.read_head(head.method == Method::HEAD).await {
+            return match within(wait, self.read_head(to_head)).await {
                 Ok((parts, state, _)) => Ok((parts, state, false)),
                 Err(_) => Err(failed),
             };
         }
-        self.read_head(head.method == Method::HEAD).await
+        within(wait, self.read_head(to_head)).await
     }
 
     /// Writes the encoded head with the body as it streams, each piece in one vectored write:
@@ -262,19 +290,31 @@ impl Conn {
     /// A body that does not match its declared length fails the exchange (and so closes
     /// the connection) before a byte too many is written: whatever the client side let
     /// through, the backend never sees one request's bytes run into the next.
+    ///
+    /// The client has `waits.client` for each piece to arrive, the backend `waits.backend`
+    /// for each write to go through.
     async fn write_body(
         &mut self,
         body: &mut ToBackend,
         declared: Option<u64>,
+        waits: Waits,
     ) -> Result<(), Failed> {
         let broke = |_| Failed::from(UpstreamFailure::Reset);
+        let stalled = |_| Failed::Final(SendError::BodyStalled);
+        let timed_out = |_| Failed::from(UpstreamFailure::ResponseTimeout);
         let mismatch = || Failed::Final(SendError::Body);
         let chunked = declared.is_none();
         let Conn { stream, out, .. } = self;
         let mut head: &[u8] = out;
         let mut ended = false;
         let mut sent = 0u64;
-        while !ended && let Some(frame) = body.frame().await {
+        while !ended {
+            let next = tokio::time::timeout(waits.client, body.frame())
+                .await
+                .map_err(stalled)?;
+            let Some(frame) = next else {
+                break;
+            };
             let frame = frame.map_err(|_| Failed::Final(SendError::Body))?;
             let Ok(data) = frame.into_data() else {
                 continue; // Trailers are not forwarded.
@@ -300,7 +340,10 @@ impl Conn {
             let mut piece = Buf::chain(head, &size[..size_len])
                 .chain(&data[..])
                 .chain(end);
-            stream.write_all_buf(&mut piece).await.map_err(broke)?;
+            tokio::time::timeout(waits.backend, stream.write_all_buf(&mut piece))
+                .await
+                .map_err(timed_out)?
+                .map_err(broke)?;
             head = b"";
         }
         if declared.is_some_and(|length| sent != length) {
@@ -309,7 +352,10 @@ impl Conn {
         let last: &[u8] = if chunked && !ended { LAST_CHUNK } else { b"" };
         let mut rest = Buf::chain(head, last);
         if rest.has_remaining() {
-            stream.write_all_buf(&mut rest).await.map_err(broke)?;
+            tokio::time::timeout(waits.backend, stream.write_all_buf(&mut rest))
+                .await
+                .map_err(timed_out)?
+                .map_err(broke)?;
         }
         Ok(())
     }
@@ -399,6 +445,25 @@ impl Conn {
         parts.headers = headers;
         Ok(Head::Final((parts, state, keep_alive)))
     }
+}
+
+/// How long each side of an exchange may keep the other waiting.
+#[derive(Clone, Copy)]
+struct Waits {
+    /// For a write to the backend to go through, and for its reply head.
+    backend: Duration,
+    /// For the next piece of the client's body.
+    client: Duration,
+}
+
+/// `step`, or a response timeout once `wait` has passed.
+async fn within<T>(
+    wait: Duration,
+    step: impl Future<Output = Result<T, Failed>>,
+) -> Result<T, Failed> {
+    tokio::time::timeout(wait, step)
+        .await
+        .unwrap_or(Err(UpstreamFailure::ResponseTimeout.into()))
 }
 
 /// What the start of the read buffer holds.

@@ -784,8 +784,16 @@ async fn malformed_requests_get_a_4xx_and_the_balancer_keeps_serving() {
         let mut oversized = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Huge: ".to_vec();
         oversized.extend(std::iter::repeat_n(b'a', 1 << 20));
         oversized.extend_from_slice(b"\r\n\r\n");
-        let requests: [(&str, Vec<u8>); 4] = [
+        let requests: [(&str, Vec<u8>); 6] = [
             ("garbage", b"GARBAGE\r\n\r\n".to_vec()),
+            (
+                "HTTP/1.1 without Host",
+                b"GET /echo HTTP/1.1\r\n\r\n".to_vec(),
+            ),
+            (
+                "two Host fields",
+                b"GET /echo HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n".to_vec(),
+            ),
             (
                 "header line without a colon",
                 b"GET /echo HTTP/1.1\r\nHost: x\r\nthis is not a header\r\n\r\n".to_vec(),

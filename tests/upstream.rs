@@ -156,8 +156,15 @@ async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
 
 /// A balancer with one pool of the given backends.
 async fn balancer(backends: &[SocketAddr]) -> tidegate::server::Running {
-    let mut text =
-        String::from("listen = [\"127.0.0.1:0\"]\nadmin = \"off\"\n[[pool]]\nname = \"app\"\n");
+    balancer_with(backends, "").await
+}
+
+/// A balancer with one pool of the given backends; `settings` (top-level keys, then any
+/// tables such as `[upstream]`) go before the pool.
+async fn balancer_with(backends: &[SocketAddr], settings: &str) -> tidegate::server::Running {
+    let mut text = format!(
+        "listen = [\"127.0.0.1:0\"]\nadmin = \"off\"\n{settings}\n[[pool]]\nname = \"app\"\n"
+    );
     for (i, addr) in backends.iter().enumerate() {
         text.push_str(&format!(
             "[[pool.backend]]\nname = \"image{i}\"\naddress = \"{addr}\"\n"
@@ -563,6 +570,197 @@ async fn bytes_a_backend_sends_right_after_its_101_reach_the_client() {
         let mut echo = [0u8; 4];
         stream.read_exact(&mut echo).await.unwrap();
         assert_eq!(&echo, b"ping");
+    })
+    .await;
+}
+
+/// Reads from `stream` until a whole reply head has come, or the stream ends.
+async fn reply_head(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    match read_head(stream, &mut buf).await {
+        Some(end) => String::from_utf8_lossy(&buf[..end]).into_owned(),
+        None => String::from_utf8_lossy(&buf).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_may_outlast_the_response_timeout() {
+    bounded(async {
+        let backend = Scripted::start(|_, _, _| Some(ok("stored"))).await;
+        let running = balancer_with(
+            &[backend.addr],
+            "client_timeout = 5\n[upstream]\nresponse_timeout = 1\n",
+        )
+        .await;
+        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        stream
+            .write_all(b"PUT /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 400\r\n\r\n")
+            .await
+            .unwrap();
+        // 1.6 s of upload against a 1 s response timeout: the timeout starts once it is sent.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            stream.write_all(&[b'x'; 100]).await.unwrap();
+        }
+        let head = reply_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_silent_after_the_request_gets_a_504() {
+    bounded(async {
+        let (addr, _) = raw_backend(|mut stream, _| async move {
+            let mut buf = Vec::new();
+            let _ = read_request(&mut stream, &mut buf).await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        })
+        .await;
+        let running = balancer_with(&[addr], "[upstream]\nresponse_timeout = 1\n").await;
+        let started = std::time::Instant::now();
+        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        stream
+            .write_all(b"GET /slow HTTP/1.1\r\nhost: app\r\n\r\n")
+            .await
+            .unwrap();
+        let head = reply_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_sending_its_body_gets_a_408() {
+    bounded(async {
+        let backend = Scripted::start(|_, _, _| Some(ok("stored"))).await;
+        let running = balancer_with(&[backend.addr], "client_timeout = 1\n").await;
+        // A plain upload, streamed to the backend; and a form post without a session id,
+        // whose start tidegate reads to look for one.
+        let requests: [&[u8]; 2] = [
+            b"PUT /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 1000\r\n\r\n0123456789",
+            b"POST /app HTTP/1.1\r\nhost: app\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 1000\r\n\r\nname=abc&",
+        ];
+        for request in requests {
+            let started = std::time::Instant::now();
+            let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
+            stream.write_all(request).await.unwrap();
+            let head = reply_head(&mut stream).await;
+            assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+            assert!(started.elapsed() < Duration::from_secs(5));
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_wait_for_a_slot() {
+    bounded(async {
+        let backend = Scripted::start(|_, _, _| Some(ok("hi"))).await;
+        let running = balancer_with(&[backend.addr], "max_connections = 1\n").await;
+        let request = b"GET / HTTP/1.1\r\nhost: app\r\n\r\n";
+        let mut first = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        first.write_all(request).await.unwrap();
+        assert!(reply_head(&mut first).await.starts_with("HTTP/1.1 200"));
+        // The kernel takes the second connection; tidegate does not serve it yet.
+        let mut second = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        second.write_all(request).await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(500), reply_head(&mut second)).await;
+        assert!(early.is_err(), "served beyond the limit: {early:?}");
+        drop(first);
+        let head = tokio::time::timeout(Duration::from_secs(5), reply_head(&mut second))
+            .await
+            .expect("served once a slot is free");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    })
+    .await;
+}
+
+/// The `_s` value in a request head's target, if any.
+fn id_in_target(head: &str) -> Option<String> {
+    let target = head.split(' ').nth(1)?;
+    let id = target.split_once("_s=")?.1;
+    Some(id.split('&').next().unwrap_or(id).to_string())
+}
+
+fn pinned(running: &tidegate::server::Running, id: &str) -> bool {
+    let table = running.pool("app").unwrap().table().unwrap();
+    table
+        .get(tidegate::core::affinity::PinKey::of(id))
+        .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_repeating_the_requests_unknown_id_does_not_pin_it() {
+    bounded(async {
+        // A backend that hands the id it was given back in a redirect, in the links of a
+        // page, or in a cookie; and gives a request without one a fresh id in a page.
+        let backend = Scripted::start(|_, _, head| {
+            let path = head.split(' ').nth(1).unwrap_or("/");
+            let id = id_in_target(head).unwrap_or_else(|| "FRESHKEY00000001".to_string());
+            let html = |id: &str| {
+                let body = format!("<a href=\"/app?_s={id}&_k=1\">on</a>");
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            let reply = if path.starts_with("/redirect") {
+                format!("HTTP/1.1 302 Found\r\nlocation: /app/?_s={id}\r\ncontent-length: 0\r\n\r\n")
+            } else if path.starts_with("/cookie") {
+                format!("HTTP/1.1 200 OK\r\nset-cookie: _s={id}; Path=/\r\ncontent-length: 0\r\n\r\n")
+            } else {
+                html(&id)
+            };
+            Some(reply.into_bytes())
+        })
+        .await;
+        let (running, client, base) = front(&[backend.addr]).await;
+        for path in ["/redirect?_s=FORGEDREDIRECT01", "/page?_s=FORGEDPAGE000001"] {
+            get(&client, &format!("{base}{path}")).await;
+        }
+        assert!(!pinned(&running, "FORGEDREDIRECT01"), "a repeated Location id was pinned");
+        assert!(!pinned(&running, "FORGEDPAGE000001"), "a repeated page id was pinned");
+        // The backend's explicit word, and a fresh id it hands out, still pin.
+        get(&client, &format!("{base}/cookie?_s=COOKIEKEY0000001")).await;
+        assert!(pinned(&running, "COOKIEKEY0000001"), "a Set-Cookie of the id pins it");
+        get(&client, &format!("{base}/page")).await;
+        assert!(pinned(&running, "FRESHKEY00000001"), "a fresh id in a page pins it");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_ending_in_an_id_is_learned_whatever_its_framing() {
+    bounded(async {
+        // The id runs up to the last byte of the page, in a Content-Length reply and in a
+        // chunked one: only the end of the body shows it is whole.
+        let backend = Scripted::start(|_, _, head| {
+            let body = if head.contains("/chunked") {
+                "<a href=\"/app?_s=ENDKEYCHUNKED001".to_string()
+            } else {
+                "<a href=\"/app?_s=ENDKEYLENGTH0001".to_string()
+            };
+            let reply = if head.contains("/chunked") {
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                    body.len()
+                )
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            Some(reply.into_bytes())
+        })
+        .await;
+        let (running, client, base) = front(&[backend.addr]).await;
+        get(&client, &format!("{base}/length")).await;
+        get(&client, &format!("{base}/chunked")).await;
+        assert!(pinned(&running, "ENDKEYLENGTH0001"));
+        assert!(pinned(&running, "ENDKEYCHUNKED001"));
     })
     .await;
 }

@@ -41,7 +41,8 @@ pub enum BackendState {
     Down = 1,
     /// Serves its pinned sessions until they end, takes no new ones.
     Draining = 2,
-    /// Being started on demand: requests wait for it.
+    /// Being started on demand (reserved for launching, which is not built yet: nothing
+    /// sets this state outside tests). Serves its pinned sessions, takes no new ones.
     Launching = 3,
 }
 

@@ -152,9 +152,11 @@ impl PoolStats {
 }
 
 /// Client-side failure kinds counted by the front, in [`CLIENT_ERROR_KINDS`] order.
-pub const CLIENT_ERROR_KINDS: [&str; 4] = [
+pub const CLIENT_ERROR_KINDS: [&str; 6] = [
     "no-route",
     "bad-request-body",
+    "bad-host",
+    "request-timeout",
     "connect-method",
     "tls-handshake",
 ];
