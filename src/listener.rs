@@ -26,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::DEFAULT_CLIENT_TIMEOUT;
 use crate::core::route::strip_port;
-use crate::proxy::{ClientConn, Proxy};
+use crate::proxy::{Activity, ClientConn, Proxy};
 use crate::shutdown::Signal;
 
 /// How long a client of the admin and redirect listeners may take to send a request head.
@@ -61,6 +61,7 @@ struct Protocols {
     http1: auto::Builder<TokioExecutor>,
     http2: auto::Builder<TokioExecutor>,
     either: auto::Builder<TokioExecutor>,
+    client_timeout: Duration,
 }
 
 /// What a connection speaks, as far as the listener knows.
@@ -79,11 +80,18 @@ impl Protocols {
             http1: connection_builder(client_timeout).http1_only(),
             http2: connection_builder(client_timeout).http2_only(),
             either: connection_builder(client_timeout),
+            client_timeout,
         }
     }
 
     /// Serves the requests of one connection through `proxy` until it closes (or, once
-    /// shutdown begins, until its requests in flight are done).
+    /// shutdown begins, until its requests in flight are done). `watcher` is held until
+    /// then, so shutdown can wait for the connection.
+    ///
+    /// An HTTP/1.1 connection that goes quiet is closed by hyper's head timeout. HTTP/2 has
+    /// none, so a connection that may speak it (`Http2`, `Either`) with no request in flight
+    /// and none started for `client_timeout` is shut down gracefully (a `GOAWAY`; a peer
+    /// that then says nothing more is dropped after another `client_timeout`).
     async fn serve<I>(
         &self,
         io: I,
@@ -91,24 +99,69 @@ impl Protocols {
         conn: ClientConn,
         proxy: Arc<Proxy>,
         watcher: Watcher,
+        mut stop: Signal,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     where
         I: Read + Write + Unpin + Send + 'static,
     {
         let conn = Arc::new(conn);
-        let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
         let builder = match protocol {
-            Protocol::Http1 => &self.http1,
+            Protocol::Http1 => {
+                let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
+                let connection = self
+                    .http1
+                    .serve_connection_with_upgrades(io, service)
+                    .into_owned();
+                return watcher.watch(connection).await;
+            }
             Protocol::Http2 => &self.http2,
             Protocol::Either => &self.either,
         };
-        watcher
-            .watch(
-                builder
-                    .serve_connection_with_upgrades(io, service)
-                    .into_owned(),
-            )
-            .await
+        let _drain = watcher;
+        let activity = Activity::new();
+        let touched = activity.clone();
+        let service = service_fn(move |req| {
+            let in_flight = touched.enter();
+            let (proxy, conn) = (proxy.clone(), conn.clone());
+            async move {
+                let mut reply = proxy.serve(req, conn).await?;
+                reply.body_mut().hold(in_flight);
+                Ok::<_, std::convert::Infallible>(reply)
+            }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned();
+        let mut connection = std::pin::pin!(connection);
+        let stopping = stop.wait();
+        let mut stopping = std::pin::pin!(stopping);
+        let quiet = tokio::time::sleep(self.client_timeout);
+        let mut quiet = std::pin::pin!(quiet);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                biased;
+                ended = connection.as_mut() => return ended,
+                () = stopping.as_mut(), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = quiet.as_mut() => {
+                    let idle = activity.quiet_for();
+                    if idle < self.client_timeout {
+                        let rest = self.client_timeout - idle;
+                        quiet.as_mut().reset(tokio::time::Instant::now() + rest);
+                    } else if closing {
+                        // It had its grace after the GOAWAY and is still quiet.
+                        return Ok(());
+                    } else {
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                        quiet.as_mut().reset(tokio::time::Instant::now() + self.client_timeout);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -288,13 +341,15 @@ pub async fn serve(
             let ended = match tls {
                 None => {
                     let Some((first, protocol)) =
-                        first_bytes(&mut stream, proxy.client_timeout, stop).await
+                        first_bytes(&mut stream, proxy.client_timeout, stop.clone()).await
                     else {
                         return;
                     };
                     let io = TokioIo::new(Replayed { first, stream });
                     let conn = ClientConn::new(peer, None);
-                    protocols.serve(io, protocol, conn, proxy, watcher).await
+                    protocols
+                        .serve(io, protocol, conn, proxy, watcher, stop)
+                        .await
                 }
                 Some(tls) => {
                     let handshake =
@@ -330,7 +385,7 @@ pub async fn serve(
                         _ => Protocol::Either,
                     };
                     protocols
-                        .serve(TokioIo::new(stream), protocol, conn, proxy, watcher)
+                        .serve(TokioIo::new(stream), protocol, conn, proxy, watcher, stop)
                         .await
                 }
             };

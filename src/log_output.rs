@@ -85,7 +85,9 @@ pub fn buffered<W: Write + Send + 'static>(out: W) -> (LogOutput, Flusher) {
     (output, Flusher { shared, thread })
 }
 
-/// The writer thread: takes what is pending at each wake-up or timeout, writes it in one go.
+/// The writer thread: sleeps until a line comes, gives the lines after it up to
+/// [`FLUSH_EVERY`] (or a full batch) to join it, and writes them in one go. An idle process
+/// wakes it never.
 fn write_out<W: Write>(shared: &Shared, mut out: W) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
@@ -93,6 +95,10 @@ fn write_out<W: Write>(shared: &Shared, mut out: W) {
             let pending = shared
                 .pending
                 .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let pending = shared
+                .wake
+                .wait_while(pending, |p| p.bytes.is_empty() && !p.closing)
                 .unwrap_or_else(PoisonError::into_inner);
             let (mut pending, _) = shared
                 .wake
@@ -159,8 +165,10 @@ impl Write for Line<'_> {
         if pending.bytes.len() + line.len() > MAX_PENDING {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         } else {
+            let first = pending.bytes.is_empty();
             pending.bytes.extend_from_slice(line);
-            if pending.bytes.len() >= BATCH {
+            // The first line starts the writer's wait; a full batch ends it.
+            if first || pending.bytes.len() >= BATCH {
                 self.shared.wake.notify_one();
             }
         }

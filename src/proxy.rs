@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -109,6 +109,57 @@ pub struct Proxy {
 pub struct ReplyBody {
     kind: ReplyKind,
     trace: Option<Trace>,
+    in_flight: Option<InFlight>,
+}
+
+/// A connection's requests: how many are in flight, and when one last started or ended.
+pub struct Activity {
+    since: Instant,
+    /// Milliseconds after `since`.
+    last: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    /// A connection with no request yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Activity {
+            since: Instant::now(),
+            last: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    /// A request starts: counted in flight until its reply body is done.
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.stamp();
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn stamp(&self) {
+        let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    /// How long the connection has been without a request in flight (zero while one is).
+    pub fn quiet_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.since.elapsed().saturating_sub(last)
+    }
+}
+
+/// A request counted in flight on its connection until its reply body is done (or dropped).
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.stamp();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 enum ReplyKind {
@@ -122,7 +173,16 @@ enum ReplyKind {
 
 impl ReplyBody {
     fn new(kind: ReplyKind) -> Self {
-        ReplyBody { kind, trace: None }
+        ReplyBody {
+            kind,
+            trace: None,
+            in_flight: None,
+        }
+    }
+
+    /// Keeps the request counted in flight until this body is done.
+    pub fn hold(&mut self, in_flight: InFlight) {
+        self.in_flight = Some(in_flight);
     }
 
     fn text(message: String) -> Self {

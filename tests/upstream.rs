@@ -1,6 +1,8 @@
 //! The backend side of the wire: scripted backends that reply in every HTTP/1.1 framing,
 //! close idle connections under the balancer, send interim replies or garbage; the client
-//! must see whole replies, and refusals that say why.
+//! must see whole replies, and refusals that say why. Also the timeouts and limits that
+//! bound what either side can hold (slow uploads, stalled clients and backends, quiet
+//! HTTP/2 connections, the connection limit), and what a reply may teach the table.
 
 mod support;
 
@@ -761,6 +763,74 @@ async fn a_page_ending_in_an_id_is_learned_whatever_its_framing() {
         get(&client, &format!("{base}/chunked")).await;
         assert!(pinned(&running, "ENDKEYLENGTH0001"));
         assert!(pinned(&running, "ENDKEYCHUNKED001"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_http2_connection_is_closed_with_a_goaway() {
+    bounded(async {
+        let backend = Scripted::start(|_, _, _| Some(ok("hi"))).await;
+        let running = balancer_with(&[backend.addr], "client_timeout = 1\n").await;
+        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        // The h2c preface and an empty SETTINGS frame, then nothing.
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let waited = started.elapsed();
+        // Walk the frames: 9-byte headers, the type in the fourth byte.
+        let mut types = Vec::new();
+        let mut at = 0;
+        while at + 9 <= got.len() {
+            let len = usize::from(got[at]) << 16
+                | usize::from(got[at + 1]) << 8
+                | usize::from(got[at + 2]);
+            types.push(got[at + 3]);
+            at += 9 + len;
+        }
+        assert!(
+            types.contains(&0x7),
+            "a GOAWAY frame before the close: {types:?}"
+        );
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+            "closed after {waited:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_request_in_flight_keeps_its_connection_past_the_quiet_limit() {
+    bounded(async {
+        // The backend takes 2.5 s, the quiet limit is 1 s: the reply must still arrive, and
+        // the connection serve the next request.
+        let (addr, _) = raw_backend(|mut stream, _| async move {
+            let mut buf = Vec::new();
+            while read_request(&mut stream, &mut buf).await.is_some() {
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                if stream.write_all(&ok("late")).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let running = balancer_with(&[addr], "client_timeout = 1\n").await;
+        let client = support::h2c_client();
+        let base = format!("http://{}", running.addrs()[0]);
+        let reply = get(&client, &format!("{base}/slow")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), "late");
     })
     .await;
 }
