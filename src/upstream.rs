@@ -129,6 +129,8 @@ impl Upstream {
                         state,
                         keep_alive,
                         upstream: self.clone(),
+                        stall: None,
+                        moved: false,
                     };
                     if matches!(body.state, BodyState::Length(0)) {
                         // No body to read: the client side may never poll it.
@@ -573,6 +575,12 @@ pub struct UpBody {
     state: BodyState,
     keep_alive: bool,
     upstream: Arc<Upstream>,
+    /// Armed the first time the body has to wait for the backend (a reply that comes whole
+    /// with its head never needs it): the backend must send more within the response
+    /// timeout.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes came since the stall timer was last armed.
+    moved: bool,
 }
 
 /// A connection that switched protocols, with the bytes the backend already sent past the
@@ -598,6 +606,22 @@ impl UpBody {
     }
 
     /// The body is complete: park the connection if it can serve another request.
+    /// Waits out the response timeout since the backend last sent something.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let wait = self.upstream.response_timeout;
+        let moved = std::mem::take(&mut self.moved);
+        let stall = match &mut self.stall {
+            Some(stall) => {
+                if moved {
+                    stall.as_mut().reset(tokio::time::Instant::now() + wait);
+                }
+                stall
+            }
+            None => self.stall.insert(Box::pin(tokio::time::sleep(wait))),
+        };
+        stall.as_mut().poll(cx)
+    }
+
     fn finish(&mut self) {
         self.state = BodyState::Done;
         if let Some(conn) = self.conn.take()
@@ -754,11 +778,19 @@ impl Body for UpBody {
             if conn.buf.capacity() - conn.buf.len() < READ_CHUNK / 4 {
                 conn.buf.reserve(READ_CHUNK);
             }
-            let read = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut conn.stream),
-                cx,
-                &mut conn.buf
-            ))?;
+            let polled =
+                tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf);
+            let Poll::Ready(read) = polled else {
+                ready!(this.poll_stall(cx));
+                // The backend sent nothing more for the whole response timeout.
+                this.conn = None;
+                return Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the backend sent nothing more within the response timeout",
+                ))));
+            };
+            this.moved = true;
+            let read = read?;
             if read == 0 {
                 if matches!(this.state, BodyState::Close) {
                     this.keep_alive = false;

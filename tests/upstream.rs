@@ -834,3 +834,45 @@ async fn an_http2_request_in_flight_keeps_its_connection_past_the_quiet_limit() 
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stalls_mid_body_is_cut_off_after_the_response_timeout() {
+    bounded(async {
+        // 10 of 100 promised bytes, then silence with the connection open.
+        let (addr, _) = raw_backend(|mut stream, _| async move {
+            let mut buf = Vec::new();
+            if read_request(&mut stream, &mut buf).await.is_none() {
+                return;
+            }
+            let part = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789";
+            if stream.write_all(part).await.is_ok() {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+            }
+        })
+        .await;
+        let running = balancer_with(&[addr], "[upstream]\nresponse_timeout = 1\n").await;
+        let started = std::time::Instant::now();
+        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        stream
+            .write_all(b"GET /stuck HTTP/1.1\r\nhost: app\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let waited = started.elapsed();
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("0123456789"), "the part that came: {text}");
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+            "cut off after {waited:?}"
+        );
+    })
+    .await;
+}
