@@ -293,6 +293,8 @@ fn run(workers: usize, main: impl std::future::Future<Output = Result<(), String
 }
 
 async fn serve(config: Config) -> Result<(), String> {
+    #[cfg(unix)]
+    tidegate::server::raise_open_files_limit(config.max_connections);
     let running = tidegate::server::start(&config)
         .await
         .map_err(|e| e.to_string())?;

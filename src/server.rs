@@ -399,3 +399,46 @@ impl Running {
         while self.tasks.join_next().await.is_some() {}
     }
 }
+
+/// Descriptors tidegate needs beyond its connections: listeners, log, certificates, epoll.
+const SPARE_FILES: u64 = 64;
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime does at start: a
+/// client connection and its backend connection take a descriptor each, and the soft default
+/// of many systems (1024) would stop tidegate at a few hundred clients. Says what it did,
+/// and warns when even the hard limit is short of `max_connections`.
+#[cfg(unix)]
+pub fn raise_open_files_limit(max_connections: usize) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let Some(soft) = limit.current else {
+        return; // Unlimited.
+    };
+    let mut usable = soft;
+    if limit.maximum.is_none_or(|hard| hard > soft) {
+        // An unlimited hard limit still has a kernel ceiling (fs.nr_open): try it first.
+        let target = limit.maximum.unwrap_or(1 << 20);
+        let raised = rustix::process::Rlimit {
+            current: Some(target),
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                usable = target;
+                tracing::info!("open files limit raised from {soft} to {target}");
+            }
+            Err(e) => tracing::warn!("cannot raise the open files limit from {soft}: {e}"),
+        }
+    }
+    // Each client connection takes one descriptor, and one more while it has a backend
+    // connection: short of one per connection, max_connections cannot be reached at all.
+    if usable < max_connections as u64 + SPARE_FILES {
+        tracing::warn!(
+            "open files limit {usable} is short of max_connections = {max_connections} \
+             (each connection takes one descriptor, two while a request is at its backend): \
+             raise it (LimitNOFILE=, ulimit -n) or lower max_connections; connections beyond \
+             about {} may not be accepted",
+            usable.saturating_sub(SPARE_FILES) / 2
+        );
+    }
+}

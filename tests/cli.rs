@@ -334,3 +334,45 @@ async fn config_together_with_backend_is_refused() {
         "stderr names both flags: {err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_files_limit_is_raised_to_the_hard_one_and_a_short_one_is_named() {
+    let log = TempFile::new("rlimit.log", "");
+    let out = std::fs::File::create(log.path()).expect("log file");
+    // A soft limit of 256 under a hard one of 3000: raised to 3000, which is still short
+    // of the default max_connections (10,000).
+    let script = r#"ulimit -Sn 256 && { ulimit -Hn 3000 2>/dev/null || true; }
+echo "hard limit $(ulimit -Hn)"
+exec "$0" --listen 127.0.0.1:0 --backend 127.0.0.1:9 --admin off"#;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(BIN)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("log handle"))
+        .stderr(out)
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sh runs");
+    let read = || std::fs::read_to_string(log.path()).unwrap_or_default();
+    let deadline = Instant::now() + START_LIMIT;
+    while !read().contains("listening") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    let text = read();
+    let hard: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("hard limit "))
+        .and_then(|h| h.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the shell reports a numeric hard limit:\n{text}"));
+    assert!(
+        text.contains(&format!("open files limit raised from 256 to {hard}")),
+        "{text}"
+    );
+    if hard < 10_064 {
+        assert!(text.contains("short of max_connections = 10000"), "{text}");
+    }
+}
