@@ -24,6 +24,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Client connections served at once unless `max_connections` says otherwise.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
+/// The longest backend timeout accepted, in seconds: a day.
+const MAX_TIMEOUT: u64 = 86_400;
+
 /// Seconds a client has for a request head (and may stay silent within a body) unless
 /// `client_timeout` says otherwise.
 pub const DEFAULT_CLIENT_TIMEOUT: u64 = 30;
@@ -451,17 +454,13 @@ impl FileConfig {
             ));
         }
         let u = &self.upstream;
-        if u.connect_timeout == 0 {
-            return Err(invalid(
-                "upstream.connect_timeout",
-                "must be at least 1 second",
-            ));
-        }
-        if u.response_timeout == 0 {
-            return Err(invalid(
-                "upstream.response_timeout",
-                "must be at least 1 second",
-            ));
+        for (key, value) in [
+            ("upstream.connect_timeout", u.connect_timeout),
+            ("upstream.response_timeout", u.response_timeout),
+        ] {
+            if !(1..=MAX_TIMEOUT).contains(&value) {
+                return Err(invalid(key, "must be between 1 and 86400 seconds (a day)"));
+            }
         }
         let upstream = UpstreamConfig {
             connect_timeout: std::time::Duration::from_secs(u.connect_timeout),

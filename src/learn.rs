@@ -16,7 +16,7 @@ use crate::upstream::UpBody;
 
 /// Who is learning: the backend that answered, when, the id a request carried to it on
 /// the strength of an affinity cookie (a pin of that id is credited to the cookie), and an
-/// unknown id the request carried on no one's word.
+/// unknown id the request carried on no one's word (which only a `Set-Cookie` pins).
 #[derive(Clone, Copy, Debug)]
 pub struct Learner {
     /// The backend whose reply this is.
@@ -29,7 +29,9 @@ pub struct Learner {
     /// merely repeats it — a redirect that keeps the query, links that carry it along —
     /// does not make it a session: Seaside answers an unknown id with a new one. Only a
     /// `Set-Cookie` of it, the backend's explicit word, pins it. Otherwise any client could
-    /// fill the table with ids of its own through such a backend.
+    /// fill the table with ids of its own through such a backend. (An id that comes with a
+    /// genuine affinity cookie is the cookie's to vouch for, and is pinned when the reply
+    /// names it.)
     pub carried_unknown: Option<PinKey>,
 }
 

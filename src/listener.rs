@@ -5,7 +5,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::DEFAULT_CLIENT_TIMEOUT;
 use crate::core::route::strip_port;
-use crate::proxy::{Activity, ClientConn, Proxy};
+use crate::proxy::{Activity, ClientConn, Lease, Proxy};
 use crate::shutdown::Signal;
 
 /// How long a client of the admin and redirect listeners may take to send a request head.
@@ -255,6 +255,104 @@ impl AsyncWrite for Replayed {
     }
 }
 
+/// A client connection whose writes must make progress: a write that has waited
+/// `client_timeout` for the client to read fails, and the connection closes. A client that
+/// stops reading its reply would otherwise hold its connection, and its slot, forever.
+struct WriteBound<I> {
+    io: I,
+    limit: Duration,
+    /// Armed the first time a write has to wait.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A write went through since the timer was last armed.
+    moved: bool,
+}
+
+impl<I> WriteBound<I> {
+    fn new(io: I, limit: Duration) -> Self {
+        WriteBound {
+            io,
+            limit,
+            stall: None,
+            moved: false,
+        }
+    }
+
+    /// After the inner write's `polled`: passes a result through, or, while it waits, fails
+    /// it once the client has read nothing for the limit.
+    fn bound<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.moved = true;
+            return polled;
+        }
+        let limit = self.limit;
+        let moved = std::mem::take(&mut self.moved);
+        let stall = match &mut self.stall {
+            Some(stall) => {
+                if moved {
+                    stall.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+                stall
+            }
+            None => self.stall.insert(Box::pin(tokio::time::sleep(limit))),
+        };
+        match stall.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing for the client timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteBound<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteBound<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.bound(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.bound(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.bound(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.bound(cx, polled)
+    }
+}
+
 /// The next connection, or `None` once `shutdown` fires. A failed accept (out of
 /// descriptors and the like) is logged and retried after a pause rather than spun on.
 pub(crate) async fn accept(
@@ -303,7 +401,11 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let mut warned: Option<Instant> = None;
     loop {
-        // A slot first: at the limit, new connections wait in the kernel's accept queue.
+        let Some((mut stream, peer)) = accept(&listener, &mut shutdown).await else {
+            break;
+        };
+        // At the limit the listener holds this connection and accepts no more until a slot
+        // frees: the ones after it wait in the kernel's accept queue.
         let slot = match proxy.connection_slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
@@ -324,9 +426,6 @@ pub async fn serve(
                 }
             }
         };
-        let Some((mut stream, peer)) = accept(&listener, &mut shutdown).await else {
-            break;
-        };
         // Linux connections inherit it from the listener.
         #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
@@ -336,8 +435,7 @@ pub async fn serve(
         let tls = tls.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            let _open = OpenConnection::count(proxy.clone());
+            let lease = Lease::new(proxy.clone(), slot);
             let ended = match tls {
                 None => {
                     let Some((first, protocol)) =
@@ -345,8 +443,9 @@ pub async fn serve(
                     else {
                         return;
                     };
-                    let io = TokioIo::new(Replayed { first, stream });
-                    let conn = ClientConn::new(peer, None);
+                    let io = Replayed { first, stream };
+                    let io = TokioIo::new(WriteBound::new(io, proxy.client_timeout));
+                    let conn = ClientConn::new(peer, None, lease);
                     protocols
                         .serve(io, protocol, conn, proxy, watcher, stop)
                         .await
@@ -378,14 +477,21 @@ pub async fn serve(
                         None => 2,
                     };
                     proxy.front.handshake(version, alpn);
-                    let conn = ClientConn::new(peer, Some(tls.hsts));
+                    let conn = ClientConn::new(peer, Some(tls.hsts), lease);
                     let protocol = match alpn {
                         0 => Protocol::Http2,
                         1 => Protocol::Http1,
                         _ => Protocol::Either,
                     };
                     protocols
-                        .serve(TokioIo::new(stream), protocol, conn, proxy, watcher, stop)
+                        .serve(
+                            TokioIo::new(WriteBound::new(stream, proxy.client_timeout)),
+                            protocol,
+                            conn,
+                            proxy,
+                            watcher,
+                            stop,
+                        )
                         .await
                 }
             };
@@ -400,29 +506,6 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("shutdown: connections still open after {DRAIN_TIMEOUT:?}, closing them");
-    }
-}
-
-/// Counts a connection open for as long as it lives, however its task ends.
-struct OpenConnection(Arc<Proxy>);
-
-impl OpenConnection {
-    fn count(proxy: Arc<Proxy>) -> Self {
-        proxy
-            .front
-            .connections_total
-            .fetch_add(1, Ordering::Relaxed);
-        proxy.front.connections_open.fetch_add(1, Ordering::Relaxed);
-        OpenConnection(proxy)
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0
-            .front
-            .connections_open
-            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

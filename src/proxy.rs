@@ -34,9 +34,9 @@ use crate::core::stats::FrontStats;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::learn::{Learner, PageLearner, PageTap};
 use crate::upstream::{
-    self, CountBytesIn, RequestBody, SendError, ToBackend, Tunnel, UpBody, Upstream,
+    self, CountBytesIn, PeekError, RequestBody, SendError, ToBackend, Tunnel, UpBody, Upstream,
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -59,7 +59,7 @@ fn hop_by_hop() -> [&'static HeaderName; 7] {
 }
 
 /// Per-connection facts, computed once when the connection is accepted.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ClientConn {
     /// The client's address.
     pub peer: SocketAddr,
@@ -69,22 +69,60 @@ pub struct ClientConn {
     pub tls: bool,
     /// The HSTS header to add to replies (TLS only, when enabled).
     pub hsts: Option<HeaderValue>,
+    /// Held while anything of the connection lives, an upgraded tunnel included.
+    _lease: Lease,
 }
 
 impl ClientConn {
     /// Facts of a connection from `peer`; `tls` carries the HSTS setting of a TLS listener.
-    pub fn new(peer: SocketAddr, tls: Option<Option<HeaderValue>>) -> Self {
+    pub fn new(peer: SocketAddr, tls: Option<Option<HeaderValue>>, lease: Lease) -> Self {
         ClientConn {
             peer,
             forwarded_for: HeaderValue::try_from(peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
             tls: tls.is_some(),
             hsts: tls.flatten(),
+            _lease: lease,
         }
     }
 
     fn proto(&self) -> HeaderValue {
         HeaderValue::from_static(if self.tls { "https" } else { "http" })
+    }
+}
+
+/// What an accepted client connection holds for as long as any of it lives (its HTTP
+/// connection, or a WebSocket tunnel that outlives it): a `max_connections` slot, and its
+/// place in the open-connections gauge.
+pub struct Lease {
+    proxy: Arc<Proxy>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    /// Counts a newly accepted connection, holding `slot`.
+    pub fn new(proxy: Arc<Proxy>, slot: OwnedSemaphorePermit) -> Self {
+        proxy
+            .front
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        proxy.front.connections_open.fetch_add(1, Ordering::Relaxed);
+        Lease { proxy, _slot: slot }
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lease")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.proxy
+            .front
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -144,7 +182,8 @@ impl Activity {
 
     /// How long the connection has been without a request in flight (zero while one is).
     pub fn quiet_for(&self) -> Duration {
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
+        // Acquire: pairs with the end's release, so an ended request's stamp is seen.
+        if self.in_flight.load(Ordering::Acquire) > 0 {
             return Duration::ZERO;
         }
         let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
@@ -158,7 +197,7 @@ pub struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.stamp();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -433,7 +472,7 @@ impl Proxy {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        conn: &ClientConn,
+        conn: &Arc<ClientConn>,
         trace: &mut Trace,
     ) -> Result<Response<ReplyBody>, ProxyError> {
         if req.method() == http::Method::CONNECT {
@@ -482,12 +521,13 @@ impl Proxy {
                     .flatten();
                 let (body, form) = match peekable {
                     Some(kind) => {
-                        // Like the head, the start of the body has a bounded time to come.
-                        let peek = upstream::peek(body, session.form_peek_bytes);
-                        let peek = tokio::time::timeout(self.client_timeout, peek)
-                            .await
-                            .map_err(|_| ProxyError::RequestTimeout)?
-                            .map_err(|_| ProxyError::BadRequestBody)?;
+                        let peek =
+                            upstream::peek(body, session.form_peek_bytes, self.client_timeout)
+                                .await
+                                .map_err(|e| match e {
+                                    PeekError::Stalled => ProxyError::RequestTimeout,
+                                    PeekError::Body => ProxyError::BadRequestBody,
+                                })?;
                         (peek.body, Some((kind, peek.head, peek.complete)))
                     }
                     None => (RequestBody::Streaming(body), None),
@@ -549,7 +589,8 @@ impl Proxy {
             let (Some(client_upgrade), Some(backend)) = (client_upgrade, body.into_tunnel()) else {
                 return Err(failed(UpstreamFailure::Invalid));
             };
-            tokio::spawn(tunnel(client_upgrade, backend));
+            // The tunnel keeps the connection's lease: it is still the client's connection.
+            tokio::spawn(tunnel(client_upgrade, backend, conn.clone()));
             strip_hop_by_hop(&mut head.headers, true);
             return Ok(Response::from_parts(
                 head,
@@ -870,7 +911,7 @@ fn is_html(headers: &HeaderMap) -> bool {
 
 /// Copies bytes both ways between an upgraded client and backend until either closes,
 /// starting with what the backend sent right after its `101` head.
-async fn tunnel(client: OnUpgrade, backend: Tunnel) {
+async fn tunnel(client: OnUpgrade, backend: Tunnel, _held: Arc<ClientConn>) {
     let Tunnel {
         stream: mut backend,
         early,

@@ -843,19 +843,32 @@ pub struct Peek {
     pub complete: bool,
 }
 
-/// Reads frames until `limit` bytes are held or the body ends.
-pub async fn peek(mut body: Incoming, limit: usize) -> Result<Peek, hyper::Error> {
+/// Why a peek failed.
+#[derive(Debug)]
+pub enum PeekError {
+    /// The body broke off.
+    Body,
+    /// Nothing came for the client timeout.
+    Stalled,
+}
+
+/// Reads frames until `limit` bytes are held or the body ends; each frame must come within
+/// `wait` of the one before.
+pub async fn peek(mut body: Incoming, limit: usize, wait: Duration) -> Result<Peek, PeekError> {
     let mut frames = VecDeque::new();
     let mut held = 0usize;
     let mut complete = false;
     while held < limit {
-        match body.frame().await {
+        let next = tokio::time::timeout(wait, body.frame())
+            .await
+            .map_err(|_| PeekError::Stalled)?;
+        match next {
             None => {
                 complete = true;
                 break;
             }
             Some(frame) => {
-                let frame = frame?;
+                let frame = frame.map_err(|_| PeekError::Body)?;
                 if let Some(data) = frame.data_ref() {
                     held += data.len();
                 }

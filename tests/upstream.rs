@@ -813,8 +813,8 @@ async fn a_quiet_http2_connection_is_closed_with_a_goaway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_request_in_flight_keeps_its_connection_past_the_quiet_limit() {
     bounded(async {
-        // The backend takes 2.5 s, the quiet limit is 1 s: the reply must still arrive, and
-        // the connection serve the next request.
+        // The backend takes 2.5 s, the quiet limit is 1 s: a connection cut at its quiet
+        // limit (or its grace after a GOAWAY, 2 s) would lose the reply.
         let (addr, _) = raw_backend(|mut stream, _| async move {
             let mut buf = Vec::new();
             while read_request(&mut stream, &mut buf).await.is_some() {
@@ -873,6 +873,124 @@ async fn a_backend_that_stalls_mid_body_is_cut_off_after_the_response_timeout() 
             waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
             "cut off after {waited:?}"
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_reply_loses_its_connection_and_slot() {
+    bounded(async {
+        let big = vec![b'x'; 32 * 1024 * 1024];
+        let backend = Scripted::start(move |_, _, head| {
+            let body: &[u8] = if head.contains("/big") {
+                &big
+            } else {
+                b"small"
+            };
+            let mut reply =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+            reply.extend_from_slice(body);
+            Some(reply)
+        })
+        .await;
+        let running =
+            balancer_with(&[backend.addr], "max_connections = 1\nclient_timeout = 1\n").await;
+        // The one slot: a client that asks for 32 MiB and reads none of it.
+        let mut greedy = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        greedy
+            .write_all(b"GET /big HTTP/1.1\r\nhost: app\r\n\r\n")
+            .await
+            .unwrap();
+        // The next client waits for the slot, which frees once the first has read nothing
+        // for the client timeout.
+        let started = std::time::Instant::now();
+        let mut next = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        next.write_all(b"GET /small HTTP/1.1\r\nhost: app\r\n\r\n")
+            .await
+            .unwrap();
+        let head = tokio::time::timeout(Duration::from_secs(10), reply_head(&mut next))
+            .await
+            .expect("served once the stalled client was cut off");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        drop(greedy);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_tunnel_keeps_its_connection_slot() {
+    bounded(async {
+        // Upgrades `/chat` and echoes; answers anything else with a plain reply.
+        let (addr, _) = raw_backend(|mut stream, _| async move {
+            let mut buf = Vec::new();
+            let Some((head, _)) = read_request(&mut stream, &mut buf).await else {
+                return;
+            };
+            if !head.contains("/chat") {
+                let _ = stream.write_all(&ok("plain")).await;
+                return;
+            }
+            let switched =
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n";
+            if stream.write_all(switched).await.is_err() {
+                return;
+            }
+            let mut chunk = [0u8; 1024];
+            while let Ok(n) = stream.read(&mut chunk).await {
+                if n == 0 || stream.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let running = balancer_with(&[addr], "max_connections = 1\n").await;
+        let mut tunnel = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        tunnel
+            .write_all(
+                b"GET /chat HTTP/1.1\r\nhost: app\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        assert!(reply_head(&mut tunnel).await.starts_with("HTTP/1.1 101"));
+        tunnel.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        tunnel.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"ping");
+        // The tunnel is the one connection allowed: the next waits while it lives.
+        let mut next = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        next.write_all(b"GET / HTTP/1.1\r\nhost: app\r\n\r\n")
+            .await
+            .unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(500), reply_head(&mut next)).await;
+        assert!(early.is_err(), "served beside a live tunnel: {early:?}");
+        drop(tunnel);
+        let head = tokio::time::timeout(Duration::from_secs(5), reply_head(&mut next))
+            .await
+            .expect("served once the tunnel closed");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_form_post_is_read_for_its_id_and_forwarded() {
+    bounded(async {
+        let backend = Scripted::start(|_, _, _| Some(ok("posted"))).await;
+        let running = balancer_with(&[backend.addr], "client_timeout = 1\n").await;
+        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
+        // No id in the head: tidegate reads the form's start for one, which takes 2 s
+        // against a 1 s client timeout — but no pause is longer than 0.4 s.
+        stream
+            .write_all(b"POST /app HTTP/1.1\r\nhost: app\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 500\r\n\r\n")
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            stream.write_all(&[b'a'; 100]).await.unwrap();
+        }
+        let head = reply_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     })
     .await;
 }
