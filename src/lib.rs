@@ -23,7 +23,7 @@
 //! | [`tap`] | watching a body stream past (byte counts, the page learner) |
 //! | [`shutdown`] | the signal that stops listeners, sweepers and demo images |
 //! | [`demo`] | Seaside-like demo images (used by `tidegate demo` and the tests) |
-//! | [`clock`] | unix seconds for pin timestamps |
+//! | [`clock`] | unix seconds for pin timestamps; the inactivity timer of streams that must keep moving |
 //! | [`log_output`] | log lines written out in batches by a thread of their own |
 //! | [`core::stats`] | per-backend, per-pool and front counters the request path bumps |
 //! | [`metrics`] | Prometheus exposition of those counters |

@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::clock::Inactivity;
 use crate::config::DEFAULT_CLIENT_TIMEOUT;
 use crate::core::route::strip_port;
 use crate::proxy::{Activity, ClientConn, Lease, Proxy};
@@ -260,20 +261,14 @@ impl AsyncWrite for Replayed {
 /// stops reading its reply would otherwise hold its connection, and its slot, forever.
 struct WriteBound<I> {
     io: I,
-    limit: Duration,
-    /// Armed the first time a write has to wait.
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// A write went through since the timer was last armed.
-    moved: bool,
+    stall: Inactivity,
 }
 
 impl<I> WriteBound<I> {
     fn new(io: I, limit: Duration) -> Self {
         WriteBound {
             io,
-            limit,
-            stall: None,
-            moved: false,
+            stall: Inactivity::new(limit),
         }
     }
 
@@ -285,21 +280,10 @@ impl<I> WriteBound<I> {
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if polled.is_ready() {
-            self.moved = true;
+            self.stall.moved();
             return polled;
         }
-        let limit = self.limit;
-        let moved = std::mem::take(&mut self.moved);
-        let stall = match &mut self.stall {
-            Some(stall) => {
-                if moved {
-                    stall.as_mut().reset(tokio::time::Instant::now() + limit);
-                }
-                stall
-            }
-            None => self.stall.insert(Box::pin(tokio::time::sleep(limit))),
-        };
-        match stall.as_mut().poll(cx) {
+        match self.stall.poll_expired(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the client read nothing for the client timeout",

@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::clock::Inactivity;
 use crate::config::UpstreamConfig;
 use crate::core::backend::Backend;
 use crate::error::UpstreamFailure;
@@ -129,8 +130,7 @@ impl Upstream {
                         state,
                         keep_alive,
                         upstream: self.clone(),
-                        stall: None,
-                        moved: false,
+                        stall: Inactivity::new(self.response_timeout),
                     };
                     if matches!(body.state, BodyState::Length(0)) {
                         // No body to read: the client side may never poll it.
@@ -575,12 +575,8 @@ pub struct UpBody {
     state: BodyState,
     keep_alive: bool,
     upstream: Arc<Upstream>,
-    /// Armed the first time the body has to wait for the backend (a reply that comes whole
-    /// with its head never needs it): the backend must send more within the response
-    /// timeout.
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Bytes came since the stall timer was last armed.
-    moved: bool,
+    /// The backend must send more within the response timeout whenever the body waits.
+    stall: Inactivity,
 }
 
 /// A connection that switched protocols, with the bytes the backend already sent past the
@@ -606,22 +602,6 @@ impl UpBody {
     }
 
     /// The body is complete: park the connection if it can serve another request.
-    /// Waits out the response timeout since the backend last sent something.
-    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let wait = self.upstream.response_timeout;
-        let moved = std::mem::take(&mut self.moved);
-        let stall = match &mut self.stall {
-            Some(stall) => {
-                if moved {
-                    stall.as_mut().reset(tokio::time::Instant::now() + wait);
-                }
-                stall
-            }
-            None => self.stall.insert(Box::pin(tokio::time::sleep(wait))),
-        };
-        stall.as_mut().poll(cx)
-    }
-
     fn finish(&mut self) {
         self.state = BodyState::Done;
         if let Some(conn) = self.conn.take()
@@ -781,7 +761,7 @@ impl Body for UpBody {
             let polled =
                 tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf);
             let Poll::Ready(read) = polled else {
-                ready!(this.poll_stall(cx));
+                ready!(this.stall.poll_expired(cx));
                 // The backend sent nothing more for the whole response timeout.
                 this.conn = None;
                 return Poll::Ready(Some(Err(io::Error::new(
@@ -789,7 +769,7 @@ impl Body for UpBody {
                     "the backend sent nothing more within the response timeout",
                 ))));
             };
-            this.moved = true;
+            this.stall.moved();
             let read = read?;
             if read == 0 {
                 if matches!(this.state, BodyState::Close) {

@@ -585,6 +585,17 @@ async fn reply_head(stream: &mut TcpStream) -> String {
     }
 }
 
+/// Sends `head`, then a body of `pieces` pieces of 100 bytes, 400 ms apart; the reply head.
+async fn send_slowly(addr: SocketAddr, head: &[u8], pieces: usize) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head).await.unwrap();
+    for _ in 0..pieces {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        stream.write_all(&[b'a'; 100]).await.unwrap();
+    }
+    reply_head(&mut stream).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upload_may_outlast_the_response_timeout() {
     bounded(async {
@@ -594,18 +605,10 @@ async fn a_slow_upload_may_outlast_the_response_timeout() {
             "client_timeout = 5\n[upstream]\nresponse_timeout = 1\n",
         )
         .await;
-        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
-        stream
-            .write_all(b"PUT /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 400\r\n\r\n")
-            .await
-            .unwrap();
         // 1.6 s of upload against a 1 s response timeout: the timeout starts once it is sent.
-        for _ in 0..4 {
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            stream.write_all(&[b'x'; 100]).await.unwrap();
-        }
-        let head = reply_head(&mut stream).await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let head = b"PUT /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 400\r\n\r\n";
+        let reply = send_slowly(running.addrs()[0], head, 4).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     })
     .await;
 }
@@ -978,19 +981,11 @@ async fn a_slow_but_steady_form_post_is_read_for_its_id_and_forwarded() {
     bounded(async {
         let backend = Scripted::start(|_, _, _| Some(ok("posted"))).await;
         let running = balancer_with(&[backend.addr], "client_timeout = 1\n").await;
-        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
         // No id in the head: tidegate reads the form's start for one, which takes 2 s
         // against a 1 s client timeout — but no pause is longer than 0.4 s.
-        stream
-            .write_all(b"POST /app HTTP/1.1\r\nhost: app\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 500\r\n\r\n")
-            .await
-            .unwrap();
-        for _ in 0..5 {
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            stream.write_all(&[b'a'; 100]).await.unwrap();
-        }
-        let head = reply_head(&mut stream).await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let head = b"POST /app HTTP/1.1\r\nhost: app\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 500\r\n\r\n";
+        let reply = send_slowly(running.addrs()[0], head, 5).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     })
     .await;
 }

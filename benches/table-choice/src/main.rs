@@ -55,70 +55,75 @@ fn rss_kib() -> u64 {
         .unwrap()
 }
 
+/// What the comparison needs of a table.
+trait Table {
+    fn put(&self, key: Key, slot: Slot);
+    /// Finds `key`, refreshes its last use, and returns something of it.
+    fn touch(&self, key: &Key) -> Option<u64>;
+}
+
+impl Table for dashmap::DashMap<Key, Slot, BuildPass> {
+    fn put(&self, key: Key, slot: Slot) {
+        self.insert(key, slot);
+    }
+    fn touch(&self, key: &Key) -> Option<u64> {
+        self.get(key).map(|s| refresh(&s))
+    }
+}
+
+impl Table for scc::HashMap<Key, Slot, BuildPass> {
+    fn put(&self, key: Key, slot: Slot) {
+        let _ = self.insert(key, slot);
+    }
+    fn touch(&self, key: &Key) -> Option<u64> {
+        self.read(key, |_, s| refresh(s))
+    }
+}
+
+fn refresh(s: &Slot) -> u64 {
+    s.last_used.store(2, Ordering::Relaxed);
+    u64::from(s.backend & 1) + u64::from(s.created)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let which = args[1].as_str();
-    let n: u64 = args[2].parse().unwrap();
+    let n: u64 = args
+        .get(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1_000_000);
+    match args.get(1).map(String::as_str) {
+        Some("dashmap") => {
+            // tidegate's shard count for a table of this bound.
+            let shards = ((n as usize) / 4096).next_power_of_two().clamp(64, 4096);
+            let map =
+                dashmap::DashMap::with_capacity_and_hasher_and_shard_amount(0, BuildPass, shards);
+            measure("dashmap", n, &map);
+        }
+        Some("scc") => measure("scc", n, &scc::HashMap::with_hasher(BuildPass)),
+        _ => eprintln!("usage: table-choice dashmap|scc [PINS]"),
+    }
+}
+
+/// Fills `table` with `n` pins, then looks up a million of them; prints bytes per pin
+/// (RSS growth of this process), insert and lookup times.
+fn measure(which: &str, n: u64, table: &impl Table) {
     let probes: Vec<Key> = (0..1_000_000u64).map(|i| key((i * 7919) % n)).collect();
     let before = rss_kib();
     let t = Instant::now();
-    let mut found = 0u64;
-    let lookup_ns;
-    match which {
-        "dashmap" => {
-            let shards = ((n as usize) / 4096).next_power_of_two().clamp(64, 4096);
-            let m: dashmap::DashMap<Key, Slot, BuildPass> =
-                dashmap::DashMap::with_capacity_and_hasher_and_shard_amount(0, BuildPass, shards);
-            for i in 0..n {
-                m.insert(
-                    key(i),
-                    Slot {
-                        backend: i as u32,
-                        created: 1,
-                        last_used: AtomicU32::new(1),
-                    },
-                );
-            }
-            let fill = t.elapsed();
-            let after = rss_kib();
-            let t = Instant::now();
-            for p in &probes {
-                if let Some(s) = m.get(p) {
-                    s.last_used.store(2, Ordering::Relaxed);
-                    found += u64::from(s.backend & 1) + u64::from(s.created);
-                }
-            }
-            lookup_ns = t.elapsed().as_nanos() as f64 / probes.len() as f64;
-            report(which, n, before, after, fill, lookup_ns, found);
-        }
-        "scc" => {
-            let m: scc::HashMap<Key, Slot, BuildPass> = scc::HashMap::with_hasher(BuildPass);
-            for i in 0..n {
-                let _ = m.insert(
-                    key(i),
-                    Slot {
-                        backend: i as u32,
-                        created: 1,
-                        last_used: AtomicU32::new(1),
-                    },
-                );
-            }
-            let fill = t.elapsed();
-            let after = rss_kib();
-            let t = Instant::now();
-            for p in &probes {
-                if let Some(v) = m.read(p, |_, s| {
-                    s.last_used.store(2, Ordering::Relaxed);
-                    u64::from(s.backend & 1) + u64::from(s.created)
-                }) {
-                    found += v;
-                }
-            }
-            lookup_ns = t.elapsed().as_nanos() as f64 / probes.len() as f64;
-            report(which, n, before, after, fill, lookup_ns, found);
-        }
-        _ => panic!("dashmap | scc"),
+    for i in 0..n {
+        let slot = Slot {
+            backend: i as u32,
+            created: 1,
+            last_used: AtomicU32::new(1),
+        };
+        table.put(key(i), slot);
     }
+    let fill = t.elapsed();
+    let after = rss_kib();
+    let t = Instant::now();
+    let found: u64 = probes.iter().filter_map(|p| table.touch(p)).sum();
+    let lookup_ns = t.elapsed().as_nanos() as f64 / probes.len() as f64;
+    report(which, n, before, after, fill, lookup_ns, found);
 }
 
 fn report(
