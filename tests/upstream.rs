@@ -352,11 +352,7 @@ async fn a_request_naming_no_host_reaches_the_backend_with_one() {
     bounded(async {
         let backend = Scripted::start(|_, _, _| Some(ok("hi"))).await;
         let running = balancer(&[backend.addr]).await;
-        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
-        stream
-            .write_all(b"GET /old HTTP/1.0\r\n\r\n")
-            .await
-            .unwrap();
+        let mut stream = connect_sending(running.addrs()[0], b"GET /old HTTP/1.0\r\n\r\n").await;
         let mut reply = Vec::new();
         stream.read_to_end(&mut reply).await.unwrap();
         assert!(
@@ -533,6 +529,24 @@ async fn a_backend_refusing_a_body_early_is_heard() {
     .await;
 }
 
+/// A backend's side of an upgrade: `101` to the `echo` protocol with `greeting` in the same
+/// write, then every byte echoed until the client closes.
+async fn switch_and_echo(stream: &mut TcpStream, greeting: &[u8]) {
+    let mut hello =
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n"
+            .to_vec();
+    hello.extend_from_slice(greeting);
+    if stream.write_all(&hello).await.is_err() {
+        return;
+    }
+    let mut chunk = [0u8; 1024];
+    while let Ok(n) = stream.read(&mut chunk).await {
+        if n == 0 || stream.write_all(&chunk[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_a_backend_sends_right_after_its_101_reach_the_client() {
     bounded(async {
@@ -542,24 +556,15 @@ async fn bytes_a_backend_sends_right_after_its_101_reach_the_client() {
             if read_head(&mut stream, &mut buf).await.is_none() {
                 return;
             }
-            let hello = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\nWELCOME;";
-            if stream.write_all(hello).await.is_err() {
-                return;
-            }
-            let mut chunk = [0u8; 1024];
-            while let Ok(n) = stream.read(&mut chunk).await {
-                if n == 0 || stream.write_all(&chunk[..n]).await.is_err() {
-                    return;
-                }
-            }
+            switch_and_echo(&mut stream, b"WELCOME;").await;
         })
         .await;
         let running = balancer(&[addr]).await;
-        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
-        stream
-            .write_all(b"GET /chat HTTP/1.1\r\nhost: app\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
-            .await
-            .unwrap();
+        let mut stream = connect_sending(
+            running.addrs()[0],
+            b"GET /chat HTTP/1.1\r\nhost: app\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+        )
+        .await;
         let mut got = Vec::new();
         let mut chunk = [0u8; 1024];
         while !got.ends_with(b"WELCOME;") {
@@ -567,7 +572,11 @@ async fn bytes_a_backend_sends_right_after_its_101_reach_the_client() {
             assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
             got.extend_from_slice(&chunk[..n]);
         }
-        assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+        assert!(
+            got.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
         stream.write_all(b"ping").await.unwrap();
         let mut echo = [0u8; 4];
         stream.read_exact(&mut echo).await.unwrap();
@@ -585,10 +594,50 @@ async fn reply_head(stream: &mut TcpStream) -> String {
     }
 }
 
+/// A new connection to `addr` with `request` written on it.
+async fn connect_sending(addr: SocketAddr, request: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    stream
+}
+
+/// Sends `request` and expects a reply starting with `status` within 5 s (the timeouts under
+/// test are 1 s).
+async fn refused_soon(addr: SocketAddr, request: &[u8], status: &str) {
+    let started = std::time::Instant::now();
+    let mut stream = connect_sending(addr, request).await;
+    let head = reply_head(&mut stream).await;
+    assert!(head.starts_with(status), "{head}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// Sends `request` on a new connection and reads until tidegate closes it: what came, and
+/// how long it took.
+async fn until_closed(addr: SocketAddr, request: &[u8]) -> (Vec<u8>, Duration) {
+    let started = std::time::Instant::now();
+    let mut stream = connect_sending(addr, request).await;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+    (got, started.elapsed())
+}
+
+/// That `waited` is one 1 s timeout (and its grace), not none and not forever.
+fn assert_one_timeout(waited: Duration) {
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+}
+
 /// Sends `head`, then a body of `pieces` pieces of 100 bytes, 400 ms apart; the reply head.
 async fn send_slowly(addr: SocketAddr, head: &[u8], pieces: usize) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(head).await.unwrap();
+    let mut stream = connect_sending(addr, head).await;
     for _ in 0..pieces {
         tokio::time::sleep(Duration::from_millis(400)).await;
         stream.write_all(&[b'a'; 100]).await.unwrap();
@@ -623,15 +672,8 @@ async fn a_backend_silent_after_the_request_gets_a_504() {
         })
         .await;
         let running = balancer_with(&[addr], "[upstream]\nresponse_timeout = 1\n").await;
-        let started = std::time::Instant::now();
-        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
-        stream
-            .write_all(b"GET /slow HTTP/1.1\r\nhost: app\r\n\r\n")
-            .await
-            .unwrap();
-        let head = reply_head(&mut stream).await;
-        assert!(head.starts_with("HTTP/1.1 504"), "{head}");
-        assert!(started.elapsed() < Duration::from_secs(5));
+        let request = b"GET /slow HTTP/1.1\r\nhost: app\r\n\r\n";
+        refused_soon(running.addrs()[0], request, "HTTP/1.1 504").await;
     })
     .await;
 }
@@ -648,12 +690,7 @@ async fn a_client_that_stops_sending_its_body_gets_a_408() {
             b"POST /app HTTP/1.1\r\nhost: app\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 1000\r\n\r\nname=abc&",
         ];
         for request in requests {
-            let started = std::time::Instant::now();
-            let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
-            stream.write_all(request).await.unwrap();
-            let head = reply_head(&mut stream).await;
-            assert!(head.starts_with("HTTP/1.1 408"), "{head}");
-            assert!(started.elapsed() < Duration::from_secs(5));
+            refused_soon(running.addrs()[0], request, "HTTP/1.1 408").await;
         }
     })
     .await;
@@ -665,12 +702,10 @@ async fn connections_beyond_max_connections_wait_for_a_slot() {
         let backend = Scripted::start(|_, _, _| Some(ok("hi"))).await;
         let running = balancer_with(&[backend.addr], "max_connections = 1\n").await;
         let request = b"GET / HTTP/1.1\r\nhost: app\r\n\r\n";
-        let mut first = TcpStream::connect(running.addrs()[0]).await.unwrap();
-        first.write_all(request).await.unwrap();
+        let mut first = connect_sending(running.addrs()[0], request).await;
         assert!(reply_head(&mut first).await.starts_with("HTTP/1.1 200"));
         // The kernel takes the second connection; tidegate does not serve it yet.
-        let mut second = TcpStream::connect(running.addrs()[0]).await.unwrap();
-        second.write_all(request).await.unwrap();
+        let mut second = connect_sending(running.addrs()[0], request).await;
         let early = tokio::time::timeout(Duration::from_millis(500), reply_head(&mut second)).await;
         assert!(early.is_err(), "served beyond the limit: {early:?}");
         drop(first);
@@ -775,22 +810,9 @@ async fn a_quiet_http2_connection_is_closed_with_a_goaway() {
     bounded(async {
         let backend = Scripted::start(|_, _, _| Some(ok("hi"))).await;
         let running = balancer_with(&[backend.addr], "client_timeout = 1\n").await;
-        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
         // The h2c preface and an empty SETTINGS frame, then nothing.
-        stream
-            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-            .await
-            .unwrap();
-        let started = std::time::Instant::now();
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 1024];
-        loop {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let waited = started.elapsed();
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+        let (got, waited) = until_closed(running.addrs()[0], preface).await;
         // Walk the frames: 9-byte headers, the type in the fourth byte.
         let mut types = Vec::new();
         let mut at = 0;
@@ -805,10 +827,7 @@ async fn a_quiet_http2_connection_is_closed_with_a_goaway() {
             types.contains(&0x7),
             "a GOAWAY frame before the close: {types:?}"
         );
-        assert!(
-            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
-            "closed after {waited:?}"
-        );
+        assert_one_timeout(waited);
     })
     .await;
 }
@@ -854,28 +873,12 @@ async fn a_backend_that_stalls_mid_body_is_cut_off_after_the_response_timeout() 
         })
         .await;
         let running = balancer_with(&[addr], "[upstream]\nresponse_timeout = 1\n").await;
-        let started = std::time::Instant::now();
-        let mut stream = TcpStream::connect(running.addrs()[0]).await.unwrap();
-        stream
-            .write_all(b"GET /stuck HTTP/1.1\r\nhost: app\r\n\r\n")
-            .await
-            .unwrap();
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 1024];
-        loop {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let waited = started.elapsed();
+        let request = b"GET /stuck HTTP/1.1\r\nhost: app\r\n\r\n";
+        let (got, waited) = until_closed(running.addrs()[0], request).await;
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         assert!(text.ends_with("0123456789"), "the part that came: {text}");
-        assert!(
-            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
-            "cut off after {waited:?}"
-        );
+        assert_one_timeout(waited);
     })
     .await;
 }
@@ -899,18 +902,19 @@ async fn a_client_that_stops_reading_its_reply_loses_its_connection_and_slot() {
         let running =
             balancer_with(&[backend.addr], "max_connections = 1\nclient_timeout = 1\n").await;
         // The one slot: a client that asks for 32 MiB and reads none of it.
-        let mut greedy = TcpStream::connect(running.addrs()[0]).await.unwrap();
-        greedy
-            .write_all(b"GET /big HTTP/1.1\r\nhost: app\r\n\r\n")
-            .await
-            .unwrap();
+        let greedy = connect_sending(
+            running.addrs()[0],
+            b"GET /big HTTP/1.1\r\nhost: app\r\n\r\n",
+        )
+        .await;
         // The next client waits for the slot, which frees once the first has read nothing
         // for the client timeout.
         let started = std::time::Instant::now();
-        let mut next = TcpStream::connect(running.addrs()[0]).await.unwrap();
-        next.write_all(b"GET /small HTTP/1.1\r\nhost: app\r\n\r\n")
-            .await
-            .unwrap();
+        let mut next = connect_sending(
+            running.addrs()[0],
+            b"GET /small HTTP/1.1\r\nhost: app\r\n\r\n",
+        )
+        .await;
         let head = tokio::time::timeout(Duration::from_secs(10), reply_head(&mut next))
             .await
             .expect("served once the stalled client was cut off");
@@ -934,37 +938,23 @@ async fn a_websocket_tunnel_keeps_its_connection_slot() {
                 let _ = stream.write_all(&ok("plain")).await;
                 return;
             }
-            let switched =
-                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n";
-            if stream.write_all(switched).await.is_err() {
-                return;
-            }
-            let mut chunk = [0u8; 1024];
-            while let Ok(n) = stream.read(&mut chunk).await {
-                if n == 0 || stream.write_all(&chunk[..n]).await.is_err() {
-                    return;
-                }
-            }
+            switch_and_echo(&mut stream, b"").await;
         })
         .await;
         let running = balancer_with(&[addr], "max_connections = 1\n").await;
-        let mut tunnel = TcpStream::connect(running.addrs()[0]).await.unwrap();
-        tunnel
-            .write_all(
-                b"GET /chat HTTP/1.1\r\nhost: app\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
-            )
-            .await
-            .unwrap();
+        let mut tunnel = connect_sending(
+            running.addrs()[0],
+            b"GET /chat HTTP/1.1\r\nhost: app\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+        )
+        .await;
         assert!(reply_head(&mut tunnel).await.starts_with("HTTP/1.1 101"));
         tunnel.write_all(b"ping").await.unwrap();
         let mut echo = [0u8; 4];
         tunnel.read_exact(&mut echo).await.unwrap();
         assert_eq!(&echo, b"ping");
         // The tunnel is the one connection allowed: the next waits while it lives.
-        let mut next = TcpStream::connect(running.addrs()[0]).await.unwrap();
-        next.write_all(b"GET / HTTP/1.1\r\nhost: app\r\n\r\n")
-            .await
-            .unwrap();
+        let mut next =
+            connect_sending(running.addrs()[0], b"GET / HTTP/1.1\r\nhost: app\r\n\r\n").await;
         let early = tokio::time::timeout(Duration::from_millis(500), reply_head(&mut next)).await;
         assert!(early.is_err(), "served beside a live tunnel: {early:?}");
         drop(tunnel);
