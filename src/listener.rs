@@ -5,7 +5,6 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
