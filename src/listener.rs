@@ -89,9 +89,10 @@ impl Protocols {
     /// then, so shutdown can wait for the connection.
     ///
     /// An HTTP/1.1 connection that goes quiet is closed by hyper's head timeout. HTTP/2 has
-    /// none, so a connection that may speak it (`Http2`, `Either`) with no request in flight
-    /// and none started for `client_timeout` is shut down gracefully (a `GOAWAY`; a peer
-    /// that then says nothing more is dropped after another `client_timeout`).
+    /// none, so a connection that may speak it (`Http2`, `Either`) on which nothing has moved
+    /// for `client_timeout` while no request waits on its backend — idle, or its replies not
+    /// taken — is shut down gracefully (a `GOAWAY`; a peer that still has not moved is
+    /// dropped after another `client_timeout`).
     async fn serve<I>(
         &self,
         io: I,

@@ -150,12 +150,16 @@ pub struct ReplyBody {
     in_flight: Option<InFlight>,
 }
 
-/// A connection's requests: how many are in flight, and when one last started or ended.
+/// A connection's requests, for telling a quiet connection from a busy one: when anything
+/// last moved (a request started or ended, a reply sent a piece), and how many requests are
+/// waiting on their backend (for the reply head, or for more of the body while the client
+/// is taking it). A connection whose requests all wait on the client — replies it does not
+/// take, as an HTTP/2 peer that never opens its flow-control window — is quiet.
 pub struct Activity {
     since: Instant,
     /// Milliseconds after `since`.
     last: AtomicU64,
-    in_flight: AtomicUsize,
+    waiting: AtomicUsize,
 }
 
 impl Activity {
@@ -164,15 +168,18 @@ impl Activity {
         Arc::new(Activity {
             since: Instant::now(),
             last: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
         })
     }
 
-    /// A request starts: counted in flight until its reply body is done.
+    /// A request starts, waiting on its backend for the reply head.
     pub fn enter(self: &Arc<Self>) -> InFlight {
         self.stamp();
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            activity: self.clone(),
+            waiting: true,
+        }
     }
 
     fn stamp(&self) {
@@ -180,10 +187,11 @@ impl Activity {
         self.last.store(now, Ordering::Relaxed);
     }
 
-    /// How long the connection has been without a request in flight (zero while one is).
+    /// How long nothing has moved (zero while a request waits on its backend: the backend
+    /// timeouts bound that).
     pub fn quiet_for(&self) -> Duration {
-        // Acquire: pairs with the end's release, so an ended request's stamp is seen.
-        if self.in_flight.load(Ordering::Acquire) > 0 {
+        // Acquire: pairs with the releases below, so the stamp before them is seen.
+        if self.waiting.load(Ordering::Acquire) > 0 {
             return Duration::ZERO;
         }
         let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
@@ -191,13 +199,39 @@ impl Activity {
     }
 }
 
-/// A request counted in flight on its connection until its reply body is done (or dropped).
-pub struct InFlight(Arc<Activity>);
+/// A request in flight on its connection, until its reply body is done (or dropped).
+pub struct InFlight {
+    activity: Arc<Activity>,
+    /// Counted among the requests waiting on their backend.
+    waiting: bool,
+}
+
+impl InFlight {
+    /// The request now waits on its backend (`true`), or moved and waits on the client
+    /// (`false`).
+    #[inline]
+    fn wait_on_backend(&mut self, waiting: bool) {
+        if !waiting {
+            self.activity.stamp();
+        }
+        if waiting == self.waiting {
+            return;
+        }
+        self.waiting = waiting;
+        if waiting {
+            self.activity.waiting.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.activity.waiting.fetch_sub(1, Ordering::Release);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.stamp();
-        self.0.in_flight.fetch_sub(1, Ordering::Release);
+        self.activity.stamp();
+        if self.waiting {
+            self.activity.waiting.fetch_sub(1, Ordering::Release);
+        }
     }
 }
 
@@ -219,8 +253,10 @@ impl ReplyBody {
         }
     }
 
-    /// Keeps the request counted in flight until this body is done.
-    pub fn hold(&mut self, in_flight: InFlight) {
+    /// Keeps the request counted in flight until this body is done; with its head here, it
+    /// waits on the client until the body waits on the backend.
+    pub fn hold(&mut self, mut in_flight: InFlight) {
+        in_flight.wait_on_backend(false);
         self.in_flight = Some(in_flight);
     }
 
@@ -243,6 +279,9 @@ impl Body for ReplyBody {
             ReplyKind::Learning(b) => Pin::new(b.as_mut()).poll_frame(cx),
             ReplyKind::Text(t) => Poll::Ready(t.take().map(|b| Ok(Frame::data(b)))),
         };
+        if let Some(in_flight) = &mut this.in_flight {
+            in_flight.wait_on_backend(polled.is_pending());
+        }
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
             && let Some(backend) = this.trace.as_ref().and_then(|t| t.backend.as_ref())

@@ -979,3 +979,33 @@ async fn a_slow_but_steady_form_post_is_read_for_its_id_and_forwarded() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_never_opens_its_window_loses_the_connection() {
+    bounded(async {
+        let big = vec![b'x'; 1024 * 1024];
+        let backend = Scripted::start(move |_, _, _| {
+            let mut reply =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", big.len()).into_bytes();
+            reply.extend_from_slice(&big);
+            Some(reply)
+        })
+        .await;
+        let running = balancer_with(&[backend.addr], "client_timeout = 1\n").await;
+        // h2c: the preface, empty SETTINGS, then GET /big on stream 1 (HPACK: :method GET,
+        // :scheme http, :path "/big" and :authority "app" as literals) — and never a
+        // WINDOW_UPDATE, so the reply stops at the first 64 KiB.
+        let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+        let block = b"\x82\x86\x04\x04/big\x01\x03app";
+        request.extend_from_slice(&[0, 0, block.len() as u8, 0x01, 0x05, 0, 0, 0, 1]);
+        request.extend_from_slice(block);
+        let (got, waited) = until_closed(running.addrs()[0], &request).await;
+        assert!(
+            got.len() < 1024 * 1024,
+            "the whole reply came: {} bytes",
+            got.len()
+        );
+        assert_one_timeout(waited);
+    })
+    .await;
+}
