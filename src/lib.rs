@@ -15,11 +15,11 @@
 //! | [`core::route`] | Host / path prefix → pool |
 //! | [`config`] | the TOML file and flags, validated into a `Config` |
 //! | [`error`] | config errors; request failures → status and text in one place |
-//! | [`proxy`] | the request path: route, extract, decide, forward, stream back |
+//! | [`proxy`] | the request path: route, extract, decide, forward, stream back; what a connection holds (its slot, its activity) |
 //! | [`learn`] | learning pins from reply heads and streaming HTML bodies |
 //! | [`upstream`] | pooled keep-alive client to backends; the peeked request body |
-//! | [`listener`] | accepting connections, HTTP/1.1 and h2c, graceful shutdown |
-//! | [`server`] | assembling a running balancer; the pin sweeper |
+//! | [`listener`] | accepting connections within the limit, HTTP/1.1 and h2c, client timeouts, graceful shutdown |
+//! | [`server`] | assembling a running balancer; the pin sweeper; the open-files limit |
 //! | [`tap`] | watching a body stream past (byte counts, the page learner) |
 //! | [`shutdown`] | the signal that stops listeners, sweepers and demo images |
 //! | [`demo`] | Seaside-like demo images (used by `tidegate demo` and the tests) |
