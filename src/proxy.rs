@@ -142,7 +142,7 @@ pub struct Proxy {
 }
 
 /// What the client receives: the backend's reply streamed (optionally through the page
-/// learner), or tidegate's own short text; it carries the request's [`Trace`], which is
+/// learner), or tidegate's own short text; it carries the request's `Trace`, which is
 /// settled (counters, access log) when the reply is done or abandoned.
 pub struct ReplyBody {
     kind: ReplyKind,
