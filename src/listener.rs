@@ -13,7 +13,6 @@ use http::header::{HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::rt::{Read, Write};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -58,9 +57,11 @@ pub(crate) fn connection_builder(client_timeout: Duration) -> auto::Builder<Toki
 /// The protocol settings of a traffic listener's connections: the same as
 /// [`connection_builder`]'s, each protocol apart, so the listener picks one itself.
 struct Protocols {
-    http1: auto::Builder<TokioExecutor>,
-    http2: auto::Builder<TokioExecutor>,
-    either: auto::Builder<TokioExecutor>,
+    /// A connection known to speak HTTP/1.1: hyper's own HTTP/1 server, no second look.
+    http1: hyper::server::conn::http1::Builder,
+    /// HTTP/2, or not known: hyper-util's, which tells them apart by the preface (from
+    /// bytes already read, at no extra system call).
+    any: auto::Builder<TokioExecutor>,
     client_timeout: Duration,
 }
 
@@ -76,10 +77,14 @@ enum Protocol {
 
 impl Protocols {
     fn new(client_timeout: Duration) -> Self {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(client_timeout)
+            .keep_alive(true);
         Protocols {
-            http1: connection_builder(client_timeout).http1_only(),
-            http2: connection_builder(client_timeout).http2_only(),
-            either: connection_builder(client_timeout),
+            http1,
+            any: connection_builder(client_timeout),
             client_timeout,
         }
     }
@@ -103,23 +108,28 @@ impl Protocols {
         mut stop: Signal,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     where
-        I: Read + Write + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let conn = Arc::new(conn);
-        let builder = match protocol {
-            Protocol::Http1 => {
-                let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
-                let connection = self
-                    .http1
-                    .serve_connection_with_upgrades(io, service)
-                    .into_owned();
-                return watcher.watch(connection).await;
+        if let Protocol::Http1 = protocol {
+            let io = TokioIo::new(WriteBound::new(io, self.client_timeout, None));
+            let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
+            let connection = self.http1.serve_connection(io, service).with_upgrades();
+            let _drain = watcher;
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                biased;
+                ended = connection.as_mut() => return Ok(ended?),
+                () = stop.wait() => {}
             }
-            Protocol::Http2 => &self.http2,
-            Protocol::Either => &self.either,
-        };
+            connection.as_mut().graceful_shutdown();
+            return Ok(connection.await?);
+        }
         let _drain = watcher;
         let activity = Activity::new();
+        // A backlog of reply the client drains counts as the connection moving.
+        let io = WriteBound::new(io, self.client_timeout, Some(activity.clone()));
+        let io = TokioIo::new(io);
         let touched = activity.clone();
         let service = service_fn(move |req| {
             let in_flight = touched.enter();
@@ -130,9 +140,7 @@ impl Protocols {
                 Ok::<_, std::convert::Infallible>(reply)
             }
         });
-        let connection = builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
+        let connection = self.any.serve_connection_with_upgrades(io, service);
         let mut connection = std::pin::pin!(connection);
         let stopping = stop.wait();
         let mut stopping = std::pin::pin!(stopping);
@@ -262,13 +270,20 @@ impl AsyncWrite for Replayed {
 struct WriteBound<I> {
     io: I,
     stall: Inactivity,
+    /// The connection's activity, if it is watched for going quiet: a write that goes
+    /// through after waiting (the client drained some of its backlog) counts as moving.
+    activity: Option<Arc<Activity>>,
+    /// The last write had to wait.
+    blocked: bool,
 }
 
 impl<I> WriteBound<I> {
-    fn new(io: I, limit: Duration) -> Self {
+    fn new(io: I, limit: Duration, activity: Option<Arc<Activity>>) -> Self {
         WriteBound {
             io,
             stall: Inactivity::new(limit),
+            activity,
+            blocked: false,
         }
     }
 
@@ -281,8 +296,14 @@ impl<I> WriteBound<I> {
     ) -> Poll<io::Result<T>> {
         if polled.is_ready() {
             self.stall.moved();
+            if std::mem::take(&mut self.blocked)
+                && let Some(activity) = &self.activity
+            {
+                activity.touch();
+            }
             return polled;
         }
+        self.blocked = true;
         match self.stall.poll_expired(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -428,7 +449,6 @@ pub async fn serve(
                         return;
                     };
                     let io = Replayed { first, stream };
-                    let io = TokioIo::new(WriteBound::new(io, proxy.client_timeout));
                     let conn = ClientConn::new(peer, None, lease);
                     protocols
                         .serve(io, protocol, conn, proxy, watcher, stop)
@@ -468,14 +488,7 @@ pub async fn serve(
                         _ => Protocol::Either,
                     };
                     protocols
-                        .serve(
-                            TokioIo::new(WriteBound::new(stream, proxy.client_timeout)),
-                            protocol,
-                            conn,
-                            proxy,
-                            watcher,
-                            stop,
-                        )
+                        .serve(stream, protocol, conn, proxy, watcher, stop)
                         .await
                 }
             };

@@ -182,6 +182,11 @@ impl Activity {
         }
     }
 
+    /// Something moved on the connection.
+    pub fn touch(&self) {
+        self.stamp();
+    }
+
     fn stamp(&self) {
         let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.store(now, Ordering::Relaxed);

@@ -415,9 +415,14 @@ pub fn raise_open_files_limit(max_connections: usize) {
         return; // Unlimited.
     };
     let mut usable = soft;
-    if limit.maximum.is_none_or(|hard| hard > soft) {
-        // An unlimited hard limit still has a kernel ceiling (fs.nr_open): try it first.
-        let target = limit.maximum.unwrap_or(1 << 20);
+    // An unlimited hard limit still has a kernel ceiling (Linux: fs.nr_open, 1 << 20 by
+    // default); macOS refuses more than OPEN_MAX whatever the hard limit says, as Go found.
+    let target = if cfg!(target_os = "macos") {
+        limit.maximum.unwrap_or(u64::MAX).min(10_240)
+    } else {
+        limit.maximum.unwrap_or(1 << 20)
+    };
+    if target > soft {
         let raised = rustix::process::Rlimit {
             current: Some(target),
             maximum: limit.maximum,

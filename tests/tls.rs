@@ -817,6 +817,31 @@ async fn a_tls_client_without_alpn_may_speak_http2_or_http1() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_chose_http1_by_alpn_is_served_http1_only() {
+    // HTTP/2 after choosing `http/1.1` is refused: such a connection is served by the
+    // HTTP/1.1 server alone, whose timeouts are HTTP/1.1's.
+    let f = farm("alpn-h1", Setup::default()).await;
+    let h1 = f.client(&[b"http/1.1"]);
+    let stream = tls_connect(f.tls_port(), "a.test", &h1).await.unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let h2 = http2_over(stream).await;
+    let refused = match h2 {
+        Err(_) => true,
+        Ok(mut sender) => get2(&mut sender, "/app").await.is_err(),
+    };
+    assert!(
+        refused,
+        "HTTP/2 was served on a connection that chose http/1.1"
+    );
+    let stream = tls_connect(f.tls_port(), "a.test", &h1).await.unwrap();
+    let mut sender = http1_over(stream).await.unwrap();
+    assert_eq!(
+        get1(&mut sender, "/app").await.unwrap().status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn affinity_cookie_set_over_tls_is_secure_and_over_plain_http_is_not() {
     let f = farm(
         "cookie",

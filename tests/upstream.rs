@@ -1009,3 +1009,55 @@ async fn an_http2_client_that_never_opens_its_window_loses_the_connection() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_on_http2_gets_its_whole_reply() {
+    bounded(async {
+        const SIZE: usize = 300 * 1024;
+        let backend = Scripted::start(|_, _, _| {
+            let mut reply =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {SIZE}\r\n\r\n").into_bytes();
+            reply.resize(reply.len() + SIZE, b'x');
+            Some(reply)
+        })
+        .await;
+        let running = balancer_with(&[backend.addr], "client_timeout = 1\n").await;
+        // The backend hands the whole reply over at once (it fits hyper's HTTP/2 send
+        // buffer, so the reply body ends at once); the client takes it over several seconds
+        // through a small receive buffer, so tidegate's writes keep waiting and going
+        // through. The connection is moving all along and must not be cut.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(running.addrs()[0]).await.unwrap();
+        // Windows as large as a browser's: flow control never holds the reply back.
+        let (mut sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .initial_stream_window_size(8 << 20)
+                .initial_connection_window_size(16 << 20)
+                .handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::get("http://app/big")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let reply = sender.send_request(request).await.unwrap();
+        assert_eq!(reply.status(), StatusCode::OK);
+        let mut body = reply.into_body();
+        let mut got = 0;
+        let started = std::time::Instant::now();
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            let frame = frame.expect("the reply is not cut off");
+            let len = frame.data_ref().map_or(0, |d| d.len());
+            got += len;
+            // About 80 KiB/s.
+            tokio::time::sleep(Duration::from_micros(12 * len as u64)).await;
+        }
+        assert_eq!(got, SIZE);
+        assert!(
+            started.elapsed() > Duration::from_secs(3),
+            "the read was slow enough"
+        );
+    })
+    .await;
+}
