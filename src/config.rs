@@ -31,6 +31,10 @@ const MAX_TIMEOUT: u64 = 86_400;
 /// `client_timeout` says otherwise.
 pub const DEFAULT_CLIENT_TIMEOUT: u64 = 30;
 
+/// Seconds an upgraded (WebSocket) connection may carry nothing either way unless
+/// `tunnel_timeout` says otherwise: an hour, as HAProxy's documentation suggests.
+pub const DEFAULT_TUNNEL_TIMEOUT: u64 = 3600;
+
 /// The whole file, as written. Every field has a default.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -55,6 +59,9 @@ pub struct FileConfig {
     /// id in its head, the start of its body), and may stay silent in the middle of a
     /// request body (default [`DEFAULT_CLIENT_TIMEOUT`]).
     pub client_timeout: Option<u64>,
+    /// Seconds an upgraded (WebSocket) connection may carry nothing in either direction
+    /// before it is closed (default [`DEFAULT_TUNNEL_TIMEOUT`]).
+    pub tunnel_timeout: Option<u64>,
     /// How tidegate talks to backends.
     pub upstream: UpstreamFile,
     /// The pools. A pool without `hosts` serves any host; the most specific route wins
@@ -310,6 +317,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Time a client has for a request head, and may stay silent within a body.
     pub client_timeout: std::time::Duration,
+    /// Time an upgraded connection may carry nothing either way.
+    pub tunnel_timeout: std::time::Duration,
     /// Upstream settings.
     pub upstream: UpstreamConfig,
     /// Pools, in file order.
@@ -576,6 +585,13 @@ impl FileConfig {
                 "must be between 1 and 3600 seconds",
             ));
         }
+        let tunnel_timeout = self.tunnel_timeout.unwrap_or(DEFAULT_TUNNEL_TIMEOUT);
+        if !(1..=7 * MAX_TIMEOUT).contains(&tunnel_timeout) {
+            return Err(invalid(
+                "tunnel_timeout",
+                "must be between 1 and 604800 seconds (a week)",
+            ));
+        }
         let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if !(1..=1_000_000).contains(&max_connections) {
             return Err(invalid("max_connections", "must be between 1 and 1000000"));
@@ -588,6 +604,7 @@ impl FileConfig {
             workers,
             max_connections,
             client_timeout: std::time::Duration::from_secs(client_timeout),
+            tunnel_timeout: std::time::Duration::from_secs(tunnel_timeout),
             upstream,
             pools,
         })

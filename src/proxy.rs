@@ -21,7 +21,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::clock;
 use crate::core::affinity::PinKey;
@@ -137,6 +137,8 @@ pub struct Proxy {
     pub max_connections: usize,
     /// Time a client has for a request head, and may stay silent within a body.
     pub client_timeout: Duration,
+    /// Time an upgraded connection may carry nothing either way.
+    tunnel_timeout: Duration,
     /// Connection, TLS and client-error counters.
     pub front: FrontStats,
 }
@@ -463,6 +465,7 @@ impl Proxy {
         upstream: Upstream,
         max_connections: usize,
         client_timeout: Duration,
+        tunnel_timeout: Duration,
     ) -> Self {
         Proxy {
             router,
@@ -471,6 +474,7 @@ impl Proxy {
             connection_slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             client_timeout,
+            tunnel_timeout,
             front: FrontStats::default(),
         }
     }
@@ -634,7 +638,12 @@ impl Proxy {
                 return Err(failed(UpstreamFailure::Invalid));
             };
             // The tunnel keeps the connection's lease: it is still the client's connection.
-            tokio::spawn(tunnel(client_upgrade, backend, conn.clone()));
+            tokio::spawn(tunnel(
+                client_upgrade,
+                backend,
+                self.tunnel_timeout,
+                conn.clone(),
+            ));
             strip_hop_by_hop(&mut head.headers, true);
             return Ok(Response::from_parts(
                 head,
@@ -955,23 +964,84 @@ fn is_html(headers: &HeaderMap) -> bool {
 
 /// Copies bytes both ways between an upgraded client and backend until either closes,
 /// starting with what the backend sent right after its `101` head.
-async fn tunnel(client: OnUpgrade, backend: Tunnel, _held: Arc<ClientConn>) {
-    let Tunnel {
-        stream: mut backend,
-        early,
-    } = backend;
-    match client.await {
-        Ok(client) => {
-            let mut client = TokioIo::new(client);
-            let ended = async {
-                client.write_all(&early).await?;
-                tokio::io::copy_bidirectional(&mut client, &mut backend).await
-            };
-            if let Err(e) = ended.await {
+async fn tunnel(client: OnUpgrade, backend: Tunnel, idle: Duration, _held: Arc<ClientConn>) {
+    let Tunnel { stream, early } = backend;
+    let client = match client.await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::debug!("upgrade failed: {e}");
+            return;
+        }
+    };
+    // Bytes read on either side count as the tunnel moving.
+    let activity = Activity::new();
+    let mut client = Moving {
+        io: TokioIo::new(client),
+        activity: activity.clone(),
+    };
+    let mut backend = Moving {
+        io: stream,
+        activity: activity.clone(),
+    };
+    let copying = async {
+        client.write_all(&early).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut backend).await
+    };
+    let quiet = async {
+        loop {
+            let quiet = activity.quiet_for();
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    };
+    tokio::select! {
+        ended = copying => {
+            if let Err(e) = ended {
                 tracing::debug!("upgraded connection ended: {e}");
             }
         }
-        Err(e) => tracing::debug!("upgrade failed: {e}"),
+        () = quiet => tracing::debug!("upgraded connection closed: nothing either way for {idle:?}"),
+    }
+}
+
+/// One side of a tunnel: what is read from it counts as the tunnel moving.
+struct Moving<S> {
+    io: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Moving<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Moving<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

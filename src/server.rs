@@ -139,6 +139,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         upstream::Upstream::new(&config.upstream, config.client_timeout),
         config.max_connections,
         config.client_timeout,
+        config.tunnel_timeout,
     ));
     let (shutdown, stop) = shutdown::channel();
     let mut tasks = JoinSet::new();

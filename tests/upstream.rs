@@ -1061,3 +1061,36 @@ async fn a_slow_reader_on_http2_gets_its_whole_reply() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_is_closed_after_tunnel_timeout_of_silence_but_not_while_it_moves() {
+    bounded(async {
+        let (addr, _) = raw_backend(|mut stream, _| async move {
+            let mut buf = Vec::new();
+            if read_head(&mut stream, &mut buf).await.is_some() {
+                switch_and_echo(&mut stream, b"").await;
+            }
+        })
+        .await;
+        let running = balancer_with(&[addr], "tunnel_timeout = 1\n").await;
+        let upgrade =
+            b"GET /chat HTTP/1.1\r\nhost: app\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n";
+        let mut tunnel = connect_sending(running.addrs()[0], upgrade).await;
+        assert!(reply_head(&mut tunnel).await.starts_with("HTTP/1.1 101"));
+        // Moving every 0.4 s for 2 s: twice the timeout, and still open.
+        let mut echo = [0u8; 4];
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            tunnel.write_all(b"ping").await.unwrap();
+            tunnel.read_exact(&mut echo).await.unwrap();
+            assert_eq!(&echo, b"ping");
+        }
+        // Then silence: closed after about a second.
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let _ = tunnel.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_one_timeout(started.elapsed());
+    })
+    .await;
+}
