@@ -409,6 +409,24 @@ pub struct Invalid {
     pub message: String,
 }
 
+/// `value` seconds, refused unless between 1 and `max`; `max_said` follows `max` in the
+/// message (`" (a day)"`).
+fn seconds(
+    key: &str,
+    value: u64,
+    max: u64,
+    max_said: &str,
+) -> Result<std::time::Duration, Invalid> {
+    if (1..=max).contains(&value) {
+        Ok(std::time::Duration::from_secs(value))
+    } else {
+        Err(invalid(
+            key,
+            format!("must be between 1 and {max} seconds{max_said}"),
+        ))
+    }
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
     Invalid {
         key: key.into(),
@@ -463,17 +481,10 @@ impl FileConfig {
             ));
         }
         let u = &self.upstream;
-        for (key, value) in [
-            ("upstream.connect_timeout", u.connect_timeout),
-            ("upstream.response_timeout", u.response_timeout),
-        ] {
-            if !(1..=MAX_TIMEOUT).contains(&value) {
-                return Err(invalid(key, "must be between 1 and 86400 seconds (a day)"));
-            }
-        }
+        let a_day = |key, value| seconds(key, value, MAX_TIMEOUT, " (a day)");
         let upstream = UpstreamConfig {
-            connect_timeout: std::time::Duration::from_secs(u.connect_timeout),
-            response_timeout: std::time::Duration::from_secs(u.response_timeout),
+            connect_timeout: a_day("upstream.connect_timeout", u.connect_timeout)?,
+            response_timeout: a_day("upstream.response_timeout", u.response_timeout)?,
             idle_timeout: std::time::Duration::from_secs(u.idle_timeout),
             max_idle_per_backend: u.max_idle_per_backend,
         };
@@ -579,19 +590,14 @@ impl FileConfig {
             self.workers
         };
         let client_timeout = self.client_timeout.unwrap_or(DEFAULT_CLIENT_TIMEOUT);
-        if !(1..=3600).contains(&client_timeout) {
-            return Err(invalid(
-                "client_timeout",
-                "must be between 1 and 3600 seconds",
-            ));
-        }
+        let client_timeout = seconds("client_timeout", client_timeout, 3600, "")?;
         let tunnel_timeout = self.tunnel_timeout.unwrap_or(DEFAULT_TUNNEL_TIMEOUT);
-        if !(1..=7 * MAX_TIMEOUT).contains(&tunnel_timeout) {
-            return Err(invalid(
-                "tunnel_timeout",
-                "must be between 1 and 604800 seconds (a week)",
-            ));
-        }
+        let tunnel_timeout = seconds(
+            "tunnel_timeout",
+            tunnel_timeout,
+            7 * MAX_TIMEOUT,
+            " (a week)",
+        )?;
         let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if !(1..=1_000_000).contains(&max_connections) {
             return Err(invalid("max_connections", "must be between 1 and 1000000"));
@@ -603,8 +609,8 @@ impl FileConfig {
             log_format: self.log_format,
             workers,
             max_connections,
-            client_timeout: std::time::Duration::from_secs(client_timeout),
-            tunnel_timeout: std::time::Duration::from_secs(tunnel_timeout),
+            client_timeout,
+            tunnel_timeout,
             upstream,
             pools,
         })

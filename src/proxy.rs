@@ -176,7 +176,7 @@ impl Activity {
 
     /// A request starts, waiting on its backend for the reply head.
     pub fn enter(self: &Arc<Self>) -> InFlight {
-        self.stamp();
+        self.touch();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         InFlight {
             activity: self.clone(),
@@ -186,10 +186,6 @@ impl Activity {
 
     /// Something moved on the connection.
     pub fn touch(&self) {
-        self.stamp();
-    }
-
-    fn stamp(&self) {
         let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.store(now, Ordering::Relaxed);
     }
@@ -219,7 +215,7 @@ impl InFlight {
     #[inline]
     fn wait_on_backend(&mut self, waiting: bool) {
         if !waiting {
-            self.activity.stamp();
+            self.activity.touch();
         }
         if waiting == self.waiting {
             return;
@@ -235,7 +231,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.activity.stamp();
+        self.activity.touch();
         if self.waiting {
             self.activity.waiting.fetch_sub(1, Ordering::Release);
         }
