@@ -1,5 +1,6 @@
 //! The admin listener, apart from traffic: `/metrics` (Prometheus), `/status` (a live page
-//! for a second screen), `/status.json` (what the page polls) and `/healthz`.
+//! for a second screen), `/status.json` (what the page polls), `/healthz`, and the JSON API
+//! under `/api` that reads and changes the farm ([`api`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,32 +17,47 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+use crate::core::history::Sample;
+use crate::farm::Farm;
 use crate::listener;
 use crate::metrics;
 use crate::proxy::Proxy;
 use crate::shutdown::Signal;
 
+pub mod api;
+
 const STATUS_PAGE: &str = include_str!("admin/status.html");
 
-/// What the admin endpoints read.
-struct Admin {
+/// What the admin endpoints read and change.
+pub struct Admin {
     proxy: Arc<Proxy>,
+    farm: Arc<Farm>,
+    token: api::Token,
     registry: Registry,
     started: Instant,
 }
 
+impl Admin {
+    /// The admin endpoints over a running balancer; `token` guards changes (none: changes
+    /// are refused).
+    pub fn new(
+        proxy: Arc<Proxy>,
+        farm: Arc<Farm>,
+        token: Option<String>,
+        started: Instant,
+    ) -> Arc<Self> {
+        Arc::new(Admin {
+            registry: metrics::registry(proxy.clone(), started),
+            proxy,
+            farm,
+            token: api::Token::new(token),
+            started,
+        })
+    }
+}
+
 /// Serves the admin endpoints on `listener` until `shutdown` fires.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    started: Instant,
-    mut shutdown: Signal,
-) {
-    let admin = Arc::new(Admin {
-        registry: metrics::registry(proxy.clone(), started),
-        proxy,
-        started,
-    });
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: Signal) {
     let builder = listener::connection_builder(listener::CLIENT_TIMEOUT);
     loop {
         let Some((stream, _)) = listener::accept(&listener, &mut shutdown).await else {
@@ -52,7 +68,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin.answer(&req)) }
+                async move { Ok::<_, std::convert::Infallible>(admin.answer(req).await) }
             });
             let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
@@ -62,12 +78,15 @@ pub async fn serve(
 }
 
 impl Admin {
-    fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.uri().path().starts_with("/api/") || req.uri().path() == "/api" {
+            return api::answer(&self.farm, &self.token, req).await;
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return reply(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain; charset=utf-8",
-                "tidegate admin: only GET\n".into(),
+                "tidegate admin: only GET (changes go through /api)\n".into(),
             );
         }
         match req.uri().path() {
@@ -90,7 +109,7 @@ impl Admin {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain; charset=utf-8",
-                "tidegate admin: /metrics, /status, /status.json, /healthz\n".into(),
+                "tidegate admin: /metrics, /status, /status.json, /healthz, /api/pools\n".into(),
             ),
         }
     }
@@ -103,7 +122,9 @@ impl Admin {
             connections_open: front.connections_open.load(Ordering::Relaxed),
             pools: self
                 .proxy
-                .pools()
+                .registry()
+                .topology()
+                .pools
                 .iter()
                 .map(|p| {
                     let table = p.table();
@@ -119,6 +140,16 @@ impl Admin {
                         max_pins: table.map(|t| t.limits().max_pins as u64),
                         lookups_hit: p.stats.lookups_hit.load(Ordering::Relaxed),
                         lookups_miss: p.stats.lookups_miss.load(Ordering::Relaxed),
+                        health_check: p.health.check.as_str(),
+                        on_pinned_down: p.on_pinned_down.as_str(),
+                        history: p
+                            .stats
+                            .history
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .samples()
+                            .copied()
+                            .collect(),
                         backends: p
                             .backends()
                             .all()
@@ -126,8 +157,9 @@ impl Admin {
                             .map(|b| BackendStatus {
                                 name: b.name.to_string(),
                                 address: b.address.to_string(),
-                                state: b.state().as_str(),
-                                weight: b.weight,
+                                state: b.admin().as_str(),
+                                health: b.health.get().as_str(),
+                                weight: b.weight(),
                                 pins: table.map(|t| t.pins_of(b.id)),
                                 in_flight: b.stats.in_flight.load(Ordering::Relaxed),
                                 requests: b.stats.replies_total(),
@@ -141,7 +173,7 @@ impl Admin {
     }
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+pub(crate) fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut()
@@ -169,6 +201,12 @@ struct PoolStatus {
     max_pins: Option<u64>,
     lookups_hit: u64,
     lookups_miss: u64,
+    /// `passive`, `tcp` or `http`.
+    health_check: &'static str,
+    /// `redispatch` or `fail`.
+    on_pinned_down: &'static str,
+    /// The last quarter hour, a sample every few seconds, oldest first.
+    history: Vec<Sample>,
     backends: Vec<BackendStatus>,
 }
 
@@ -176,7 +214,10 @@ struct PoolStatus {
 struct BackendStatus {
     name: String,
     address: String,
+    /// `active`, `draining`, `drained` or `disabled`.
     state: &'static str,
+    /// `up`, `down` or `unknown`.
+    health: &'static str,
     weight: u32,
     pins: Option<u64>,
     in_flight: i64,

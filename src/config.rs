@@ -11,8 +11,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::core::affinity::TableLimits;
-use crate::core::backend::BackendId;
+use crate::core::backend::{AdminState, BackendId};
 use crate::core::balance::Policy;
+use crate::core::health::{Check, HealthPolicy, Thresholds};
+use crate::core::pool::OnPinnedDown;
+use crate::core::registry::check_name;
 use crate::core::route::HostMatch;
 use crate::core::session_id::{IdRules, SessionNames};
 use crate::error::ConfigError;
@@ -62,6 +65,9 @@ pub struct FileConfig {
     /// Seconds an upgraded (WebSocket) connection may carry nothing in either direction
     /// before it is closed (default [`DEFAULT_TUNNEL_TIMEOUT`]).
     pub tunnel_timeout: Option<u64>,
+    /// A file holding the admin API's bearer token (changes through the API need it).
+    /// `--admin-token-file` or `TIDEGATE_ADMIN_TOKEN` give it too.
+    pub admin_token_file: Option<PathBuf>,
     /// How tidegate talks to backends.
     pub upstream: UpstreamFile,
     /// The pools. A pool without `hosts` serves any host; the most specific route wins
@@ -181,9 +187,69 @@ pub struct PoolFile {
     pub session: Option<SessionFile>,
     /// The inserted affinity cookie; absent means off.
     pub affinity_cookie: Option<AffinityCookieFile>,
+    /// Active health checks; absent means passive only.
+    pub health: Option<HealthFile>,
+    /// `redispatch` or `fail`: what happens to a session whose backend is down or disabled.
+    pub on_pinned_down: OnPinnedDownName,
     /// The backends.
     #[serde(rename = "backend")]
     pub backends: Vec<BackendFile>,
+}
+
+/// `on_pinned_down = "redispatch" | "fail"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnPinnedDownName {
+    /// Re-pin to a live backend.
+    #[default]
+    Redispatch,
+    /// 503 with Retry-After; the pin is kept.
+    Fail,
+}
+
+/// `[pool.health]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthFile {
+    /// `tcp` or `http`.
+    pub check: CheckName,
+    /// The path an HTTP check requests.
+    pub path: String,
+    /// The status an HTTP check expects; absent: any 2xx or 3xx.
+    pub expect_status: Option<u16>,
+    /// Seconds between checks of one backend.
+    pub interval: u64,
+    /// Seconds one check may take (fractions allowed).
+    pub timeout: f64,
+    /// Successes in a row that bring a backend up.
+    pub rise: u32,
+    /// Failures in a row (checks or refused connections) that take a backend down.
+    pub fall: u32,
+}
+
+impl Default for HealthFile {
+    fn default() -> Self {
+        let d = HealthPolicy::default();
+        HealthFile {
+            check: CheckName::Tcp,
+            path: "/".into(),
+            expect_status: None,
+            interval: d.interval.as_secs(),
+            timeout: d.timeout.as_secs_f64(),
+            rise: d.thresholds.rise,
+            fall: d.thresholds.fall,
+        }
+    }
+}
+
+/// `check = "tcp" | "http"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckName {
+    /// A TCP connect.
+    Tcp,
+    /// An HTTP GET.
+    Http,
 }
 
 impl Default for PoolFile {
@@ -196,6 +262,8 @@ impl Default for PoolFile {
             policy: PolicyName::RoundRobin,
             session: None,
             affinity_cookie: None,
+            health: None,
+            on_pinned_down: OnPinnedDownName::Redispatch,
             backends: Vec::new(),
         }
     }
@@ -294,6 +362,33 @@ pub struct BackendFile {
     /// Share of new sessions, 1–256.
     #[serde(default = "one")]
     pub weight: u32,
+    /// `active`, `drain` or `disabled`.
+    #[serde(default)]
+    pub state: StateName,
+}
+
+/// `state = "active" | "drain" | "disabled"` of a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StateName {
+    /// Takes new sessions.
+    #[default]
+    Active,
+    /// Keeps its sessions, takes no new ones.
+    Drain,
+    /// Takes nothing.
+    Disabled,
+}
+
+impl StateName {
+    /// The admin state it asks for.
+    pub fn admin(self) -> AdminState {
+        match self {
+            StateName::Active => AdminState::Active,
+            StateName::Drain => AdminState::Draining,
+            StateName::Disabled => AdminState::Disabled,
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -323,6 +418,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Pools, in file order.
     pub pools: Vec<PoolConfig>,
+    /// The admin API token file, if configured.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Validated TLS settings.
@@ -343,7 +440,7 @@ pub struct TlsConfig {
 }
 
 /// Validated `[upstream]`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamConfig {
     /// Connect timeout.
     pub connect_timeout: std::time::Duration,
@@ -370,6 +467,10 @@ pub struct PoolConfig {
     pub policy: Policy,
     /// Affinity cookie name and secret.
     pub affinity_cookie: Option<(String, Vec<u8>)>,
+    /// Health checks and thresholds.
+    pub health: HealthPolicy,
+    /// What happens to sessions of a backend that is down or disabled.
+    pub on_pinned_down: OnPinnedDown,
     /// Backends.
     pub backends: Vec<BackendConfig>,
 }
@@ -398,6 +499,8 @@ pub struct BackendConfig {
     pub address: SocketAddr,
     /// Weight.
     pub weight: u32,
+    /// The admin state the file asks for.
+    pub state: AdminState,
 }
 
 /// A validation failure: the key it concerns and what is wrong.
@@ -613,6 +716,9 @@ impl FileConfig {
             tunnel_timeout,
             upstream,
             pools,
+            admin_token_file: self.admin_token_file.map(|p| {
+                if p.is_relative() { base.join(p) } else { p }
+            }),
         })
     }
 }
@@ -723,12 +829,7 @@ impl PoolFile {
                 ));
             }
             let name = b.name.unwrap_or_else(|| b.address.to_string());
-            if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic()) {
-                return Err(invalid(
-                    format!("{bkey}.name"),
-                    "must be non-empty printable ASCII without spaces",
-                ));
-            }
+            check_name(&name).map_err(|m| invalid(format!("{bkey}.name"), m))?;
             let id = BackendId::from_name(&name);
             if let Some(k) = backends.iter().position(|o| o.name == name) {
                 return Err(invalid(
@@ -751,6 +852,7 @@ impl PoolFile {
                 name,
                 address: b.address,
                 weight: b.weight,
+                state: b.state.admin(),
             });
         }
         let session = match (self.affinity, self.session) {
@@ -789,10 +891,19 @@ impl PoolFile {
                 Some((c.name, c.secret.into_bytes()))
             }
         };
+        let health = match self.health {
+            None => HealthPolicy::default(),
+            Some(h) => h.validate(&format!("{key}.health"))?,
+        };
         Ok(PoolConfig {
             name: self.name,
             hosts,
             path_prefix: self.path_prefix,
+            health,
+            on_pinned_down: match self.on_pinned_down {
+                OnPinnedDownName::Redispatch => OnPinnedDown::Redispatch,
+                OnPinnedDownName::Fail => OnPinnedDown::Fail,
+            },
             session,
             policy: match self.policy {
                 PolicyName::RoundRobin => Policy::RoundRobin,
@@ -800,6 +911,57 @@ impl PoolFile {
             },
             affinity_cookie,
             backends,
+        })
+    }
+}
+
+impl HealthFile {
+    fn validate(self, key: &str) -> Result<HealthPolicy, Invalid> {
+        let interval = seconds(&format!("{key}.interval"), self.interval, 3600, " (an hour)")?;
+        if !(self.timeout.is_finite() && self.timeout > 0.0 && self.timeout <= 60.0) {
+            return Err(invalid(
+                format!("{key}.timeout"),
+                "must be more than 0 and at most 60 seconds",
+            ));
+        }
+        for (name, value) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=100).contains(&value) {
+                return Err(invalid(format!("{key}.{name}"), "must be between 1 and 100"));
+            }
+        }
+        let check = match self.check {
+            CheckName::Tcp => Check::Tcp,
+            CheckName::Http => {
+                if !self.path.starts_with('/')
+                    || !self.path.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(invalid(
+                        format!("{key}.path"),
+                        "must start with '/' and hold only printable ASCII without spaces",
+                    ));
+                }
+                if let Some(s) = self.expect_status
+                    && !(100..=599).contains(&s)
+                {
+                    return Err(invalid(
+                        format!("{key}.expect_status"),
+                        "must be an HTTP status (100 to 599)",
+                    ));
+                }
+                Check::Http {
+                    path: self.path.into(),
+                    expect_status: self.expect_status,
+                }
+            }
+        };
+        Ok(HealthPolicy {
+            check,
+            interval,
+            timeout: std::time::Duration::from_secs_f64(self.timeout),
+            thresholds: Thresholds {
+                rise: self.rise,
+                fall: self.fall,
+            },
         })
     }
 }

@@ -45,6 +45,20 @@ pub enum UpstreamFailure {
     Invalid,
 }
 
+impl UpstreamFailure {
+    /// What happened, in a few words (logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamFailure::Refused => "connection refused",
+            UpstreamFailure::ConnectTimeout => "connect timed out",
+            UpstreamFailure::Connect => "cannot connect",
+            UpstreamFailure::Reset => "connection closed before a complete reply",
+            UpstreamFailure::ResponseTimeout => "no reply within the response timeout",
+            UpstreamFailure::Invalid => "the reply is not valid HTTP/1.1",
+        }
+    }
+}
+
 /// Request-path failures a client sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyError {
@@ -56,6 +70,14 @@ pub enum ProxyError {
     NoBackend {
         /// The pool.
         pool: Box<str>,
+    },
+    /// The session's backend is down or disabled and the pool fails such requests
+    /// (`on_pinned_down = "fail"`): a 503 with `Retry-After`; the pin is kept.
+    PinnedDown {
+        /// Backend name.
+        backend: Box<str>,
+        /// Seconds the client is asked to wait.
+        retry_after: u64,
     },
     /// The chosen backend could not be reached or broke off.
     Upstream {
@@ -81,7 +103,9 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Connect => StatusCode::NOT_IMPLEMENTED,
-            ProxyError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoBackend { .. } | ProxyError::PinnedDown { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Upstream {
                 failure: UpstreamFailure::ResponseTimeout,
                 ..
@@ -98,6 +122,7 @@ impl ProxyError {
             ProxyError::NoRoute => "no-route",
             ProxyError::Connect => "connect-method",
             ProxyError::NoBackend { .. } => "no-backend",
+            ProxyError::PinnedDown { .. } => "pinned-down",
             ProxyError::Upstream { failure, .. } => match failure {
                 UpstreamFailure::Refused => "connect-refused",
                 UpstreamFailure::ConnectTimeout => "connect-timeout",
@@ -121,19 +146,20 @@ impl std::fmt::Display for ProxyError {
             ProxyError::NoBackend { pool } => {
                 write!(f, "no backend of pool {pool} can take requests")
             }
+            ProxyError::PinnedDown {
+                backend,
+                retry_after,
+            } => write!(
+                f,
+                "backend {backend}, which holds this session, is unavailable; \
+                 try again in {retry_after} s"
+            ),
             ProxyError::Upstream {
                 backend,
                 address,
                 failure,
             } => {
-                let why = match failure {
-                    UpstreamFailure::Refused => "connection refused",
-                    UpstreamFailure::ConnectTimeout => "connect timed out",
-                    UpstreamFailure::Connect => "cannot connect",
-                    UpstreamFailure::Reset => "connection closed before a complete reply",
-                    UpstreamFailure::ResponseTimeout => "no reply within the response timeout",
-                    UpstreamFailure::Invalid => "the reply is not valid HTTP/1.1",
-                };
+                let why = failure.as_str();
                 let what = match failure {
                     UpstreamFailure::Reset
                     | UpstreamFailure::ResponseTimeout

@@ -37,6 +37,103 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+    /// Read and change a running farm through its admin API.
+    Ctl {
+        /// The admin listener of the running tidegate.
+        #[arg(long, default_value = tidegate::config::DEFAULT_ADMIN)]
+        admin: SocketAddr,
+        /// A file holding the admin token (default: the TIDEGATE_ADMIN_TOKEN variable).
+        #[arg(long = "token-file")]
+        token_file: Option<PathBuf>,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlAction {
+    /// List pools and backends: state, health, pins, requests in flight.
+    Pools,
+    /// Add a backend to a pool; it takes new sessions at once.
+    Add {
+        /// The pool.
+        pool: String,
+        /// The backend's name, its stable identity.
+        name: String,
+        /// Where it listens (IP:port).
+        address: String,
+        /// Its share of new sessions (1-256).
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Drain a backend: no new sessions, its pinned sessions stay until they end.
+    Drain {
+        /// The pool.
+        pool: String,
+        /// The backend.
+        name: String,
+    },
+    /// Make a backend active again.
+    Enable {
+        /// The pool.
+        pool: String,
+        /// The backend.
+        name: String,
+    },
+    /// Disable a backend: nothing reaches it; its sessions follow on_pinned_down.
+    Disable {
+        /// The pool.
+        pool: String,
+        /// The backend.
+        name: String,
+    },
+    /// Remove a backend (refused while sessions are pinned to it, unless --force).
+    Remove {
+        /// The pool.
+        pool: String,
+        /// The backend.
+        name: String,
+        /// Remove it anyway, dropping its pins.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change a backend's weight.
+    Weight {
+        /// The pool.
+        pool: String,
+        /// The backend.
+        name: String,
+        /// The new weight (1-256).
+        weight: u32,
+    },
+    /// Re-read the configuration file and apply what changed (as SIGHUP does).
+    Reload,
+}
+
+impl CtlAction {
+    fn command(self) -> tidegate::ctl::Command {
+        use tidegate::ctl::Command as C;
+        match self {
+            CtlAction::Pools => C::Pools,
+            CtlAction::Add {
+                pool,
+                name,
+                address,
+                weight,
+            } => C::Add {
+                pool,
+                name,
+                address,
+                weight,
+            },
+            CtlAction::Drain { pool, name } => C::Drain { pool, name },
+            CtlAction::Enable { pool, name } => C::Enable { pool, name },
+            CtlAction::Disable { pool, name } => C::Disable { pool, name },
+            CtlAction::Remove { pool, name, force } => C::Remove { pool, name, force },
+            CtlAction::Weight { pool, name, weight } => C::Weight { pool, name, weight },
+            CtlAction::Reload => C::Reload,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -67,6 +164,10 @@ struct RunArgs {
     /// Worker threads (default: one per available core).
     #[arg(long)]
     threads: Option<usize>,
+    /// A file holding the admin API's bearer token (wins over the file's
+    /// `admin_token_file` and over TIDEGATE_ADMIN_TOKEN).
+    #[arg(long = "admin-token-file")]
+    admin_token_file: Option<PathBuf>,
     /// A backend, `ADDR` or `NAME=ADDR` (repeatable).
     #[arg(long)]
     backend: Vec<String>,
@@ -106,6 +207,7 @@ impl RunArgs {
                 address,
                 name,
                 weight: 1,
+                state: Default::default(),
             });
         }
         let mut pool = PoolFile {
@@ -200,6 +302,29 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Some(Command::Ctl {
+            admin,
+            token_file,
+            action,
+        }) => {
+            let token = match tidegate::ctl::token(token_file.as_deref()) {
+                Ok(t) => t,
+                Err(f) => {
+                    eprintln!("tidegate ctl: {}", f.message);
+                    return ExitCode::from(f.status);
+                }
+            };
+            match tidegate::ctl::run(admin, token.as_deref(), &action.command()) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(f) => {
+                    eprintln!("tidegate ctl: {}", f.message);
+                    ExitCode::from(f.status)
+                }
+            }
+        }
         Some(Command::Demo { listen }) => {
             let _logs = init_logs(LogFormat::Text);
             run(0, async move { demo(listen).await })
@@ -216,10 +341,14 @@ fn main() -> ExitCode {
                 }
                 None => cli.run.to_config(),
             };
+            let options = tidegate::server::Options {
+                config_path: cli.run.config.clone(),
+                admin_token_file: cli.run.admin_token_file.clone(),
+            };
             match config {
                 Ok(config) => {
                     let _logs = init_logs(config.log_format);
-                    run(config.workers, async move { serve(config).await })
+                    run(config.workers, async move { serve(config, options).await })
                 }
                 Err(e) => {
                     eprintln!("{e}");
@@ -292,10 +421,10 @@ fn run(workers: usize, main: impl std::future::Future<Output = Result<(), String
     }
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+async fn serve(config: Config, options: tidegate::server::Options) -> Result<(), String> {
     #[cfg(unix)]
     tidegate::server::raise_open_files_limit(config.max_connections);
-    let running = tidegate::server::start(&config)
+    let running = tidegate::server::start_with(&config, options)
         .await
         .map_err(|e| e.to_string())?;
     running.run_until(shutdown_signal()).await;

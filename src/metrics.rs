@@ -14,7 +14,9 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::core::affinity::AffinityTable;
-use crate::core::backend::BackendState;
+use crate::core::backend::AdminState;
+use crate::core::health::Health;
+use crate::core::registry::Change;
 use crate::core::learn::LearnSource;
 use crate::core::pool::Decision;
 use crate::core::stats::{
@@ -24,12 +26,6 @@ use crate::proxy::Proxy;
 
 /// The status classes, as labels.
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-const STATES: [BackendState; 4] = [
-    BackendState::Up,
-    BackendState::Down,
-    BackendState::Draining,
-    BackendState::Launching,
-];
 const SOURCES: [LearnSource; 4] = [
     LearnSource::SetCookie,
     LearnSource::Location,
@@ -75,6 +71,8 @@ pub fn render(registry: &Registry) -> String {
 
 /// Reads one counter of a backend's stats.
 type StatsField = fn(&BackendStats) -> &AtomicU64;
+/// Reads one running total of a pool.
+type PoolField = fn(&crate::core::stats::PoolStats) -> u64;
 /// Reads one running total of a pool's table.
 type TableTotal = fn(&AffinityTable) -> u64;
 
@@ -99,7 +97,8 @@ fn gauge(
 
 impl Collector for Exposition {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let pools = self.proxy.pools();
+        let topology = self.proxy.registry().topology();
+        let pools = &topology.pools;
         let front = &self.proxy.front;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
 
@@ -190,14 +189,14 @@ impl Collector for Exposition {
 
         let mut m = e.encode_descriptor(
             "tidegate_backend_state",
-            "1 for the state each backend is in",
+            "1 for the operator's state each backend is in: active, draining, drained, disabled",
             None,
             MetricType::Gauge,
         )?;
         for p in pools {
             for b in p.backends().all() {
-                let current = b.state();
-                for state in STATES {
+                let current = b.admin();
+                for state in AdminState::ALL {
                     gauge(
                         &mut m,
                         &[
@@ -207,6 +206,59 @@ impl Collector for Exposition {
                         ],
                         i64::from(state == current),
                     )?;
+                }
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_backend_health",
+            "1 for what the health checks say of each backend: up, down, unknown",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in pools {
+            for b in p.backends().all() {
+                let current = b.health.get();
+                for health in Health::ALL {
+                    gauge(
+                        &mut m,
+                        &[
+                            ("pool", &p.name),
+                            ("backend", &b.name),
+                            ("health", health.as_str()),
+                        ],
+                        i64::from(health == current),
+                    )?;
+                }
+            }
+        }
+        let health_counters: [(&str, &str, StatsField); 4] = [
+            (
+                "tidegate_health_checks",
+                "Active health checks run",
+                |s| &s.checks,
+            ),
+            (
+                "tidegate_health_check_failures",
+                "Active health checks that failed",
+                |s| &s.check_failures,
+            ),
+            (
+                "tidegate_backend_down_transitions",
+                "Times a backend went down (checks, or refused connections in a row)",
+                |s| &s.went_down,
+            ),
+            (
+                "tidegate_backend_up_transitions",
+                "Times a backend came (back) up",
+                |s| &s.came_up,
+            ),
+        ];
+        for (name, help, field) in health_counters {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for p in pools {
+                for b in p.backends().all() {
+                    let labels = [("pool", &*p.name), ("backend", &*b.name)];
+                    counter(&mut m, &labels, load(field(&b.stats)))?;
                 }
             }
         }
@@ -335,6 +387,44 @@ impl Collector for Exposition {
         )?;
         for p in pools {
             counter(&mut m, &[("pool", &p.name)], load(&p.stats.no_backend))?;
+        }
+        let pool_counters: [(&str, &str, PoolField); 4] = [
+            (
+                "tidegate_redispatches",
+                "Sessions moved off a backend that was down, disabled, refusing or removed",
+                |s| s.decided(Decision::Redispatched),
+            ),
+            (
+                "tidegate_pinned_down",
+                "Requests refused with 503 because their session's backend is down (on_pinned_down = fail)",
+                |s| s.pinned_down.load(Ordering::Relaxed),
+            ),
+            (
+                "tidegate_pins_dropped",
+                "Pins dropped because their backend was removed",
+                |s| s.pins_dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "tidegate_drains_finished",
+                "Backends whose drain finished (no pin left)",
+                |s| s.drains_finished.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, field) in pool_counters {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for p in pools {
+                counter(&mut m, &[("pool", &p.name)], field(&p.stats))?;
+            }
+        }
+        let registry = self.proxy.registry();
+        let mut m = e.encode_descriptor(
+            "tidegate_admin_changes",
+            "Changes made to the farm (admin API and reloads), by kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for kind in Change::ALL {
+            counter(&mut m, &[("kind", kind.as_str())], registry.changes(kind))?;
         }
 
         let mut m = e.encode_descriptor(

@@ -27,8 +27,10 @@ use crate::clock;
 use crate::core::affinity::PinKey;
 use crate::core::backend::Backend;
 use crate::core::learn::LearnSource;
-use crate::core::pool::{Affinity, Decision, Pool, RequestView, Routing, SessionAffinity};
-use crate::core::route::Router;
+use crate::core::backend::{BackendId, BackendSet};
+use crate::core::pool::{Affinity, Decision, Pool, Refusal, RequestView, Routing, SessionAffinity};
+use crate::core::registry::Registry;
+use crate::farm::health;
 use crate::core::session_id::{self, IdSource};
 use crate::core::stats::FrontStats;
 use crate::error::{ProxyError, UpstreamFailure};
@@ -128,8 +130,7 @@ impl Drop for Lease {
 
 /// The shared state of the request path.
 pub struct Proxy {
-    router: Router,
-    pools: Box<[Arc<Pool>]>,
+    registry: Arc<Registry>,
     upstream: Arc<Upstream>,
     /// One permit per client connection served, over all traffic listeners.
     pub connection_slots: Arc<Semaphore>,
@@ -388,6 +389,11 @@ fn session_log_key() -> u64 {
     *KEY.get_or_init(rand::random)
 }
 
+/// A session id as logs show it: its keyed hash.
+fn session_hash(id: &str) -> u32 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), session_log_key()) as u32
+}
+
 impl Trace {
     fn begin(req: &Request<Incoming>) -> Self {
         let access = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(|| Access {
@@ -420,8 +426,7 @@ impl Trace {
         self.backend = Some(routing.backend.clone());
         self.decision = Some(routing.decision);
         if let (Some(access), Some(id)) = (self.access.as_mut(), id) {
-            access.session =
-                Some(xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), session_log_key()) as u32);
+            access.session = Some(session_hash(id));
         }
     }
 }
@@ -434,6 +439,9 @@ impl Drop for Trace {
         let took = self.started.elapsed();
         if let Some(b) = &self.backend {
             b.stats.end(self.status, took);
+        }
+        if let Some(p) = &self.pool {
+            p.stats.replied(self.status);
         }
         let Some(a) = &self.access else { return };
         let host = a.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-");
@@ -454,19 +462,17 @@ impl Drop for Trace {
 }
 
 impl Proxy {
-    /// The request path over these pools.
+    /// The request path over the farm in `registry`.
     pub fn new(
-        router: Router,
-        pools: Vec<Arc<Pool>>,
-        upstream: Upstream,
+        registry: Arc<Registry>,
+        upstream: Arc<Upstream>,
         max_connections: usize,
         client_timeout: Duration,
         tunnel_timeout: Duration,
     ) -> Self {
         Proxy {
-            router,
-            pools: pools.into_boxed_slice(),
-            upstream: Arc::new(upstream),
+            registry,
+            upstream,
             connection_slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             client_timeout,
@@ -475,9 +481,14 @@ impl Proxy {
         }
     }
 
-    /// The pools, in configuration order.
-    pub fn pools(&self) -> &[Arc<Pool>] {
-        &self.pools
+    /// The farm: pools, routes and backends as they are now.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The connections to backends.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
     }
 
     /// Serves one request; every failure becomes a short text reply.
@@ -491,7 +502,9 @@ impl Proxy {
             Ok(reply) => reply,
             Err(e) => {
                 match &e {
-                    ProxyError::Upstream { .. } | ProxyError::NoBackend { .. } => {
+                    ProxyError::Upstream { .. }
+                    | ProxyError::NoBackend { .. }
+                    | ProxyError::PinnedDown { .. } => {
                         tracing::warn!(client = %conn.peer, kind = e.kind(), "{e}")
                     }
                     _ => tracing::debug!(client = %conn.peer, kind = e.kind(), "{e}"),
@@ -513,6 +526,7 @@ impl Proxy {
         Ok(reply)
     }
 
+    /// route → choose a backend that accepts the connection → send → reply.
     async fn forward(
         &self,
         req: Request<Incoming>,
@@ -524,75 +538,23 @@ impl Proxy {
         }
         let now = clock::unix_now();
         let (mut parts, body) = req.into_parts();
-        let host = request_host(&parts.headers, &parts.uri, parts.version)?;
-        let pool = self
-            .router
-            .select(host, parts.uri.path())
-            .map(|i| &self.pools[i])
-            .ok_or(ProxyError::NoRoute)?;
-        trace.pool = Some(pool.clone());
-        let set = pool.backends();
-        let mut cookie_routed = None;
-        let mut carried_unknown = None;
-        let (routing, body) = match &pool.affinity {
-            Affinity::ClientIp => {
-                let view = RequestView {
-                    id: None,
-                    affinity_cookie: None,
-                    client: conn.peer.ip(),
-                };
-                let routing = pool.route(&set, &view, now);
-                if let Some(r) = &routing {
-                    trace.routed(r, None);
-                }
-                (routing, RequestBody::Streaming(body))
-            }
-            Affinity::Session(session) => {
-                let cookie_value = pool
-                    .cookie
-                    .as_ref()
-                    .and_then(|c| cookie_in(&parts.headers, c.name()));
-                let mut view = RequestView {
-                    id: id_in_head(session, &parts.uri, &parts.headers),
-                    affinity_cookie: cookie_value,
-                    client: conn.peer.ip(),
-                };
-                // Only when the head names no session: read the start of a form body.
-                let peekable = view
-                    .id
-                    .is_none()
-                    .then(|| form_kind(&parts.headers, session))
-                    .flatten();
-                let (body, form) = match peekable {
-                    Some(kind) => {
-                        let peek =
-                            upstream::peek(body, session.form_peek_bytes, self.client_timeout)
-                                .await
-                                .map_err(|e| match e {
-                                    PeekError::Stalled => ProxyError::RequestTimeout,
-                                    PeekError::Body => ProxyError::BadRequestBody,
-                                })?;
-                        (peek.body, Some((kind, peek.head, peek.complete)))
-                    }
-                    None => (RequestBody::Streaming(body), None),
-                };
-                if let Some((kind, head, complete)) = &form {
-                    view.id = id_in_form(session, *kind, head, *complete)
-                        .map(|id| (id, IdSource::FormBody));
-                }
-                let routing = pool.route(&set, &view, now);
-                cookie_routed = unknown_id(&routing, &view, Decision::Learned);
-                carried_unknown = unknown_id(&routing, &view, Decision::New);
-                if let Some(r) = &routing {
-                    trace.routed(r, view.id.map(|(id, _)| id));
-                }
-                (routing, body)
-            }
+        let pool = {
+            let host = request_host(&parts.headers, &parts.uri, parts.version)?;
+            self.registry
+                .topology()
+                .router
+                .select(host, parts.uri.path())
+                .cloned()
+                .ok_or(ProxyError::NoRoute)?
         };
-        let routing = routing.ok_or_else(|| ProxyError::NoBackend {
-            pool: pool.name.clone(),
-        })?;
-        drop(set);
+        trace.pool = Some(pool.clone());
+        let chosen = self.choose(&pool, &parts, body, conn, now, trace).await?;
+        let Chosen {
+            routing,
+            connection,
+            body,
+            learner,
+        } = chosen;
 
         let client_upgrade = if is_upgrade(&parts.headers) {
             parts.extensions.remove::<OnUpgrade>()
@@ -620,7 +582,7 @@ impl Proxy {
         };
         let reply = self
             .upstream
-            .send(backend.address, &parts, body)
+            .send(connection, &parts, body)
             .await
             .map_err(|e| match e {
                 SendError::Upstream(failure) => failed(failure),
@@ -646,55 +608,191 @@ impl Proxy {
                 ReplyBody::new(ReplyKind::Text(None)),
             ));
         }
+        Ok(reply_to_client(
+            &pool, &routing, learner, reply, scan_page, scan_limit, conn, trace,
+        ))
+    }
 
-        let (mut head, body) = reply.into_parts();
-        let learner = Learner {
-            backend: backend.id,
-            now,
-            cookie_routed,
-            carried_unknown,
+    /// Identifies the request's session (head, then a bounded peek of a form body), routes
+    /// it, and connects to the backend chosen. A backend that refuses the connection (or
+    /// does not accept it in time) counts a passive health failure and is left out: a new
+    /// session goes to another backend, and so does a pinned one whose pool redispatches;
+    /// only when none is left does the client see the failure.
+    async fn choose(
+        &self,
+        pool: &Arc<Pool>,
+        parts: &http::request::Parts,
+        body: Incoming,
+        conn: &ClientConn,
+        now: u32,
+        trace: &mut Trace,
+    ) -> Result<Chosen, ProxyError> {
+        let session = match &pool.affinity {
+            Affinity::Session(s) => Some(&**s),
+            Affinity::ClientIp => None,
         };
-        trace.learned = learner.from_head(pool, &head.headers, head.status.is_redirection());
-        let scan_page = scan_page
-            && trace.learned.is_none()
-            && head.status.is_success()
-            && is_html(&head.headers);
-        strip_hop_by_hop(&mut head.headers, false);
-        if routing.insert_cookie
-            && let Some(cookie) = &backend.affinity_cookie
-        {
-            let value = if conn.tls {
-                &cookie.set_cookie_secure
-            } else {
-                &cookie.set_cookie
-            };
-            head.headers.append(SET_COOKIE, value.clone());
+        let mut id = session.and_then(|s| id_in_head(s, &parts.uri, &parts.headers));
+        // Only when the head names no session: read the start of a form body.
+        let peekable = session
+            .filter(|_| id.is_none())
+            .and_then(|s| form_kind(&parts.headers, s).map(|kind| (s, kind)));
+        let (body, peeked) = match peekable {
+            Some((s, kind)) => {
+                let peek = upstream::peek(body, s.form_peek_bytes, self.client_timeout)
+                    .await
+                    .map_err(|e| match e {
+                        PeekError::Stalled => ProxyError::RequestTimeout,
+                        PeekError::Body => ProxyError::BadRequestBody,
+                    })?;
+                (peek.body, Some((s, kind, peek.head, peek.complete)))
+            }
+            None => (RequestBody::Streaming(body), None),
+        };
+        if let Some((s, kind, head, complete)) = &peeked {
+            id = id_in_form(s, *kind, head, *complete).map(|id| (id, IdSource::FormBody));
         }
-        let body = if scan_page {
-            ReplyKind::Learning(Box::new(PageLearner::new(
-                body,
-                PageTap::new(pool.clone(), learner, scan_limit),
-            )))
-        } else {
-            ReplyKind::Upstream(body)
+        let view = RequestView {
+            id,
+            affinity_cookie: session.and(pool.cookie.as_ref()).and_then(|c| cookie_in(&parts.headers, c.name())),
+            client: conn.peer.ip(),
         };
-        Ok(Response::from_parts(head, ReplyBody::new(body)))
+        let set = pool.backends();
+        let thresholds = pool.health.thresholds;
+        // Backends that refused this request; empty (no allocation) unless one does.
+        let mut tried: Vec<BackendId> = Vec::new();
+        let mut last_refusal: Option<(Routing, ProxyError)> = None;
+        loop {
+            let routing = match pool.route(&set, &view, now, &tried) {
+                Ok(routing) => routing,
+                Err(refused) => {
+                    if let Some((routing, failure)) = last_refusal {
+                        // Nothing else to try: the client sees the last backend's failure.
+                        trace.routed(&routing, view.id.map(|(id, _)| id));
+                        return Err(failure);
+                    }
+                    return Err(match refused {
+                        Refusal::NoBackend => ProxyError::NoBackend {
+                            pool: pool.name.clone(),
+                        },
+                        Refusal::PinnedDown(b) => ProxyError::PinnedDown {
+                            backend: b.name.clone(),
+                            retry_after: pool.health.retry_after(),
+                        },
+                    });
+                }
+            };
+            if let Some((failed, e)) = last_refusal.take() {
+                failed.backend.stats.upstream_error(e.kind());
+            }
+            let backend = &routing.backend;
+            match self.upstream.connection(backend.address).await {
+                Ok(connection) => {
+                    let transition = backend.health.success(thresholds);
+                    health::note(pool, backend, transition, "a connection was accepted");
+                    if let Some(from) = routing.moved_from {
+                        redispatched(pool, &set, from, &routing, view.id);
+                    }
+                    trace.routed(&routing, view.id.map(|(id, _)| id));
+                    let unknown = |decision| {
+                        (routing.decision == decision)
+                            .then_some(view.id)
+                            .flatten()
+                            .map(|(id, _)| PinKey::of(id))
+                    };
+                    let learner = Learner {
+                        backend: backend.id,
+                        now,
+                        cookie_routed: unknown(Decision::Learned),
+                        carried_unknown: unknown(Decision::New),
+                    };
+                    return Ok(Chosen {
+                        routing,
+                        connection,
+                        body,
+                        learner,
+                    });
+                }
+                Err(failure) => {
+                    let transition = backend.health.failure(thresholds);
+                    health::note(pool, backend, transition, failure.as_str());
+                    tried.push(backend.id);
+                    let e = ProxyError::Upstream {
+                        backend: backend.name.clone(),
+                        address: backend.address,
+                        failure,
+                    };
+                    last_refusal = Some((routing, e));
+                }
+            }
+        }
     }
 }
 
-/// The key of the unknown id a request named, if it was routed with `decision`: `Learned`,
-/// on an affinity cookie's word (its pin, once the reply names it, is credited to the
-/// cookie), or `New`, on nobody's (only a `Set-Cookie` of it pins it).
-fn unknown_id(
-    routing: &Option<Routing>,
-    view: &RequestView<'_>,
-    decision: Decision,
-) -> Option<PinKey> {
-    let routing = routing.as_ref()?;
-    (routing.decision == decision)
-        .then_some(view.id)
-        .flatten()
-        .map(|(id, _)| PinKey::of(id))
+/// A request's backend, chosen and connected, and what its reply may teach.
+struct Chosen {
+    routing: Routing,
+    connection: upstream::Conn,
+    body: RequestBody,
+    learner: Learner,
+}
+
+/// Logs a session moved off its backend, by the hash the access log shows for it.
+fn redispatched(
+    pool: &Pool,
+    set: &BackendSet,
+    from: BackendId,
+    routing: &Routing,
+    id: Option<(&str, IdSource)>,
+) {
+    let session = id.map(|(id, _)| session_hash(id));
+    let from_name = set.get(from).map_or_else(|| from.to_string(), |b| b.name.to_string());
+    tracing::info!(
+        pool = %pool.name,
+        from = %from_name,
+        to = %routing.backend.name,
+        session = %LoggedSession(session),
+        "session redispatched: its backend is down, disabled or gone"
+    );
+}
+
+/// The reply head on its way to the client: pins learned from it, hop-by-hop fields
+/// removed, the affinity cookie inserted, and the body wrapped in the page learner when the
+/// request named no known session.
+#[allow(clippy::too_many_arguments)]
+fn reply_to_client(
+    pool: &Arc<Pool>,
+    routing: &Routing,
+    learner: Learner,
+    reply: Response<UpBody>,
+    scan_page: bool,
+    scan_limit: usize,
+    conn: &ClientConn,
+    trace: &mut Trace,
+) -> Response<ReplyBody> {
+    let (mut head, body) = reply.into_parts();
+    trace.learned = learner.from_head(pool, &head.headers, head.status.is_redirection());
+    let scan_page = scan_page
+        && trace.learned.is_none()
+        && head.status.is_success()
+        && is_html(&head.headers);
+    strip_hop_by_hop(&mut head.headers, false);
+    if let Some(cookie) = &routing.insert_cookie {
+        let value = if conn.tls {
+            &cookie.set_cookie_secure
+        } else {
+            &cookie.set_cookie
+        };
+        head.headers.append(SET_COOKIE, value.clone());
+    }
+    let body = if scan_page {
+        ReplyKind::Learning(Box::new(PageLearner::new(
+            body,
+            PageTap::new(pool.clone(), learner, scan_limit),
+        )))
+    } else {
+        ReplyKind::Upstream(body)
+    };
+    Response::from_parts(head, ReplyBody::new(body))
 }
 
 /// The short text reply for a failure.
@@ -705,6 +803,11 @@ fn refusal(e: &ProxyError) -> Response<ReplyBody> {
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if let ProxyError::PinnedDown { retry_after, .. } = e {
+        reply
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(*retry_after));
+    }
     reply
 }
 

@@ -3,25 +3,23 @@
 //! expires pins off the request path.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinSet;
 
 use crate::admin;
-use crate::clock;
-use crate::config::{AdminListen, Config, PoolConfig, TlsConfig};
-use crate::core::affinity::Removed;
-use crate::core::affinity_cookie::AffinityCookie;
-use crate::core::backend::Backend;
-use crate::core::pool::{Affinity, Pool, SessionAffinity};
-use crate::core::route::{Route, Router};
+use crate::config::{AdminListen, Config, TlsConfig};
+use crate::core::pool::Pool;
+use crate::core::registry::Registry;
+use crate::farm::{self, Farm, ReloadError};
 use crate::listener;
 use crate::listener::TlsFront;
 use crate::proxy::Proxy;
 use crate::shutdown::{self, Signal, Trigger};
-use crate::tls::{self, CertError, CertFiles, CertResolver, CertStore};
+use crate::tls::{self, CertError, CertResolver, CertStore};
 use crate::upstream;
 use http::HeaderValue;
 use tokio_rustls::TlsAcceptor;
@@ -33,7 +31,7 @@ pub struct Running {
     tls_addrs: Vec<SocketAddr>,
     redirect_addrs: Vec<SocketAddr>,
     certificates: Option<Arc<CertResolver>>,
-    proxy: Arc<Proxy>,
+    farm: Arc<Farm>,
     shutdown: Trigger,
     tasks: JoinSet<()>,
 }
@@ -55,6 +53,14 @@ pub enum StartError {
     /// rustls refused the TLS settings.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The admin token file cannot be used.
+    #[error("admin token file {}: {reason}", path.display())]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
 }
 
 async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
@@ -86,57 +92,62 @@ pub fn load_certificates(tls: &TlsConfig) -> Result<CertStore, CertError> {
     Ok(store)
 }
 
-/// Builds the pool a [`PoolConfig`] describes.
-pub fn build_pool(config: &PoolConfig) -> Pool {
-    let affinity = match &config.session {
-        None => Affinity::ClientIp,
-        Some(s) => Affinity::Session(Box::new(SessionAffinity::new(
-            s.names.clone(),
-            s.rules.clone(),
-            s.limits,
-            s.form_peek_bytes,
-            s.page_scan_bytes,
-        ))),
-    };
-    let cookie = config.affinity_cookie.as_ref().map(|(name, secret)| {
-        // `/shop/` routes `/shop` too, so the cookie must cover `/shop`.
-        let prefix = config.path_prefix.trim_end_matches('/');
-        AffinityCookie::new(name, secret, if prefix.is_empty() { "/" } else { prefix })
-    });
-    let backends = config
-        .backends
-        .iter()
-        .map(|b| Backend::new(&b.name, b.address, b.weight))
-        .collect();
-    Pool::new(&config.name, config.policy, affinity, cookie, backends)
+/// What starting takes besides the configuration.
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// The file the configuration came from: SIGHUP and `POST /api/reload` re-read it.
+    pub config_path: Option<PathBuf>,
+    /// `--admin-token-file`: wins over the file's `admin_token_file` and over
+    /// `TIDEGATE_ADMIN_TOKEN`.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// Binds every listener and starts serving (a configuration that came from no file).
+pub async fn start(config: &Config) -> Result<Running, StartError> {
+    start_with(config, Options::default()).await
+}
+
+/// The admin API's token: `--admin-token-file`, else the file's `admin_token_file`, else
+/// `TIDEGATE_ADMIN_TOKEN`; none means changes through the API are refused.
+fn admin_token(config: &Config, options: &Options) -> Result<Option<String>, StartError> {
+    let file = options
+        .admin_token_file
+        .as_ref()
+        .or(config.admin_token_file.as_ref());
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| StartError::Token {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(StartError::Token {
+                path: path.clone(),
+                reason: "the file is empty".into(),
+            });
+        }
+        return Ok(Some(token.to_string()));
+    }
+    Ok(std::env::var("TIDEGATE_ADMIN_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty()))
 }
 
 /// Binds every listener and starts serving.
-pub async fn start(config: &Config) -> Result<Running, StartError> {
+pub async fn start_with(config: &Config, options: Options) -> Result<Running, StartError> {
     let started = Instant::now();
     // Taken over first, so a SIGHUP from here on never kills the process.
-    let mut hangup = watch_hangup();
-    let pools: Vec<Arc<Pool>> = config
-        .pools
-        .iter()
-        .map(|p| Arc::new(build_pool(p)))
-        .collect();
-    let routes = config
-        .pools
-        .iter()
-        .enumerate()
-        .flat_map(|(i, p)| {
-            p.hosts.iter().map(move |h| Route {
-                host: h.clone(),
-                path_prefix: p.path_prefix.as_str().into(),
-                pool: i,
-            })
-        })
-        .collect();
+    let hangup = watch_hangup();
+    let token = admin_token(config, &options)?;
+    let registry = Arc::new(Registry::new(farm::topology(config)));
+    let upstream = Arc::new(upstream::Upstream::new(
+        &config.upstream,
+        config.client_timeout,
+    ));
     let proxy = Arc::new(Proxy::new(
-        Router::new(routes),
-        pools,
-        upstream::Upstream::new(&config.upstream, config.client_timeout),
+        registry.clone(),
+        upstream.clone(),
         config.max_connections,
         config.client_timeout,
         config.tunnel_timeout,
@@ -153,6 +164,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let mut tls_addrs = Vec::new();
     let mut redirect_addrs = Vec::new();
     let mut certificates = None;
+    let mut reloader = None;
     if let Some(tls) = &config.tls {
         // The files' times before they are read: a change from here on is seen by the check.
         let stamps = tls::stamps(&tls.certificates);
@@ -186,19 +198,29 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
                 stop.clone(),
             ));
         }
-        tasks.spawn(reload_certificates(
+        let watcher = Arc::new(tls::Reloader::new(
             resolver.clone(),
             tls.certificates.clone(),
             stamps,
-            tls.reload_check_interval,
-            hangup.take(),
-            stop.clone(),
         ));
+        if let Some(every) = tls.reload_check_interval {
+            tasks.spawn(watcher.clone().watch(every, stop.clone()));
+        }
+        reloader = Some(watcher);
         certificates = Some(resolver);
     }
+    let farm = Arc::new(Farm::new(
+        registry.clone(),
+        upstream,
+        config.clone(),
+        options.config_path.clone(),
+        reloader,
+    ));
     if let Some(hangup) = hangup {
-        tasks.spawn(nothing_to_reload(hangup, stop.clone()));
+        tasks.spawn(reload_on_hangup(farm.clone(), hangup, stop.clone()));
     }
+    tasks.spawn(farm::housekeeping(registry.clone(), stop.clone()));
+    tasks.spawn(farm::health::probe(registry.clone(), stop.clone()));
     let admin_addr = match config.admin {
         AdminListen::Off => None,
         AdminListen::Configured(address) => Some(bind(address).await?),
@@ -211,16 +233,21 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         },
     }
     .map(|(listener, local)| {
-        tracing::info!(address = %local, "admin: /metrics /status /healthz");
-        tasks.spawn(admin::serve(listener, proxy.clone(), started, stop.clone()));
+        tracing::info!(
+            address = %local,
+            api = if token.is_some() { "changes need the bearer token" } else { "read-only: no admin token configured" },
+            "admin: /metrics /status /healthz /api"
+        );
+        tasks.spawn(admin::serve(
+            listener,
+            admin::Admin::new(proxy.clone(), farm.clone(), token, started),
+            stop.clone(),
+        ));
         local
     });
-    for pool in proxy.pools() {
-        if pool.table().is_some() {
-            tasks.spawn(sweep(pool.clone(), stop.clone()));
-        }
+    for pool in registry.topology().pools.iter() {
         for b in pool.backends().all() {
-            tracing::info!(pool = %pool.name, backend = %b.name, address = %b.address, id = %b.id, "backend");
+            tracing::info!(pool = %pool.name, backend = %b.name, address = %b.address, id = %b.id, state = b.admin().as_str(), "backend");
         }
     }
     Ok(Running {
@@ -229,49 +256,10 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         tls_addrs,
         redirect_addrs,
         certificates,
-        proxy,
+        farm,
         shutdown,
         tasks,
     })
-}
-
-/// Expires and evicts pins of one pool on a blocking thread, one shard at a time, so the
-/// request path never waits for a whole-table pass. Every second it checks (in O(1)) whether
-/// the table nears its bound and trims it; a full expiry sweep runs every 1/60 of the idle
-/// timeout (1 to 30 s).
-async fn sweep(pool: Arc<Pool>, mut stop: Signal) {
-    let Some(table) = pool.table() else { return };
-    let sweep_every = u64::from(table.limits().idle_timeout / 60).clamp(1, 30);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for n in 1u64.. {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait() => return,
-        }
-        let full = n % sweep_every == 0;
-        if !full && !pool.table().is_some_and(|t| t.needs_trim()) {
-            continue;
-        }
-        let swept = pool.clone();
-        let removed = tokio::task::spawn_blocking(move || {
-            let table = swept.table().expect("session pool");
-            let now = clock::unix_now();
-            if full {
-                table.sweep(now)
-            } else {
-                Removed {
-                    expired: 0,
-                    evicted: table.trim(now),
-                }
-            }
-        })
-        .await
-        .unwrap_or_default();
-        if removed.expired + removed.evicted > 0 {
-            tracing::debug!(pool = %pool.name, expired = removed.expired, evicted = removed.evicted, "pins swept");
-        }
-    }
 }
 
 /// The SIGHUP stream, if the platform gives one.
@@ -287,71 +275,17 @@ fn watch_hangup() -> Option<HangupSignal> {
     }
 }
 
-/// Without TLS, a SIGHUP has nothing to reload: say so rather than die of it.
-async fn nothing_to_reload(mut hangup: HangupSignal, mut stop: Signal) {
+/// SIGHUP re-reads the configuration file and applies what changed (and reloads the
+/// certificates); started from flags, it reloads the certificates only.
+async fn reload_on_hangup(farm: Arc<Farm>, mut hangup: HangupSignal, mut stop: Signal) {
     loop {
         tokio::select! {
-            _ = hangup.recv() => tracing::info!(
-                "SIGHUP: nothing to reload (it reloads TLS certificates; configuration changes need a restart)"
-            ),
-            _ = stop.wait() => return,
-        }
-    }
-}
-
-/// Reloads the certificates on SIGHUP and when their files change (compared with `stamps`,
-/// taken before the certificates in use were read). A file that fails to
-/// load is logged with its path and reason, and the certificates in use keep serving.
-async fn reload_certificates(
-    resolver: Arc<CertResolver>,
-    files: Vec<CertFiles>,
-    mut stamps: Vec<Option<std::time::SystemTime>>,
-    check_every: Option<Duration>,
-    mut hangup: Option<HangupSignal>,
-    mut stop: Signal,
-) {
-    loop {
-        let check = async {
-            match check_every {
-                Some(every) => tokio::time::sleep(every).await,
-                None => std::future::pending().await,
-            }
-        };
-        let hup = async {
-            match hangup.as_mut() {
-                Some(h) => {
-                    h.recv().await;
+            _ = hangup.recv() => {
+                if let Err(ReloadError::NoFile) = farm.reload("SIGHUP").await {
+                    tracing::info!("SIGHUP: no configuration file to re-read (started from flags); certificates, if any, were reloaded");
                 }
-                None => std::future::pending().await,
-            }
-        };
-        let reason = tokio::select! {
-            _ = hup => "SIGHUP",
-            _ = check => {
-                let now = tls::stamps(&files);
-                if now == stamps {
-                    continue;
-                }
-                stamps = now;
-                "a certificate file changed"
             }
             _ = stop.wait() => return,
-        };
-        let loaded = {
-            let files = files.clone();
-            tokio::task::spawn_blocking(move || CertStore::load(&files, &tls::provider())).await
-        };
-        match loaded {
-            Ok(Ok(store)) => {
-                tls::warn_expired(&store);
-                resolver.replace(store);
-                tracing::info!(reason, "certificates reloaded");
-            }
-            Ok(Err(e)) => tracing::error!(
-                reason,
-                "certificate reload failed, the previous certificates keep serving: {e}"
-            ),
-            Err(e) => tracing::error!("certificate reload task failed: {e}"),
         }
     }
 }
@@ -382,9 +316,14 @@ impl Running {
         &self.addrs
     }
 
-    /// The pool named `name`.
-    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.proxy.pools().iter().find(|p| &*p.name == name)
+    /// The pool named `name`, as it is now.
+    pub fn pool(&self, name: &str) -> Option<Arc<Pool>> {
+        self.farm.registry.topology().pool(name).cloned()
+    }
+
+    /// The farm: its registry, connections and reload.
+    pub fn farm(&self) -> &Arc<Farm> {
+        &self.farm
     }
 
     /// Runs until `signal` resolves, then shuts down gracefully.

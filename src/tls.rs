@@ -321,3 +321,75 @@ pub fn stamps(files: &[CertFiles]) -> Vec<Option<SystemTime>> {
         .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .collect()
 }
+
+/// Reloads the certificates in use: on SIGHUP and `POST /api/reload` (through the farm's
+/// reload, which may bring other files), and when a file changes. A file that fails to load
+/// is an error naming it, and the certificates in use keep serving.
+pub struct Reloader {
+    resolver: Arc<CertResolver>,
+    /// The files, and their times when they were last read.
+    files: std::sync::Mutex<(Vec<CertFiles>, Vec<Option<SystemTime>>)>,
+}
+
+impl Reloader {
+    /// A reloader for `resolver`, whose certificates came from `files` as they were at
+    /// `stamps` (taken before they were read, so a change from then on is seen).
+    pub fn new(
+        resolver: Arc<CertResolver>,
+        files: Vec<CertFiles>,
+        stamps: Vec<Option<SystemTime>>,
+    ) -> Self {
+        Reloader {
+            resolver,
+            files: std::sync::Mutex::new((files, stamps)),
+        }
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, (Vec<CertFiles>, Vec<Option<SystemTime>>)> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loads the certificates again (from `files` when given: a reload may name others).
+    pub async fn reload(&self, reason: &str, files: Option<Vec<CertFiles>>) -> Result<(), String> {
+        let files = files.unwrap_or_else(|| self.files().0.clone());
+        let stamps = stamps(&files);
+        let loaded = {
+            let files = files.clone();
+            tokio::task::spawn_blocking(move || CertStore::load(&files, &provider())).await
+        };
+        match loaded {
+            Ok(Ok(store)) => {
+                warn_expired(&store);
+                self.resolver.replace(store);
+                *self.files() = (files, stamps);
+                tracing::info!(reason, "certificates reloaded");
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::error!(
+                    reason,
+                    "certificate reload failed, the previous certificates keep serving: {e}"
+                );
+                Err(e.to_string())
+            }
+            Err(e) => Err(format!("certificate reload task failed: {e}")),
+        }
+    }
+
+    /// Checks the files every `every` and reloads when one changed, until `stop` fires.
+    pub async fn watch(self: Arc<Self>, every: std::time::Duration, mut stop: crate::shutdown::Signal) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.wait() => return,
+            }
+            let changed = {
+                let guard = self.files();
+                stamps(&guard.0) != guard.1
+            };
+            if changed {
+                let _ = self.reload("a certificate file changed", None).await;
+            }
+        }
+    }
+}

@@ -109,19 +109,31 @@ impl Upstream {
         }
     }
 
-    /// Sends a request to the backend at `addr` and reads the reply head; the reply body
-    /// streams from the connection, which is parked again once the body has been read whole.
+    /// A connection to the backend at `addr`: a parked one, or a new one. Failing here sends
+    /// nothing, so the request can still go to another backend.
+    pub async fn connection(&self, addr: SocketAddr) -> Result<Conn, UpstreamFailure> {
+        match self.checkout(addr) {
+            Some(conn) => Ok(conn),
+            None => self.connect(addr).await,
+        }
+    }
+
+    /// Closes the parked connections to `addr` (its backend left the farm).
+    pub fn forget(&self, addr: SocketAddr) {
+        let parked = self.idle.remove(&addr);
+        drop(parked);
+    }
+
+    /// Sends a request on `conn` and reads the reply head; the reply body streams from the
+    /// connection, which is parked again once the body has been read whole.
     pub async fn send(
         self: &Arc<Self>,
-        addr: SocketAddr,
+        mut conn: Conn,
         head: &http::request::Parts,
         mut body: ToBackend,
     ) -> Result<Response<UpBody>, SendError> {
         let bodyless = body.is_end_stream();
-        let mut conn = match self.checkout(addr) {
-            Some(conn) => conn,
-            None => self.connect(addr).await.map_err(SendError::Upstream)?,
-        };
+        let addr = conn.addr;
         loop {
             match conn.exchange(head, &mut body, bodyless, self.waits()).await {
                 Ok((parts, state, keep_alive)) => {

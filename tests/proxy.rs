@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use support::{Reply, farm, get, images, send};
 use tidegate::config::Config;
-use tidegate::core::backend::BackendState;
+use tidegate::core::backend::AdminState;
 use tidegate::demo::{ImageOptions, Tracking};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -673,15 +673,15 @@ async fn unreachable_backend_gets_502_naming_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pool_with_every_backend_down_gets_503_naming_the_pool() {
+async fn pool_with_every_backend_disabled_gets_503_naming_the_pool() {
     bounded(async {
         let f = farm(2, Tracking::Links).await;
         let client = support::client();
-        // A pinned session first: even it has nowhere to go once every backend is down.
+        // A pinned session first: even it has nowhere to go once every backend is disabled.
         let (key, _) = open_session(&client, &f.base).await;
         let pool = f.balancer.pool("app").unwrap();
         for backend in pool.backends().all() {
-            backend.set_state(BackendState::Down);
+            backend.set_admin(AdminState::Disabled);
         }
         for path in [
             "/app".to_string(),
@@ -698,7 +698,7 @@ async fn pool_with_every_backend_down_gets_503_naming_the_pool() {
         }
         // Back up: served again.
         for backend in pool.backends().all() {
-            backend.set_state(BackendState::Up);
+            backend.set_admin(AdminState::Active);
         }
         assert_eq!(
             get(&client, &format!("{}/app", f.base)).await.status,

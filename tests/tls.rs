@@ -759,7 +759,8 @@ async fn sessions_stay_pinned_over_tls_with_http2_and_http1() {
         },
     )
     .await;
-    let table = f.running.pool("app").unwrap().table().unwrap();
+    let pool = f.running.pool("app").unwrap();
+    let table = pool.table().unwrap();
 
     // HTTP/2: one connection, the session learned from the first page.
     let h2 = f.client(&[b"h2"]);

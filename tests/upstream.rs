@@ -725,7 +725,8 @@ fn id_in_target(head: &str) -> Option<String> {
 }
 
 fn pinned(running: &tidegate::server::Running, id: &str) -> bool {
-    let table = running.pool("app").unwrap().table().unwrap();
+    let pool = running.pool("app").unwrap();
+    let table = pool.table().unwrap();
     table
         .get(tidegate::core::affinity::PinKey::of(id))
         .is_some()

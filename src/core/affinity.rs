@@ -118,6 +118,39 @@ impl TableLimits {
     }
 }
 
+/// [`TableLimits`] a reload may change while requests read them.
+#[derive(Debug)]
+struct Limits {
+    idle_timeout: AtomicU32,
+    max_lifetime: AtomicU32,
+    max_pins: AtomicUsize,
+}
+
+impl Limits {
+    fn new(l: TableLimits) -> Self {
+        Limits {
+            idle_timeout: AtomicU32::new(l.idle_timeout),
+            max_lifetime: AtomicU32::new(l.max_lifetime),
+            max_pins: AtomicUsize::new(l.max_pins),
+        }
+    }
+
+    #[inline]
+    fn get(&self) -> TableLimits {
+        TableLimits {
+            idle_timeout: self.idle_timeout.load(Ordering::Relaxed),
+            max_lifetime: self.max_lifetime.load(Ordering::Relaxed),
+            max_pins: self.max_pins.load(Ordering::Relaxed),
+        }
+    }
+
+    fn set(&self, l: TableLimits) {
+        self.idle_timeout.store(l.idle_timeout, Ordering::Relaxed);
+        self.max_lifetime.store(l.max_lifetime, Ordering::Relaxed);
+        self.max_pins.store(l.max_pins, Ordering::Relaxed);
+    }
+}
+
 /// What [`AffinityTable::pin`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PinOutcome {
@@ -145,7 +178,8 @@ pub struct Removed {
 pub struct AffinityTable {
     map: DashMap<PinKey, Slot, BuildPassThrough>,
     len: AtomicUsize,
-    limits: TableLimits,
+    /// Changed by a reload; read per lookup as plain relaxed loads.
+    limits: Limits,
     per_backend: RwLock<HashMap<BackendId, Arc<AtomicI64>>>,
     expired: AtomicU64,
     evicted: AtomicU64,
@@ -164,7 +198,7 @@ impl AffinityTable {
         AffinityTable {
             map: DashMap::with_capacity_and_hasher_and_shard_amount(0, BuildPassThrough, shards),
             len: AtomicUsize::new(0),
-            limits,
+            limits: Limits::new(limits),
             per_backend: RwLock::new(HashMap::new()),
             expired: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
@@ -173,17 +207,39 @@ impl AffinityTable {
 
     /// The limits this table keeps.
     pub fn limits(&self) -> TableLimits {
-        self.limits
+        self.limits.get()
+    }
+
+    /// New limits (a reload): pins are judged by them from the next lookup or sweep on.
+    pub fn set_limits(&self, limits: TableLimits) {
+        self.limits.set(limits);
+    }
+
+    /// Removes every pin of `backend` (it left the pool). Returns how many went.
+    pub fn unpin_backend(&self, backend: BackendId) -> usize {
+        let mut gone = 0;
+        self.map.retain(|_, slot| {
+            let keep = slot.backend != backend;
+            gone += usize::from(!keep);
+            keep
+        });
+        self.len.fetch_sub(gone, Ordering::Relaxed);
+        self.per_backend
+            .write()
+            .expect("pin counters lock")
+            .remove(&backend);
+        gone
     }
 
     /// The backend owning `key`, refreshing the pin's last use. An expired pin is removed
     /// and reported as absent.
     #[inline]
     pub fn lookup(&self, key: PinKey, now: u32) -> Option<BackendId> {
+        let limits = self.limits();
         let expired = {
             let slot = self.map.get(&key)?;
             let last = slot.last_used.load(Ordering::Relaxed);
-            if !self.limits.expired(slot.created, last, now) {
+            if !limits.expired(slot.created, last, now) {
                 if last != now {
                     slot.last_used.store(now, Ordering::Relaxed);
                 }
@@ -193,8 +249,7 @@ impl AffinityTable {
         };
         if expired
             && let Some((_, slot)) = self.map.remove_if(&key, |_, s| {
-                self.limits
-                    .expired(s.created, s.last_used.load(Ordering::Relaxed), now)
+                limits.expired(s.created, s.last_used.load(Ordering::Relaxed), now)
             })
         {
             self.dropped(slot.backend);
@@ -215,7 +270,8 @@ impl AffinityTable {
     /// Pins `key` to `backend`. Only what a backend said may reach here: the request path
     /// calls it when a reply names a session, never for an id a client sent on its own.
     pub fn pin(&self, key: PinKey, backend: BackendId, now: u32) -> PinOutcome {
-        if self.len.load(Ordering::Relaxed) >= self.limits.max_pins && self.map.get(&key).is_none()
+        if self.len.load(Ordering::Relaxed) >= self.limits().max_pins
+            && self.map.get(&key).is_none()
         {
             // The sweeper normally keeps the table below its bound; this is the backstop.
             self.evict_stalest(self.low_watermark(), now);
@@ -291,10 +347,10 @@ impl AffinityTable {
     pub fn sweep(&self, now: u32) -> Removed {
         let mut removed = Removed::default();
         let mut gone: HashMap<BackendId, i64> = HashMap::new();
+        let limits = self.limits();
         self.map.retain(|_, slot| {
             let keep =
-                !self
-                    .limits
+                !limits
                     .expired(slot.created, slot.last_used.load(Ordering::Relaxed), now);
             if !keep {
                 *gone.entry(slot.backend).or_default() += 1;
@@ -333,7 +389,7 @@ impl AffinityTable {
             return 0;
         }
         // Pass 1: histogram of ages since last use.
-        let span = self.limits.idle_timeout.max(1) as u64;
+        let span = self.limits().idle_timeout.max(1) as u64;
         let bucket_of = |last_used: u32| -> usize {
             let age = u64::from(now.saturating_sub(last_used)).min(span);
             ((age * (AGE_BUCKETS as u64 - 1)) / span) as usize
@@ -389,12 +445,14 @@ impl AffinityTable {
 
     /// Above this many pins the sweeper evicts.
     fn high_watermark(&self) -> usize {
-        self.limits.max_pins - self.limits.max_pins / 50
+        let max = self.limits().max_pins;
+        max - max / 50
     }
 
     /// Eviction brings the table down to this many pins.
     fn low_watermark(&self) -> usize {
-        self.limits.max_pins - self.limits.max_pins / 20
+        let max = self.limits().max_pins;
+        max - max / 20
     }
 
     fn counter(&self, backend: BackendId) -> Arc<AtomicI64> {

@@ -2,10 +2,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use http::HeaderValue;
 
+use crate::core::health::{Health, HealthCounter};
 use crate::core::stats::BackendStats;
 
 /// Seed for every hash that must agree across instances and restarts.
@@ -31,43 +32,53 @@ impl std::fmt::Display for BackendId {
     }
 }
 
-/// Where a backend stands, as the routing step sees it.
+/// What the operator wants of a backend (drain, disable), kept apart from what the health
+/// checks say: a check that finds the backend up never undoes a drain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
-pub enum BackendState {
+pub enum AdminState {
     /// Serves pinned sessions and takes new ones.
-    Up = 0,
-    /// Unreachable: pinned sessions are redispatched, no new ones.
-    Down = 1,
+    Active = 0,
     /// Serves its pinned sessions until they end, takes no new ones.
-    Draining = 2,
-    /// Being started on demand (reserved for launching, which is not built yet: nothing
-    /// sets this state outside tests). Serves its pinned sessions, takes no new ones.
-    Launching = 3,
+    Draining = 1,
+    /// Was draining and has no pin left: takes no new sessions (a pin learned since is
+    /// still served).
+    Drained = 2,
+    /// Takes nothing: its pinned sessions follow the pool's `on_pinned_down`.
+    Disabled = 3,
 }
 
-impl BackendState {
+impl AdminState {
     fn from_u8(v: u8) -> Self {
         match v {
-            0 => BackendState::Up,
-            1 => BackendState::Down,
-            2 => BackendState::Draining,
-            _ => BackendState::Launching,
+            0 => AdminState::Active,
+            1 => AdminState::Draining,
+            2 => AdminState::Drained,
+            _ => AdminState::Disabled,
         }
     }
 
-    /// A short stable label for logs, metrics and the status page.
+    /// A short stable label for the API, logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
-            BackendState::Up => "up",
-            BackendState::Down => "down",
-            BackendState::Draining => "draining",
-            BackendState::Launching => "launching",
+            AdminState::Active => "active",
+            AdminState::Draining => "draining",
+            AdminState::Drained => "drained",
+            AdminState::Disabled => "disabled",
         }
     }
+
+    /// Every value, in label order.
+    pub const ALL: [AdminState; 4] = [
+        AdminState::Active,
+        AdminState::Draining,
+        AdminState::Drained,
+        AdminState::Disabled,
+    ];
 }
 
-/// One application server (a Seaside image).
+/// One application server (a Seaside image). Its identity is its name; its weight, admin
+/// state, health and counters change in place, so every change to the farm keeps them.
 #[derive(Debug)]
 pub struct Backend {
     /// Stable id, stored in pins.
@@ -76,13 +87,12 @@ pub struct Backend {
     pub name: Box<str>,
     /// Where it listens.
     pub address: SocketAddr,
-    /// Relative share of new sessions (1 or more).
-    pub weight: u32,
-    /// The signed affinity cookie naming this backend, built once (`Set-Cookie` value).
-    pub affinity_cookie: Option<AffinityCookieValue>,
-    /// Traffic counters.
-    pub stats: BackendStats,
-    state: AtomicU8,
+    /// Traffic counters, shared with the backend it replaced when it moved address.
+    pub stats: Arc<BackendStats>,
+    /// What the checks say.
+    pub health: HealthCounter,
+    weight: AtomicU32,
+    admin: AtomicU8,
 }
 
 /// A backend's affinity cookie: the bare value requests carry back, and the full header.
@@ -97,70 +107,120 @@ pub struct AffinityCookieValue {
 }
 
 impl Backend {
-    /// A backend in state `Up`.
+    /// An active backend of unknown health.
     pub fn new(name: &str, address: SocketAddr, weight: u32) -> Self {
         Backend {
             id: BackendId::from_name(name),
             name: name.into(),
             address,
-            weight: weight.max(1),
-            affinity_cookie: None,
-            stats: BackendStats::default(),
-            state: AtomicU8::new(BackendState::Up as u8),
+            stats: Arc::default(),
+            health: HealthCounter::default(),
+            weight: AtomicU32::new(weight.max(1)),
+            admin: AtomicU8::new(AdminState::Active as u8),
         }
     }
 
-    /// The current state.
-    #[inline]
-    pub fn state(&self) -> BackendState {
-        BackendState::from_u8(self.state.load(Ordering::Relaxed))
+    /// The same backend (name, counters, weight, admin state) at another address; its health
+    /// is unknown there.
+    pub fn moved_to(&self, address: SocketAddr) -> Self {
+        Backend {
+            id: self.id,
+            name: self.name.clone(),
+            address,
+            stats: self.stats.clone(),
+            health: HealthCounter::default(),
+            weight: AtomicU32::new(self.weight()),
+            admin: AtomicU8::new(self.admin() as u8),
+        }
     }
 
-    /// Moves the backend to `state`.
-    pub fn set_state(&self, state: BackendState) {
-        self.state.store(state as u8, Ordering::Relaxed);
+    /// Relative share of new sessions (1 or more).
+    #[inline]
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the weight; the pool's schedule must be rebuilt to follow it.
+    pub(crate) fn set_weight(&self, weight: u32) {
+        self.weight.store(weight.max(1), Ordering::Relaxed);
+    }
+
+    /// The operator's intent.
+    #[inline]
+    pub fn admin(&self) -> AdminState {
+        AdminState::from_u8(self.admin.load(Ordering::Relaxed))
+    }
+
+    /// Sets the operator's intent.
+    pub fn set_admin(&self, state: AdminState) {
+        self.admin.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// A draining backend with no pin and nothing in flight becomes drained; `true` once,
+    /// for the caller that made the change.
+    pub fn settle_drain(&self, pins: u64) -> bool {
+        pins == 0
+            && self.stats.in_flight.load(Ordering::Relaxed) <= 0
+            && self
+                .admin
+                .compare_exchange(
+                    AdminState::Draining as u8,
+                    AdminState::Drained as u8,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// Whether new sessions may be sent here.
     #[inline]
     pub fn takes_new_sessions(&self) -> bool {
-        self.state() == BackendState::Up
+        self.admin() == AdminState::Active && self.health.get() != Health::Down
     }
 
     /// Whether sessions already pinned here may still be served here.
     #[inline]
     pub fn serves_pinned(&self) -> bool {
-        matches!(
-            self.state(),
-            BackendState::Up | BackendState::Draining | BackendState::Launching
-        )
+        self.admin() != AdminState::Disabled && self.health.get() != Health::Down
     }
 }
 
-/// The backends of one pool at one moment. Immutable: a change builds a new set and the pool
-/// swaps it in whole, so the request path reads it without a lock.
+/// The backends of one pool at one moment. Immutable: a change builds a new set (of the same
+/// `Arc<Backend>`s) and the pool swaps it in whole, so the request path reads it without a
+/// lock.
 #[derive(Debug, Default)]
 pub struct BackendSet {
     backends: Box<[Arc<Backend>]>,
     ids: Box<[BackendId]>,
+    /// The affinity cookie of each backend (the pool's secret), by position.
+    cookies: Box<[Option<Arc<AffinityCookieValue>>]>,
     /// Round-robin order: backend positions repeated by weight, interleaved smoothly.
     schedule: Box<[u32]>,
 }
 
 impl BackendSet {
-    /// Builds a set; ids must be unique (the config checks this and names the clash).
-    pub fn new(backends: Vec<Arc<Backend>>) -> Self {
+    /// Builds a set; ids must be unique (the config and the registry check this).
+    /// `cookie_of` gives each backend's affinity cookie when the pool inserts one.
+    pub fn new(
+        backends: Vec<Arc<Backend>>,
+        cookie_of: impl Fn(BackendId) -> Option<AffinityCookieValue>,
+    ) -> Self {
         let ids = backends.iter().map(|b| b.id).collect();
-        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+        let cookies = backends
+            .iter()
+            .map(|b| cookie_of(b.id).map(Arc::new))
+            .collect();
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
         let schedule = smooth_weighted_schedule(&weights);
         BackendSet {
             backends: backends.into_boxed_slice(),
             ids,
+            cookies,
             schedule,
         }
     }
 
-    /// All backends, in configuration order.
+    /// All backends, in the order they were configured or added.
     pub fn all(&self) -> &[Arc<Backend>] {
         &self.backends
     }
@@ -172,13 +232,24 @@ impl BackendSet {
         Some(&self.backends[pos])
     }
 
+    /// The backend named `name`.
+    pub fn named(&self, name: &str) -> Option<&Arc<Backend>> {
+        self.backends.iter().find(|b| &*b.name == name)
+    }
+
+    /// The affinity cookie of the backend with this id.
+    #[inline]
+    pub fn cookie_of(&self, id: BackendId) -> Option<&Arc<AffinityCookieValue>> {
+        let pos = self.ids.iter().position(|&i| i == id)?;
+        self.cookies[pos].as_ref()
+    }
+
     /// The backend whose affinity cookie value is `value`.
     pub fn by_affinity_cookie(&self, value: &str) -> Option<&Arc<Backend>> {
-        self.backends.iter().find(|b| {
-            b.affinity_cookie
-                .as_ref()
-                .is_some_and(|c| &*c.value == value)
-        })
+        self.cookies
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| &*c.value == value))
+            .map(|pos| &self.backends[pos])
     }
 
     /// The weighted round-robin order, as positions into [`BackendSet::all`].
@@ -251,9 +322,25 @@ mod tests {
     fn state_gates_new_and_pinned_traffic() {
         let b = Backend::new("a", "127.0.0.1:1".parse().unwrap(), 1);
         assert!(b.takes_new_sessions() && b.serves_pinned());
-        b.set_state(BackendState::Draining);
+        b.set_admin(AdminState::Draining);
         assert!(!b.takes_new_sessions() && b.serves_pinned());
-        b.set_state(BackendState::Down);
+        b.set_admin(AdminState::Disabled);
         assert!(!b.takes_new_sessions() && !b.serves_pinned());
+        b.set_admin(AdminState::Active);
+        for _ in 0..3 {
+            b.health.failure(crate::core::health::Thresholds::default());
+        }
+        assert!(!b.takes_new_sessions() && !b.serves_pinned());
+    }
+
+    #[test]
+    fn a_drain_settles_once_when_no_pin_is_left() {
+        let b = Backend::new("a", "127.0.0.1:1".parse().unwrap(), 1);
+        assert!(!b.settle_drain(0), "only a draining backend settles");
+        b.set_admin(AdminState::Draining);
+        assert!(!b.settle_drain(2));
+        assert!(b.settle_drain(0));
+        assert!(!b.settle_drain(0));
+        assert_eq!(b.admin(), AdminState::Drained);
     }
 }

@@ -9,10 +9,33 @@ use arc_swap::ArcSwap;
 
 use crate::core::affinity::{AffinityTable, PinKey, TableLimits};
 use crate::core::affinity_cookie::AffinityCookie;
-use crate::core::backend::{Backend, BackendSet};
+use crate::core::backend::{AffinityCookieValue, Backend, BackendId, BackendSet};
 use crate::core::balance::{self, Policy};
+use crate::core::health::HealthPolicy;
+use crate::core::route::HostMatch;
 use crate::core::session_id::{IdRules, IdSource, SessionNames};
 use crate::core::stats::PoolStats;
+
+/// What happens to a session whose backend is down or disabled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnPinnedDown {
+    /// Re-pinned to a live backend (the user sees a new session rather than an error).
+    #[default]
+    Redispatch,
+    /// Answered 503 with `Retry-After`; the pin is kept, so the session is back with its
+    /// image.
+    Fail,
+}
+
+impl OnPinnedDown {
+    /// A short stable label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnPinnedDown::Redispatch => "redispatch",
+            OnPinnedDown::Fail => "fail",
+        }
+    }
+}
 
 /// How a pool keeps a client on its backend.
 pub enum Affinity {
@@ -28,8 +51,8 @@ pub struct SessionAffinity {
     pub names: SessionNames,
     /// What a valid id looks like.
     pub rules: IdRules,
-    /// The pins.
-    pub table: AffinityTable,
+    /// The pins (shared with the pool this one replaced on a reload).
+    pub table: Arc<AffinityTable>,
     /// Most bytes of a form body read to find an id (0 = never).
     pub form_peek_bytes: usize,
     /// Most bytes of an HTML reply scanned for the id in its links (0 = never).
@@ -51,7 +74,7 @@ impl SessionAffinity {
         SessionAffinity {
             names,
             rules,
-            table: AffinityTable::new(limits),
+            table: Arc::new(AffinityTable::new(limits)),
             form_peek_bytes,
             page_scan_bytes,
             needle,
@@ -107,28 +130,48 @@ pub struct Routing {
     pub decision: Decision,
     /// Whether to scan the reply page for a new session id (the request had no known id).
     pub scan_page: bool,
-    /// Whether to insert the affinity cookie on the reply.
-    pub insert_cookie: bool,
+    /// The affinity cookie to insert on the reply, if the client does not hold it yet.
+    pub insert_cookie: Option<Arc<AffinityCookieValue>>,
+    /// For a redispatched session: the backend it was pinned to.
+    pub moved_from: Option<BackendId>,
+}
+
+/// Why a request could not be routed.
+#[derive(Debug)]
+pub enum Refusal {
+    /// No backend of the pool takes new sessions.
+    NoBackend,
+    /// The session's backend is down or disabled, and the pool fails such requests
+    /// (`on_pinned_down = "fail"`); the pin is kept.
+    PinnedDown(Arc<Backend>),
 }
 
 /// One pool of backends serving one application.
 pub struct Pool {
     /// Operator-facing name.
     pub name: Box<str>,
+    /// Host patterns routed here.
+    pub hosts: Vec<HostMatch>,
+    /// Path prefix routed here.
+    pub path_prefix: Box<str>,
     /// How new sessions are spread.
     pub policy: Policy,
     /// How sessions stay put.
     pub affinity: Affinity,
     /// The inserted affinity cookie, if enabled.
     pub cookie: Option<AffinityCookie>,
-    /// Lookup and decision counters.
-    pub stats: PoolStats,
+    /// What happens to sessions of a backend that is down or disabled.
+    pub on_pinned_down: OnPinnedDown,
+    /// Health checks and thresholds.
+    pub health: HealthPolicy,
+    /// Lookup and decision counters (shared with the pool this one replaced on a reload).
+    pub stats: Arc<PoolStats>,
     backends: ArcSwap<BackendSet>,
     cursor: AtomicUsize,
 }
 
 impl Pool {
-    /// A pool over `backends` (their affinity cookie values are filled in here).
+    /// A pool over `backends`, with default health settings.
     pub fn new(
         name: &str,
         policy: Policy,
@@ -138,15 +181,51 @@ impl Pool {
     ) -> Self {
         let pool = Pool {
             name: name.into(),
+            hosts: vec![HostMatch::Any],
+            path_prefix: "/".into(),
             policy,
             affinity,
             cookie,
-            stats: PoolStats::default(),
+            on_pinned_down: OnPinnedDown::default(),
+            health: HealthPolicy::default(),
+            stats: Arc::default(),
             backends: ArcSwap::from_pointee(BackendSet::default()),
             cursor: AtomicUsize::new(0),
         };
-        pool.replace_backends(backends);
+        pool.set_backends(backends.into_iter().map(Arc::new).collect());
         pool
+    }
+
+    /// The same pool serving these hosts and path prefix.
+    pub fn with_routes(self, hosts: Vec<HostMatch>, path_prefix: &str) -> Self {
+        Pool {
+            hosts,
+            path_prefix: path_prefix.into(),
+            ..self
+        }
+    }
+
+    /// The same pool with other health settings.
+    pub fn with_health(self, health: HealthPolicy, on_pinned_down: OnPinnedDown) -> Self {
+        Pool {
+            health,
+            on_pinned_down,
+            ..self
+        }
+    }
+
+    /// This pool (new settings from a reload) taking over from `old`: its counters, its
+    /// backends (the same `Arc`s, so their state and counters stay) and, when both use
+    /// session affinity, its pins under the new limits.
+    pub fn succeeding(mut self, old: &Pool) -> Self {
+        self.stats = old.stats.clone();
+        if let (Affinity::Session(new), Affinity::Session(old)) = (&mut self.affinity, &old.affinity)
+        {
+            old.table.set_limits(new.table.limits());
+            new.table = old.table.clone();
+        }
+        self.set_backends(old.backends().all().to_vec());
+        self
     }
 
     /// The current backend set: a lock-free snapshot.
@@ -155,16 +234,14 @@ impl Pool {
         self.backends.load()
     }
 
-    /// Swaps in a new backend set whole; requests in flight keep the one they loaded.
-    pub fn replace_backends(&self, backends: Vec<Backend>) {
-        let backends = backends
-            .into_iter()
-            .map(|mut b| {
-                b.affinity_cookie = self.cookie.as_ref().map(|c| c.for_backend(b.id));
-                Arc::new(b)
-            })
-            .collect();
-        self.backends.store(Arc::new(BackendSet::new(backends)));
+    /// Swaps in a new set of these backends whole (their affinity cookies and the
+    /// round-robin schedule rebuilt); requests in flight keep the set they loaded. Changes
+    /// go through the registry, which makes them one at a time.
+    pub(crate) fn set_backends(&self, backends: Vec<Arc<Backend>>) {
+        let set = BackendSet::new(backends, |id| {
+            self.cookie.as_ref().map(|c| c.for_backend(id))
+        });
+        self.backends.store(Arc::new(set));
     }
 
     /// The session table, in session-affinity mode.
@@ -175,28 +252,42 @@ impl Pool {
         }
     }
 
-    /// Routes one request. `now` is unix seconds. Returns `None` when no backend can take it.
-    /// The decision and the lookup outcome are counted in [`Pool::stats`].
-    pub fn route(&self, set: &BackendSet, request: &RequestView<'_>, now: u32) -> Option<Routing> {
-        let routed = self.decide(set, request, now);
+    /// Routes one request. `now` is unix seconds; `tried` are backends that refused this
+    /// request's connection already (a session pinned to one of them is redispatched, or
+    /// refused with `on_pinned_down = "fail"`). The decision and the lookup outcome are
+    /// counted in [`Pool::stats`].
+    pub fn route(
+        &self,
+        set: &BackendSet,
+        request: &RequestView<'_>,
+        now: u32,
+        tried: &[BackendId],
+    ) -> Result<Routing, Refusal> {
+        let routed = self.decide(set, request, now, tried);
         match &routed {
-            Some(r) => self.stats.decide(r.decision),
-            None => {
+            Ok(r) => self.stats.decide(r.decision),
+            Err(Refusal::NoBackend) => {
                 self.stats.no_backend.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(Refusal::PinnedDown(_)) => {
+                self.stats.pinned_down.fetch_add(1, Ordering::Relaxed);
             }
         }
         routed
     }
 
-    fn decide(&self, set: &BackendSet, request: &RequestView<'_>, now: u32) -> Option<Routing> {
+    fn decide(
+        &self,
+        set: &BackendSet,
+        request: &RequestView<'_>,
+        now: u32,
+        tried: &[BackendId],
+    ) -> Result<Routing, Refusal> {
         let session = match &self.affinity {
             Affinity::ClientIp => {
-                return balance::by_client_address(set, request.client).map(|b| Routing {
-                    backend: b.clone(),
-                    decision: Decision::Hashed,
-                    scan_page: false,
-                    insert_cookie: false,
-                });
+                return balance::by_client_address(set, request.client, tried)
+                    .map(|b| self.routing(set, b, Decision::Hashed, false, request))
+                    .ok_or(Refusal::NoBackend);
             }
             Affinity::Session(s) => s,
         };
@@ -210,73 +301,97 @@ impl Pool {
             };
             outcome.fetch_add(1, Ordering::Relaxed);
         }
-        let mut redispatch = false;
+        let usable = |b: &Backend| b.serves_pinned() && !tried.contains(&b.id);
+        let mut moved_from = None;
         if let (Some(key), Some(owner)) = (key, owner) {
             match set.get(owner) {
-                Some(b) if b.serves_pinned() => {
-                    return Some(self.routing(b, Decision::Pinned, false, request));
+                Some(b) if usable(b) => {
+                    return Ok(self.routing(set, b, Decision::Pinned, false, request));
                 }
-                Some(_) => redispatch = true,
+                Some(b) if self.on_pinned_down == OnPinnedDown::Fail => {
+                    return Err(Refusal::PinnedDown(b.clone()));
+                }
+                Some(_) => moved_from = Some(owner),
                 None => {
                     // The backend left the pool: its sessions went with it.
                     session.table.unpin(key);
-                    redispatch = true;
+                    moved_from = Some(owner);
                 }
             }
         }
-        if !redispatch
+        if moved_from.is_none()
             && let Some(value) = request.affinity_cookie
             && let Some(b) = set.by_affinity_cookie(value)
-            && b.serves_pinned()
         {
-            // The cookie routes the request; the id itself is pinned only when the backend's
-            // reply names it (links, Location, Set-Cookie), so even a client holding a genuine
-            // cookie cannot make the table keep ids the backend never issued.
-            let decision = if key.is_some() {
-                Decision::Learned
-            } else {
-                Decision::Pinned
-            };
-            return Some(self.routing(b, decision, true, request));
+            if usable(b) {
+                // The cookie routes the request; the id itself is pinned only when the
+                // backend's reply names it (links, Location, Set-Cookie), so even a client
+                // holding a genuine cookie cannot make the table keep ids the backend never
+                // issued.
+                let decision = if key.is_some() {
+                    Decision::Learned
+                } else {
+                    Decision::Pinned
+                };
+                return Ok(self.routing(set, b, decision, true, request));
+            }
+            if self.on_pinned_down == OnPinnedDown::Fail {
+                return Err(Refusal::PinnedDown(b.clone()));
+            }
+            moved_from = Some(b.id);
         }
-        let decision = if redispatch {
-            Decision::Redispatched
-        } else {
-            Decision::New
+        let b = self
+            .pick_new(set, session, tried)
+            .ok_or(Refusal::NoBackend)?;
+        let decision = match moved_from {
+            None => Decision::New,
+            Some(_) => {
+                // The session stays together on its new backend until the reply names the
+                // new one: its old id is pinned there (it was pinned before, so this never
+                // adds an id a client invented).
+                if let Some(key) = key.filter(|_| owner.is_some()) {
+                    session.table.pin(key, b.id, now);
+                }
+                Decision::Redispatched
+            }
         };
-        self.pick_new(set, session)
-            .map(|b| self.routing(b, decision, true, request))
+        let mut routing = self.routing(set, b, decision, true, request);
+        routing.moved_from = moved_from;
+        Ok(routing)
     }
 
     fn pick_new<'s>(
         &self,
         set: &'s BackendSet,
         session: &SessionAffinity,
+        tried: &[BackendId],
     ) -> Option<&'s Arc<Backend>> {
         match self.policy {
-            Policy::RoundRobin => balance::round_robin(set, &self.cursor),
+            Policy::RoundRobin => balance::round_robin(set, &self.cursor, tried),
             Policy::LeastSessions => {
-                balance::least_sessions(set, &self.cursor, |id| session.table.pins_of(id))
+                balance::least_sessions(set, &self.cursor, tried, |id| session.table.pins_of(id))
             }
         }
     }
 
     fn routing(
         &self,
+        set: &BackendSet,
         backend: &Arc<Backend>,
         decision: Decision,
         scan_page: bool,
         request: &RequestView<'_>,
     ) -> Routing {
-        let insert_cookie = backend
-            .affinity_cookie
-            .as_ref()
-            .is_some_and(|c| request.affinity_cookie != Some(&*c.value));
+        let insert_cookie = set
+            .cookie_of(backend.id)
+            .filter(|c| request.affinity_cookie != Some(&*c.value))
+            .cloned();
         Routing {
             backend: backend.clone(),
             decision,
             scan_page,
             insert_cookie,
+            moved_from: None,
         }
     }
 }
@@ -284,7 +399,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::backend::BackendState;
+    use crate::core::backend::AdminState;
     use std::net::Ipv4Addr;
 
     fn backends() -> Vec<Backend> {
@@ -328,7 +443,7 @@ mod tests {
     fn unknown_id_is_routed_as_new_and_creates_no_pin() {
         let p = pool(false);
         let set = p.backends();
-        let r = p.route(&set, &view(Some("forged"), None), 0).unwrap();
+        let r = p.route(&set, &view(Some("forged"), None), 0, &[]).unwrap();
         assert_eq!(r.decision, Decision::New);
         assert!(r.scan_page);
         assert_eq!(p.table().unwrap().len(), 0);
@@ -341,24 +456,58 @@ mod tests {
         let web2 = set.all()[1].clone();
         p.table().unwrap().pin(PinKey::of("S1"), web2.id, 0);
         for _ in 0..10 {
-            let r = p.route(&set, &view(Some("S1"), None), 1).unwrap();
+            let r = p.route(&set, &view(Some("S1"), None), 1, &[]).unwrap();
             assert_eq!(
                 (r.backend.id, r.decision, r.scan_page),
                 (web2.id, Decision::Pinned, false)
             );
         }
-        web2.set_state(BackendState::Draining);
+        web2.set_admin(AdminState::Draining);
         assert_eq!(
-            p.route(&set, &view(Some("S1"), None), 1)
+            p.route(&set, &view(Some("S1"), None), 1, &[])
                 .unwrap()
                 .backend
                 .id,
             web2.id
         );
-        web2.set_state(BackendState::Down);
-        let r = p.route(&set, &view(Some("S1"), None), 1).unwrap();
+        web2.set_admin(AdminState::Disabled);
+        let r = p.route(&set, &view(Some("S1"), None), 1, &[]).unwrap();
         assert_eq!(r.decision, Decision::Redispatched);
+        assert_eq!(r.moved_from, Some(web2.id));
         assert_ne!(r.backend.id, web2.id);
+        let again = p.route(&set, &view(Some("S1"), None), 1, &[]).unwrap();
+        assert_eq!(
+            (again.decision, again.backend.id),
+            (Decision::Pinned, r.backend.id),
+            "a redispatched session is re-pinned where it went"
+        );
+    }
+
+    #[test]
+    fn fail_mode_refuses_and_keeps_the_pin() {
+        let p = pool(false).with_health(HealthPolicy::default(), OnPinnedDown::Fail);
+        let set = p.backends();
+        let web1 = set.all()[0].clone();
+        p.table().unwrap().pin(PinKey::of("S1"), web1.id, 0);
+        let refused = p.route(&set, &view(Some("S1"), None), 1, &[web1.id]);
+        assert!(matches!(refused, Err(Refusal::PinnedDown(b)) if b.id == web1.id));
+        assert_eq!(
+            p.table().unwrap().get(PinKey::of("S1")).unwrap().backend,
+            web1.id
+        );
+        let new = p.route(&set, &view(None, None), 1, &[web1.id]).unwrap();
+        assert_ne!(new.backend.id, web1.id, "a new session skips a backend tried");
+    }
+
+    #[test]
+    fn a_pinned_session_whose_backend_refused_is_redispatched_at_once() {
+        let p = pool(false);
+        let set = p.backends();
+        let web1 = set.all()[0].clone();
+        p.table().unwrap().pin(PinKey::of("S1"), web1.id, 0);
+        let r = p.route(&set, &view(Some("S1"), None), 1, &[web1.id]).unwrap();
+        assert_eq!(r.decision, Decision::Redispatched);
+        assert_ne!(r.backend.id, web1.id);
     }
 
     #[test]
@@ -366,13 +515,13 @@ mod tests {
         let p = pool(true);
         let set = p.backends();
         let web3 = set.all()[2].clone();
-        let value = web3.affinity_cookie.as_ref().unwrap().value.clone();
+        let value = set.cookie_of(web3.id).unwrap().value.clone();
         for _ in 0..3 {
             let r = p
-                .route(&set, &view(Some("NEWID"), Some(&value)), 0)
+                .route(&set, &view(Some("NEWID"), Some(&value)), 0, &[])
                 .unwrap();
             assert_eq!(
-                (r.backend.id, r.decision, r.insert_cookie, r.scan_page),
+                (r.backend.id, r.decision, r.insert_cookie.is_some(), r.scan_page),
                 (web3.id, Decision::Learned, false, true)
             );
         }
@@ -387,9 +536,9 @@ mod tests {
         let p = pool(false);
         let set = p.backends();
         p.table().unwrap().pin(PinKey::of("S1"), set.all()[0].id, 0);
-        p.route(&set, &view(Some("S1"), None), 1);
-        p.route(&set, &view(Some("nope"), None), 1);
-        p.route(&set, &view(None, None), 1);
+        let _ = p.route(&set, &view(Some("S1"), None), 1, &[]);
+        let _ = p.route(&set, &view(Some("nope"), None), 1, &[]);
+        let _ = p.route(&set, &view(None, None), 1, &[]);
         assert_eq!(p.stats.lookups_hit.load(Ordering::Relaxed), 1);
         assert_eq!(p.stats.lookups_miss.load(Ordering::Relaxed), 1);
         assert_eq!(p.stats.decided(Decision::Pinned), 1);
@@ -401,10 +550,10 @@ mod tests {
         let p = pool(true);
         let set = p.backends();
         let r = p
-            .route(&set, &view(Some("NEWID"), Some("00000001.deadbeef")), 0)
+            .route(&set, &view(Some("NEWID"), Some("00000001.deadbeef")), 0, &[])
             .unwrap();
         assert_eq!(r.decision, Decision::New);
-        assert!(r.insert_cookie);
+        assert!(r.insert_cookie.is_some());
         assert!(p.table().unwrap().is_empty());
     }
 
@@ -418,11 +567,11 @@ mod tests {
             backends(),
         );
         let set = p.backends();
-        let first = p.route(&set, &view(Some("ignored"), None), 0).unwrap();
+        let first = p.route(&set, &view(Some("ignored"), None), 0, &[]).unwrap();
         assert_eq!(first.decision, Decision::Hashed);
         for _ in 0..5 {
             assert_eq!(
-                p.route(&set, &view(None, None), 0).unwrap().backend.id,
+                p.route(&set, &view(None, None), 0, &[]).unwrap().backend.id,
                 first.backend.id
             );
         }

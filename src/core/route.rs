@@ -52,27 +52,28 @@ impl HostMatch {
     }
 }
 
-/// One route: a host pattern and a path prefix leading to a pool.
+/// One route: a host pattern and a path prefix leading to a pool (the pool itself, not a
+/// position in a list, so a router and its pools are always swapped together).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
+pub struct Route<P> {
     /// Host pattern.
     pub host: HostMatch,
     /// Path prefix (`/` matches everything).
     pub path_prefix: Box<str>,
-    /// Index of the pool in the balancer's pool list.
-    pub pool: usize,
+    /// Where it leads.
+    pub pool: P,
 }
 
 /// All routes, most specific first: exact host before wildcard before any, then the longest
 /// path prefix. The first match wins.
-#[derive(Clone, Debug, Default)]
-pub struct Router {
-    routes: Box<[Route]>,
+#[derive(Clone, Debug)]
+pub struct Router<P> {
+    routes: Box<[Route<P>]>,
 }
 
-impl Router {
+impl<P> Router<P> {
     /// Orders the routes by specificity.
-    pub fn new(mut routes: Vec<Route>) -> Self {
+    pub fn new(mut routes: Vec<Route<P>>) -> Self {
         // Within a rank, the longer pattern is the more specific (`*.shop.example.com`
         // before `*.example.com`).
         routes.sort_by(|a, b| {
@@ -90,12 +91,12 @@ impl Router {
     /// The pool for a request to `host` (a Host header or URI authority, port allowed) and
     /// `path`.
     #[inline]
-    pub fn select(&self, host: Option<&str>, path: &str) -> Option<usize> {
+    pub fn select(&self, host: Option<&str>, path: &str) -> Option<&P> {
         let host = host.map(strip_port).unwrap_or("");
         self.routes
             .iter()
             .find(|r| r.host.matches(host) && path_has_prefix(path, &r.path_prefix))
-            .map(|r| r.pool)
+            .map(|r| &r.pool)
     }
 }
 
@@ -125,7 +126,7 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn route(host: &str, prefix: &str, pool: usize) -> Route {
+    fn route(host: &str, prefix: &str, pool: usize) -> Route<usize> {
         Route {
             host: HostMatch::parse(host),
             path_prefix: prefix.into(),
@@ -144,18 +145,18 @@ mod tests {
             route("*.eu.example.com", "/", 5),
         ]);
         assert_eq!(
-            r.select(Some("a.eu.example.com"), "/"),
+            r.select(Some("a.eu.example.com"), "/").copied(),
             Some(5),
             "longer wildcard wins"
         );
-        assert_eq!(r.select(Some("shop.example.com:443"), "/admin/x"), Some(3));
-        assert_eq!(r.select(Some("SHOP.example.com"), "/cart"), Some(2));
-        assert_eq!(r.select(Some("blog.example.com"), "/"), Some(1));
-        assert_eq!(r.select(Some("other.org"), "/static/a.css"), Some(4));
-        assert_eq!(r.select(Some("other.org"), "/staticx"), Some(0));
-        assert_eq!(r.select(None, "/"), Some(0));
+        assert_eq!(r.select(Some("shop.example.com:443"), "/admin/x"), Some(&3));
+        assert_eq!(r.select(Some("SHOP.example.com"), "/cart"), Some(&2));
+        assert_eq!(r.select(Some("blog.example.com"), "/"), Some(&1));
+        assert_eq!(r.select(Some("other.org"), "/static/a.css"), Some(&4));
+        assert_eq!(r.select(Some("other.org"), "/staticx"), Some(&0));
+        assert_eq!(r.select(None, "/"), Some(&0));
         assert_eq!(
-            r.select(Some("example.com"), "/"),
+            r.select(Some("example.com"), "/").copied(),
             Some(0),
             "wildcard needs a subdomain"
         );

@@ -5,6 +5,9 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::sync::Mutex;
+
+use crate::core::history::History;
 use crate::core::learn::LearnSource;
 use crate::core::pool::Decision;
 
@@ -73,6 +76,14 @@ pub struct BackendStats {
     pub bytes_out: AtomicU64,
     /// Time from the request's arrival to the end of its reply.
     pub duration: Histogram,
+    /// Active health checks run.
+    pub checks: AtomicU64,
+    /// Active health checks failed.
+    pub check_failures: AtomicU64,
+    /// Times the backend went down.
+    pub went_down: AtomicU64,
+    /// Times the backend came (back) up.
+    pub came_up: AtomicU64,
 }
 
 impl BackendStats {
@@ -125,6 +136,18 @@ pub struct PoolStats {
     decisions: [AtomicU64; 5],
     /// Requests refused because no backend could take them.
     pub no_backend: AtomicU64,
+    /// Requests refused because their backend is down (`on_pinned_down = "fail"`).
+    pub pinned_down: AtomicU64,
+    /// Replies sent for the pool (tidegate's own refusals included).
+    pub replies: AtomicU64,
+    /// 5xx replies among them.
+    pub errors: AtomicU64,
+    /// Pins dropped because their backend was removed.
+    pub pins_dropped: AtomicU64,
+    /// Backends whose drain finished.
+    pub drains_finished: AtomicU64,
+    /// The last quarter hour, for the status page.
+    pub history: Mutex<History>,
 }
 
 impl PoolStats {
@@ -148,6 +171,15 @@ impl PoolStats {
     /// Decisions of this kind so far.
     pub fn decided(&self, decision: Decision) -> u64 {
         self.decisions[decision as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts a reply sent for the pool.
+    #[inline]
+    pub fn replied(&self, status: u16) {
+        self.replies.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -1,0 +1,249 @@
+//! Pools built from the configuration, and a reloaded configuration applied as a
+//! difference: what the file changed since it was last applied is done live (backends
+//! added, removed, re-weighted, moved, drained or enabled; pools added, removed, or given
+//! new settings), and nothing else. A change made through the admin API since then stays
+//! unless the file changed the same thing: the file is not a snapshot to restore but a list
+//! of intentions, as HAProxy's and Caddy's operators edit it.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::{BackendConfig, Config, PoolConfig};
+use crate::core::affinity_cookie::AffinityCookie;
+use crate::core::backend::{AdminState, Backend};
+use crate::core::pool::{Affinity, Pool, SessionAffinity};
+use crate::core::registry::{Change, ChangeError, Registry, Topology};
+use crate::upstream::Upstream;
+
+/// Builds the pool a [`PoolConfig`] describes.
+pub fn build_pool(config: &PoolConfig) -> Pool {
+    let affinity = match &config.session {
+        None => Affinity::ClientIp,
+        Some(s) => Affinity::Session(Box::new(SessionAffinity::new(
+            s.names.clone(),
+            s.rules.clone(),
+            s.limits,
+            s.form_peek_bytes,
+            s.page_scan_bytes,
+        ))),
+    };
+    let cookie = config.affinity_cookie.as_ref().map(|(name, secret)| {
+        // `/shop/` routes `/shop` too, so the cookie must cover `/shop`.
+        let prefix = config.path_prefix.trim_end_matches('/');
+        AffinityCookie::new(name, secret, if prefix.is_empty() { "/" } else { prefix })
+    });
+    let backends = config.backends.iter().map(new_backend).collect();
+    Pool::new(&config.name, config.policy, affinity, cookie, backends)
+        .with_routes(config.hosts.clone(), &config.path_prefix)
+        .with_health(config.health.clone(), config.on_pinned_down)
+}
+
+fn new_backend(b: &BackendConfig) -> Backend {
+    let backend = Backend::new(&b.name, b.address, b.weight);
+    backend.set_admin(b.state);
+    backend
+}
+
+/// The pools of a configuration and their routes.
+pub fn topology(config: &Config) -> Topology {
+    Topology::new(
+        config
+            .pools
+            .iter()
+            .map(|p| Arc::new(build_pool(p)))
+            .collect(),
+    )
+}
+
+/// What a reload did.
+#[derive(Debug, Default, Serialize)]
+pub struct Applied {
+    /// Pools new in the file.
+    pub pools_added: Vec<String>,
+    /// Pools gone from the file (their pins with them).
+    pub pools_removed: Vec<String>,
+    /// Backends added, as `pool/name`.
+    pub backends_added: Vec<String>,
+    /// Backends removed, as `pool/name`.
+    pub backends_removed: Vec<String>,
+    /// Backends changed, as `pool/name: what`.
+    pub backends_changed: Vec<String>,
+    /// Pins dropped with removed backends and pools.
+    pub pins_dropped: usize,
+    /// Changes that need a restart, named.
+    pub not_applied: Vec<String>,
+    /// Changes the registry refused (a name clash between a runtime addition and the file).
+    pub refused: Vec<String>,
+}
+
+impl Applied {
+    /// One log line for the reload, and one warning per change that could not apply.
+    pub fn log(&self, reason: &str) {
+        tracing::info!(
+            reason,
+            pools_added = ?self.pools_added,
+            pools_removed = ?self.pools_removed,
+            backends_added = ?self.backends_added,
+            backends_removed = ?self.backends_removed,
+            backends_changed = ?self.backends_changed,
+            pins_dropped = self.pins_dropped,
+            "configuration reloaded"
+        );
+        for what in &self.not_applied {
+            tracing::warn!(reason, "not applied by a reload, needs a restart: {what}");
+        }
+        for what in &self.refused {
+            tracing::warn!(reason, "reload could not apply: {what}");
+        }
+    }
+}
+
+/// Applies what changed between the configuration applied last (`old`) and `new`. Walks
+/// pin tables when backends or pools leave: call it off the async threads.
+pub fn apply(registry: &Registry, upstream: &Upstream, old: &Config, new: &Config) -> Applied {
+    let mut out = Applied::default();
+    {
+        // Pools are rebuilt with their new settings in one swap, each taking over its
+        // predecessor's pins, counters and backends (the same `Arc`s).
+        let changing = registry.begin();
+        let current = registry.topology();
+        let mut pools = Vec::with_capacity(new.pools.len());
+        for config in &new.pools {
+            let built = build_pool(config);
+            match current.pool(&config.name) {
+                Some(previous) => pools.push(Arc::new(built.succeeding(previous))),
+                None => {
+                    out.pools_added.push(config.name.clone());
+                    pools.push(Arc::new(built));
+                }
+            }
+        }
+        for gone in current.pools.iter() {
+            if new.pools.iter().all(|p| p.name != *gone.name) {
+                out.pools_removed.push(gone.name.to_string());
+                out.pins_dropped += gone.table().map_or(0, |t| t.len());
+                for b in gone.backends().all() {
+                    upstream.forget(b.address);
+                }
+            }
+        }
+        registry.replace(&changing, Topology::new(pools));
+        registry.count(Change::Reload);
+    }
+    for config in &new.pools {
+        if out.pools_added.contains(&config.name) {
+            continue;
+        }
+        let before = old.pools.iter().find(|p| p.name == config.name);
+        for b in &config.backends {
+            let was = before.and_then(|p| p.backends.iter().find(|o| o.name == b.name));
+            apply_backend(registry, &config.name, was, b, &mut out);
+        }
+        for gone in before.iter().flat_map(|p| &p.backends) {
+            if config.backends.iter().any(|b| b.name == gone.name) {
+                continue;
+            }
+            if let Ok(removal) = registry.remove_backend(&config.name, &gone.name, true) {
+                upstream.forget(removal.backend.address);
+                out.pins_dropped += removal.pins_dropped;
+                out.backends_removed
+                    .push(format!("{}/{}", config.name, gone.name));
+            }
+        }
+    }
+    out.not_applied = needs_restart(old, new);
+    out
+}
+
+/// Applies one backend of the new file: added if the farm lacks it; otherwise what the file
+/// changed since `was` (or, for a backend the API added that the file now names, whatever
+/// differs from the file).
+fn apply_backend(
+    registry: &Registry,
+    pool: &str,
+    was: Option<&BackendConfig>,
+    b: &BackendConfig,
+    out: &mut Applied,
+) {
+    let label = format!("{pool}/{}", b.name);
+    let mut refused = |e: ChangeError| out.refused.push(format!("{label}: {e}"));
+    let live = match registry.backend(pool, &b.name) {
+        Ok((_, live)) => live,
+        Err(_) => {
+            match registry.add_backend(pool, &b.name, b.address, b.weight) {
+                Ok(added) => {
+                    if b.state != AdminState::Active {
+                        added.set_admin(b.state);
+                    }
+                    out.backends_added.push(label);
+                }
+                Err(e) => refused(e),
+            }
+            return;
+        }
+    };
+    let mut changed = Vec::new();
+    let address_changed = was.map_or(live.address != b.address, |w| w.address != b.address);
+    if address_changed && live.address != b.address {
+        match registry.move_backend(pool, &b.name, b.address) {
+            Ok(_) => changed.push(format!("address {} → {}", live.address, b.address)),
+            Err(e) => refused(e),
+        }
+    }
+    let weight_changed = was.map_or(live.weight() != b.weight, |w| w.weight != b.weight);
+    if weight_changed && live.weight() != b.weight {
+        match registry.set_weight(pool, &b.name, b.weight) {
+            Ok(_) => changed.push(format!("weight {} → {}", live.weight(), b.weight)),
+            Err(e) => refused(e),
+        }
+    }
+    let state_now = live.admin();
+    let same_state = |a: AdminState, b: AdminState| {
+        let drain = |s| matches!(s, AdminState::Draining | AdminState::Drained);
+        a == b || (drain(a) && drain(b))
+    };
+    let state_changed = was.map_or(!same_state(state_now, b.state), |w| w.state != b.state);
+    if state_changed && !same_state(state_now, b.state) {
+        match registry.set_admin(pool, &b.name, b.state) {
+            Ok(_) => changed.push(format!(
+                "state {} → {}",
+                state_now.as_str(),
+                b.state.as_str()
+            )),
+            Err(e) => refused(e),
+        }
+    }
+    if !changed.is_empty() {
+        out.backends_changed
+            .push(format!("{label}: {}", changed.join(", ")));
+    }
+}
+
+/// The settings a reload cannot change, where the file changed them.
+fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut differs = |what: &str, changed: bool| {
+        if changed {
+            out.push(what.to_string());
+        }
+    };
+    differs("listen", old.listen != new.listen);
+    let tls_listeners = |c: &Config| {
+        c.tls
+            .as_ref()
+            .map(|t| (t.listen.clone(), t.redirect_http.clone(), t.min_version, t.hsts.clone()))
+    };
+    differs(
+        "listen_tls / [tls] listeners, min_version, HSTS",
+        tls_listeners(old) != tls_listeners(new),
+    );
+    differs("admin", old.admin != new.admin);
+    differs("workers", old.workers != new.workers);
+    differs("log_format", old.log_format != new.log_format);
+    differs("max_connections", old.max_connections != new.max_connections);
+    differs("client_timeout", old.client_timeout != new.client_timeout);
+    differs("tunnel_timeout", old.tunnel_timeout != new.tunnel_timeout);
+    differs("[upstream]", old.upstream != new.upstream);
+    out
+}
