@@ -211,7 +211,7 @@ pub enum OnPinnedDownName {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthFile {
-    /// `tcp` or `http`.
+    /// `tcp` (the default), `http`, or `passive`.
     pub check: CheckName,
     /// The path an HTTP check requests.
     pub path: String,
@@ -242,10 +242,13 @@ impl Default for HealthFile {
     }
 }
 
-/// `check = "tcp" | "http"`.
+/// `check = "passive" | "tcp" | "http"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CheckName {
+    /// No active check: traffic alone (with `rise`, `fall` and `interval` for the probes
+    /// that bring a down backend back).
+    Passive,
     /// A TCP connect.
     Tcp,
     /// An HTTP GET.
@@ -930,6 +933,7 @@ impl HealthFile {
             }
         }
         let check = match self.check {
+            CheckName::Passive => Check::Passive,
             CheckName::Tcp => Check::Tcp,
             CheckName::Http => {
                 if !self.path.starts_with('/')

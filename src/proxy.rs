@@ -664,20 +664,23 @@ impl Proxy {
         loop {
             let routing = match pool.route(&set, &view, now, &tried) {
                 Ok(routing) => routing,
-                Err(refused) => {
+                Err(Refusal::NoBackend) => {
                     if let Some((routing, failure)) = last_refusal {
                         // Nothing else to try: the client sees the last backend's failure.
                         trace.routed(&routing, view.id.map(|(id, _)| id));
                         return Err(failure);
                     }
-                    return Err(match refused {
-                        Refusal::NoBackend => ProxyError::NoBackend {
-                            pool: pool.name.clone(),
-                        },
-                        Refusal::PinnedDown(b) => ProxyError::PinnedDown {
-                            backend: b.name.clone(),
-                            retry_after: pool.health.retry_after(),
-                        },
+                    return Err(ProxyError::NoBackend {
+                        pool: pool.name.clone(),
+                    });
+                }
+                Err(Refusal::PinnedDown(b)) => {
+                    if let Some((failed, e)) = last_refusal {
+                        failed.backend.stats.upstream_error(e.kind());
+                    }
+                    return Err(ProxyError::PinnedDown {
+                        backend: b.name.clone(),
+                        retry_after: pool.health.retry_after(),
                     });
                 }
             };

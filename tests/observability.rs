@@ -187,6 +187,7 @@ async fn metrics_count_known_traffic_exactly() {
             "admin = \"127.0.0.1:0\"\nlisten = [\"127.0.0.1:0\"]\n\
              [[pool]]\nname = \"app\"\nhosts = [\"app.example\"]\n{}\
              [[pool]]\nname = \"dead\"\nhosts = [\"dead.example\"]\n\
+             [pool.health]\ncheck = \"passive\"\nfall = 100\n\
              [[pool.backend]]\nname = \"gone\"\naddress = \"{dead}\"\n",
             backend_entries(&farm)
         ))
@@ -371,10 +372,10 @@ async fn metrics_count_known_traffic_exactly() {
             assert_eq!(
                 m.one(
                     "tidegate_backend_state",
-                    &[labels[0], labels[1], ("state", "up")]
+                    &[labels[0], labels[1], ("state", "active")]
                 ),
                 1.0,
-                "{pool}/{backend} is up"
+                "{pool}/{backend} is active"
             );
             assert_eq!(
                 m.sum("tidegate_backend_state", &labels),
@@ -1275,7 +1276,7 @@ async fn admin_answers_healthz_and_refuses_unknown_paths() {
             .unwrap()
             .iter()
             .map(|b| {
-                assert_eq!(b["state"], "up");
+                assert_eq!(b["state"], "active");
                 b["name"].as_str().unwrap()
             })
             .collect();

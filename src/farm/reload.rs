@@ -184,21 +184,21 @@ fn apply_backend(
         }
     };
     let mut changed = Vec::new();
-    let address_changed = was.map_or(live.address != b.address, |w| w.address != b.address);
-    if address_changed && live.address != b.address {
+    let (address_now, weight_now, state_now) = (live.address, live.weight(), live.admin());
+    let address_changed = was.map_or(address_now != b.address, |w| w.address != b.address);
+    if address_changed && address_now != b.address {
         match registry.move_backend(pool, &b.name, b.address) {
-            Ok(_) => changed.push(format!("address {} → {}", live.address, b.address)),
+            Ok(_) => changed.push(format!("address {address_now} → {}", b.address)),
             Err(e) => refused(e),
         }
     }
-    let weight_changed = was.map_or(live.weight() != b.weight, |w| w.weight != b.weight);
-    if weight_changed && live.weight() != b.weight {
+    let weight_changed = was.map_or(weight_now != b.weight, |w| w.weight != b.weight);
+    if weight_changed && weight_now != b.weight {
         match registry.set_weight(pool, &b.name, b.weight) {
-            Ok(_) => changed.push(format!("weight {} → {}", live.weight(), b.weight)),
+            Ok(_) => changed.push(format!("weight {weight_now} → {}", b.weight)),
             Err(e) => refused(e),
         }
     }
-    let state_now = live.admin();
     let same_state = |a: AdminState, b: AdminState| {
         let drain = |s| matches!(s, AdminState::Draining | AdminState::Drained);
         a == b || (drain(a) && drain(b))

@@ -383,3 +383,194 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A port free a moment ago on 127.0.0.1.
+pub fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local address")
+}
+
+/// The admin token the [`Process`] helpers configure.
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+/// The real `tidegate` binary serving a configuration file, with its log in a file; killed
+/// when dropped. The file gets `listen`, `admin` and `admin_token_file` lines on top of the
+/// body it is given, so a test rewrites the body and sends SIGHUP.
+pub struct Process {
+    child: tokio::process::Child,
+    pub dir: TempDir,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// The whole configuration file of a [`Process`] for `body`.
+fn config_text(dir: &TempDir, listen: SocketAddr, admin: SocketAddr, body: &str) -> String {
+    format!(
+        "listen = [\"{listen}\"]\nadmin = \"{admin}\"\nadmin_token_file = \"{}\"\n{body}",
+        dir.arg("admin.token")
+    )
+}
+
+/// The most a process may take to start serving.
+const PROCESS_START: Duration = Duration::from_secs(20);
+
+impl Process {
+    /// Starts `tidegate --config FILE` with `body` (pools and the rest) and waits, bounded,
+    /// until its admin listener answers.
+    pub async fn start(body: &str) -> Process {
+        let dir = TempDir::new("process");
+        let listen = free_addr();
+        let admin = free_addr();
+        std::fs::write(dir.path("admin.token"), format!("{TOKEN}\n")).expect("token written");
+        dir.write("tidegate.toml", &config_text(&dir, listen, admin, body));
+        let process = Process {
+            child: Self::spawn(&dir),
+            dir,
+            listen,
+            admin,
+        };
+        process.wait_ready().await;
+        process
+    }
+
+    fn spawn(dir: &TempDir) -> tokio::process::Child {
+        let log = std::fs::File::create(dir.path("tidegate.log")).expect("log file");
+        let err = log.try_clone().expect("log file handle");
+        let config = dir.path("tidegate.toml");
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the binary starts")
+    }
+
+    /// Replaces the configuration file (the process re-reads it on SIGHUP).
+    pub fn configure(&self, body: &str) {
+        self.dir.write(
+            "tidegate.toml",
+            &config_text(&self.dir, self.listen, self.admin, body),
+        );
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + PROCESS_START;
+        loop {
+            if tokio::net::TcpStream::connect(self.admin).await.is_ok()
+                && tokio::net::TcpStream::connect(self.listen).await.is_ok()
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tidegate did not start within {PROCESS_START:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGHUP.
+    pub fn hangup(&self) {
+        let pid = self.child.id().expect("the process runs");
+        let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP sent");
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        self.dir.read("tidegate.log")
+    }
+
+    /// Waits, bounded, until the log holds `needle` `times` times; returns the log.
+    pub async fn log_shows(&self, needle: &str, times: usize, limit: Duration) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= times {
+                return log;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log did not show {needle:?} {times} times within {limit:?}:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `http://LISTEN`.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    /// An admin API request, with the token when `authorized`; the reply and its JSON.
+    pub async fn api(
+        &self,
+        client: &HttpClient,
+        method: Method,
+        path: &str,
+        body: &str,
+        authorized: bool,
+    ) -> (Reply, serde_json::Value) {
+        let bearer = format!("Bearer {TOKEN}");
+        let mut headers = vec![("content-type", "application/json")];
+        if authorized {
+            headers.push(("authorization", bearer.as_str()));
+        }
+        let url = format!("http://{}{path}", self.admin);
+        let reply = send(client, method, &url, &headers, body.to_string()).await;
+        let json = serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null);
+        (reply, json)
+    }
+
+    /// One backend of `pool` as `GET /api/pools` shows it (`Null` when absent).
+    pub async fn backend(&self, client: &HttpClient, pool: &str, name: &str) -> serde_json::Value {
+        let (_, v) = self
+            .api(client, Method::GET, "/api/pools", "", false)
+            .await;
+        v["pools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["name"] == pool)
+            .flat_map(|p| p["backends"].as_array().cloned().unwrap_or_default())
+            .find(|b| b["name"] == name)
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Waits, bounded, until `field` of a backend is `want`.
+    pub async fn backend_becomes(
+        &self,
+        client: &HttpClient,
+        pool: &str,
+        name: &str,
+        field: &str,
+        want: &str,
+        limit: Duration,
+    ) {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let b = self.backend(client, pool, name).await;
+            if b[field] == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pool}/{name}: {field} did not become {want:?} within {limit:?}: {b}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The process's `/metrics` text.
+    pub async fn metrics(&self, client: &HttpClient) -> String {
+        get(client, &format!("http://{}/metrics", self.admin))
+            .await
+            .text()
+    }
+}
