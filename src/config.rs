@@ -719,9 +719,9 @@ impl FileConfig {
             tunnel_timeout,
             upstream,
             pools,
-            admin_token_file: self.admin_token_file.map(|p| {
-                if p.is_relative() { base.join(p) } else { p }
-            }),
+            admin_token_file: self
+                .admin_token_file
+                .map(|p| if p.is_relative() { base.join(p) } else { p }),
         })
     }
 }
@@ -920,7 +920,12 @@ impl PoolFile {
 
 impl HealthFile {
     fn validate(self, key: &str) -> Result<HealthPolicy, Invalid> {
-        let interval = seconds(&format!("{key}.interval"), self.interval, 3600, " (an hour)")?;
+        let interval = seconds(
+            &format!("{key}.interval"),
+            self.interval,
+            3600,
+            " (an hour)",
+        )?;
         if !(self.timeout.is_finite() && self.timeout > 0.0 && self.timeout <= 60.0) {
             return Err(invalid(
                 format!("{key}.timeout"),
@@ -929,16 +934,17 @@ impl HealthFile {
         }
         for (name, value) in [("rise", self.rise), ("fall", self.fall)] {
             if !(1..=100).contains(&value) {
-                return Err(invalid(format!("{key}.{name}"), "must be between 1 and 100"));
+                return Err(invalid(
+                    format!("{key}.{name}"),
+                    "must be between 1 and 100",
+                ));
             }
         }
         let check = match self.check {
             CheckName::Passive => Check::Passive,
             CheckName::Tcp => Check::Tcp,
             CheckName::Http => {
-                if !self.path.starts_with('/')
-                    || !self.path.bytes().all(|b| b.is_ascii_graphic())
-                {
+                if !self.path.starts_with('/') || !self.path.bytes().all(|b| b.is_ascii_graphic()) {
                     return Err(invalid(
                         format!("{key}.path"),
                         "must start with '/' and hold only printable ASCII without spaces",

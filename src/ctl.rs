@@ -79,23 +79,36 @@ pub struct Failure {
 
 /// The token for changes: `--token-file`, else `TIDEGATE_ADMIN_TOKEN`.
 pub fn token(file: Option<&Path>) -> Result<Option<String>, Failure> {
-    match file {
+    let token = match file {
         Some(path) => std::fs::read_to_string(path)
             .map(|t| Some(t.trim().to_string()))
             .map_err(|e| Failure {
                 message: format!("{}: cannot read the token: {e}", path.display()),
                 status: 2,
-            }),
-        None => Ok(std::env::var("TIDEGATE_ADMIN_TOKEN")
+            })?,
+        None => std::env::var("TIDEGATE_ADMIN_TOKEN")
             .ok()
             .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())),
+            .filter(|t| !t.is_empty()),
+    };
+    // It goes into a header line as it is: a line break would start another header.
+    if token
+        .as_deref()
+        .is_some_and(|t| t.bytes().any(|b| b.is_ascii_control()))
+    {
+        return Err(Failure {
+            message: "the token holds a control character (a line break?): one line only"
+                .into(),
+            status: 2,
+        });
     }
+    Ok(token)
 }
 
 /// Runs `command` against the admin listener at `admin`; returns what to print.
 pub fn run(admin: SocketAddr, token: Option<&str>, command: &Command) -> Result<String, Failure> {
-    let backend_path = |pool: &str, name: &str| format!("/api/pools/{pool}/backends/{name}");
+    let backend_path =
+        |pool: &str, name: &str| format!("/api/pools/{}/backends/{}", segment(pool), segment(name));
     let (method, path, body) = match command {
         Command::Pools => ("GET", "/api/pools".to_string(), None),
         Command::Add {
@@ -105,7 +118,7 @@ pub fn run(admin: SocketAddr, token: Option<&str>, command: &Command) -> Result<
             weight,
         } => (
             "POST",
-            format!("/api/pools/{pool}/backends"),
+            format!("/api/pools/{}/backends", segment(pool)),
             Some(serde_json::json!({ "name": name, "address": address, "weight": weight })),
         ),
         Command::Drain { pool, name } => ("POST", backend_path(pool, name) + "/drain", None),
@@ -163,10 +176,31 @@ pub fn run(admin: SocketAddr, token: Option<&str>, command: &Command) -> Result<
     })
 }
 
+/// `text` as one path segment: percent-encoded but for unreserved characters and `:` (a
+/// backend name may hold `/`, `?`, `#` or `%`; the API decodes each segment).
+fn segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Pools and backends as a table, one backend a line.
 pub fn pools_table(pools: &Pools) -> String {
     let header = [
-        "POOL", "BACKEND", "ADDRESS", "WEIGHT", "STATE", "HEALTH", "PINS", "IN-FLIGHT",
+        "POOL",
+        "BACKEND",
+        "ADDRESS",
+        "WEIGHT",
+        "STATE",
+        "HEALTH",
+        "PINS",
+        "IN-FLIGHT",
     ];
     let mut rows: Vec<[String; 8]> = vec![header.map(String::from)];
     for p in &pools.pools {
@@ -236,7 +270,8 @@ fn exchange(
         message: format!("cannot reach the admin listener at {admin}: {e}"),
         status: 2,
     };
-    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).map_err(unreachable)?;
+    let mut stream =
+        TcpStream::connect_timeout(&admin, Duration::from_secs(5)).map_err(unreachable)?;
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(unreachable)?;

@@ -8,18 +8,22 @@
 //! | [`core::session_id`] | where a request names its session; id validation |
 //! | [`core::affinity`] | the concurrent, bounded, expiring session → backend table |
 //! | [`core::affinity_cookie`] | the signed cookie naming a backend |
-//! | [`core::backend`] | backend ids, states, and the swappable backend set |
+//! | [`core::backend`] | backend ids, the operator's state (drain, disable), and the swappable backend set |
+//! | [`core::health`] | health as a rise/fall counter fed results; check kinds and settings |
+//! | [`core::registry`] | the live farm: pools and routes swapped whole, backend changes one at a time |
+//! | [`core::history`] | each pool's last quarter hour, for the status page |
 //! | [`core::balance`] | round-robin, least-sessions, client-address rendezvous hashing |
 //! | [`core::learn`] | reading session ids out of reply headers and page bodies |
-//! | [`core::pool`] | one pool's settings and the routing decision for a request |
+//! | [`core::pool`] | one pool's settings and the routing decision for a request (pinned, new, redispatched, refused) |
 //! | [`core::route`] | Host / path prefix → pool |
 //! | [`config`] | the TOML file and flags, validated into a `Config` |
 //! | [`error`] | config errors; request failures → status and text in one place |
-//! | [`proxy`] | the request path: route, extract, decide, forward, stream back; what a connection holds (its slot, its activity) |
+//! | [`proxy`] | the request path: route, identify, choose a backend that accepts the connection, forward, stream back; what a connection holds (its slot, its activity) |
 //! | [`learn`] | learning pins from reply heads and streaming HTML bodies |
 //! | [`upstream`] | pooled keep-alive client to backends; the peeked request body |
 //! | [`listener`] | accepting connections within the limit, HTTP/1.1 and h2c, client timeouts, graceful shutdown |
-//! | [`server`] | assembling a running balancer; the pin sweeper; the open-files limit |
+//! | [`server`] | assembling a running balancer; SIGHUP; the open-files limit |
+//! | [`farm`] | what acts on backends: reload as a difference, the health prober, housekeeping (pins, drains, history) |
 //! | [`tap`] | watching a body stream past (byte counts, the page learner) |
 //! | [`shutdown`] | the signal that stops listeners, sweepers and demo images |
 //! | [`demo`] | Seaside-like demo images (used by `tidegate demo` and the tests) |
@@ -27,7 +31,8 @@
 //! | [`log_output`] | log lines written out in batches by a thread of their own |
 //! | [`core::stats`] | per-backend, per-pool and front counters the request path bumps |
 //! | [`metrics`] | Prometheus exposition of those counters |
-//! | [`admin`] | the admin listener: `/metrics`, `/status`, `/status.json`, `/healthz` |
+//! | [`admin`] | the admin listener: `/metrics`, `/status`, `/status.json`, `/healthz`, and the JSON API ([`admin::api`]) |
+//! | [`ctl`] | `tidegate ctl`: the admin API for people |
 //! | [`tls`] | rustls: certificates, SNI choice, reload |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

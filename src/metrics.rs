@@ -16,9 +16,9 @@ use prometheus_client::registry::Registry;
 use crate::core::affinity::AffinityTable;
 use crate::core::backend::AdminState;
 use crate::core::health::Health;
-use crate::core::registry::Change;
 use crate::core::learn::LearnSource;
 use crate::core::pool::Decision;
+use crate::core::registry::Change;
 use crate::core::stats::{
     BackendStats, CLIENT_ERROR_KINDS, TLS_ALPN, TLS_VERSIONS, UPSTREAM_ERROR_KINDS,
 };
@@ -232,11 +232,9 @@ impl Collector for Exposition {
             }
         }
         let health_counters: [(&str, &str, StatsField); 4] = [
-            (
-                "tidegate_health_checks",
-                "Active health checks run",
-                |s| &s.checks,
-            ),
+            ("tidegate_health_checks", "Active health checks run", |s| {
+                &s.checks
+            }),
             (
                 "tidegate_health_check_failures",
                 "Active health checks that failed",

@@ -26,14 +26,14 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::clock;
 use crate::core::affinity::PinKey;
 use crate::core::backend::Backend;
-use crate::core::learn::LearnSource;
 use crate::core::backend::{BackendId, BackendSet};
+use crate::core::learn::LearnSource;
 use crate::core::pool::{Affinity, Decision, Pool, Refusal, RequestView, Routing, SessionAffinity};
 use crate::core::registry::Registry;
-use crate::farm::health;
 use crate::core::session_id::{self, IdSource};
 use crate::core::stats::FrontStats;
 use crate::error::{ProxyError, UpstreamFailure};
+use crate::farm::health;
 use crate::learn::{Learner, PageLearner, PageTap};
 use crate::upstream::{
     self, CountBytesIn, PeekError, RequestBody, SendError, ToBackend, Tunnel, UpBody, Upstream,
@@ -653,7 +653,9 @@ impl Proxy {
         }
         let view = RequestView {
             id,
-            affinity_cookie: session.and(pool.cookie.as_ref()).and_then(|c| cookie_in(&parts.headers, c.name())),
+            affinity_cookie: session
+                .and(pool.cookie.as_ref())
+                .and_then(|c| cookie_in(&parts.headers, c.name())),
             client: conn.peer.ip(),
         };
         let set = pool.backends();
@@ -748,7 +750,9 @@ fn redispatched(
     id: Option<(&str, IdSource)>,
 ) {
     let session = id.map(|(id, _)| session_hash(id));
-    let from_name = set.get(from).map_or_else(|| from.to_string(), |b| b.name.to_string());
+    let from_name = set
+        .get(from)
+        .map_or_else(|| from.to_string(), |b| b.name.to_string());
     tracing::info!(
         pool = %pool.name,
         from = %from_name,
@@ -774,10 +778,8 @@ fn reply_to_client(
 ) -> Response<ReplyBody> {
     let (mut head, body) = reply.into_parts();
     trace.learned = learner.from_head(pool, &head.headers, head.status.is_redirection());
-    let scan_page = scan_page
-        && trace.learned.is_none()
-        && head.status.is_success()
-        && is_html(&head.headers);
+    let scan_page =
+        scan_page && trace.learned.is_none() && head.status.is_success() && is_html(&head.headers);
     strip_hop_by_hop(&mut head.headers, false);
     if let Some(cookie) = &routing.insert_cookie {
         let value = if conn.tls {

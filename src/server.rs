@@ -1,6 +1,7 @@
-//! Assembles a running balancer from a [`Config`]: pools, router, the
-//! [`Upstream`](crate::upstream::Upstream) connections, the listeners, and the sweeper that
-//! expires pins off the request path.
+//! Assembles a running balancer from a [`Config`]: the farm's registry (pools, routes,
+//! backends), the [`Upstream`](crate::upstream::Upstream) connections, the listeners, the
+//! admin listener, and the tasks beside the request path: housekeeping (pin expiry, drains,
+//! history), the health prober, certificate checks, and the reload on SIGHUP.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -219,7 +220,11 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
     if let Some(hangup) = hangup {
         tasks.spawn(reload_on_hangup(farm.clone(), hangup, stop.clone()));
     }
-    tasks.spawn(farm::housekeeping(registry.clone(), stop.clone()));
+    tasks.spawn(farm::housekeeping(
+        registry.clone(),
+        farm.upstream.clone(),
+        stop.clone(),
+    ));
     tasks.spawn(farm::health::probe(registry.clone(), stop.clone()));
     let admin_addr = match config.admin {
         AdminListen::Off => None,

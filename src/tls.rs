@@ -377,7 +377,11 @@ impl Reloader {
     }
 
     /// Checks the files every `every` and reloads when one changed, until `stop` fires.
-    pub async fn watch(self: Arc<Self>, every: std::time::Duration, mut stop: crate::shutdown::Signal) {
+    pub async fn watch(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        mut stop: crate::shutdown::Signal,
+    ) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}

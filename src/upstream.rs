@@ -124,6 +124,13 @@ impl Upstream {
         drop(parked);
     }
 
+    /// Closes the parked connections to every address `live` does not name: a connection
+    /// that finished its request after its backend was removed is parked again, and would
+    /// otherwise stay open for nobody.
+    pub fn keep_only(&self, live: impl Fn(SocketAddr) -> bool) {
+        self.idle.retain(|addr, _| live(*addr));
+    }
+
     /// Sends a request on `conn` and reads the reply head; the reply body streams from the
     /// connection, which is parked again once the body has been read whole.
     pub async fn send(

@@ -4,143 +4,12 @@
 mod support;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use support::{client, get, images};
+use support::{BIN, Launch, START_LIMIT, TempDir, client, get, images, run, stderr, stdout};
 use tidegate::demo::Tracking;
-use tokio::process::{Child, Command};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tidegate");
-/// The most a short command (`check`, a refusal) may take.
-const COMMAND_LIMIT: Duration = Duration::from_secs(20);
-/// The most a served balancer may take to accept connections.
-const START_LIMIT: Duration = Duration::from_secs(15);
-
-/// A file under the temp dir, with a name no other test or run shares, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(label: &str, contents: &str) -> TempFile {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "tidegate-cli-{}-{}-{label}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, contents).expect("temp file written");
-        TempFile(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn arg(&self) -> &str {
-        self.0.to_str().expect("temp path is UTF-8")
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Runs the binary to completion (killed if it outlives [`COMMAND_LIMIT`]).
-async fn run(args: &[&str]) -> Output {
-    let mut command = Command::new(BIN);
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .env_remove("RUST_LOG")
-        .kill_on_drop(true);
-    tokio::time::timeout(COMMAND_LIMIT, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("tidegate {args:?} did not finish within {COMMAND_LIMIT:?}"))
-        .expect("the binary runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A serving `tidegate` child process, killed when dropped.
-struct Served {
-    child: Child,
-    log: TempFile,
-    addr: SocketAddr,
-}
-
-impl Served {
-    fn base(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-/// A port free a moment ago on 127.0.0.1.
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address")
-}
-
-/// Starts `tidegate --listen ADDR <args>` and waits (bounded) until it accepts connections.
-async fn serve(args: &[&str]) -> Served {
-    let addr = free_addr();
-    let log = TempFile::new("serve.log", "");
-    let out = std::fs::File::create(log.path()).expect("log file");
-    let err = out.try_clone().expect("log file handle");
-    let listen = addr.to_string();
-    let mut command = Command::new(BIN);
-    command
-        .arg("--listen")
-        .arg(&listen)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .kill_on_drop(true);
-    let child = command.spawn().expect("the binary starts");
-    let mut served = Served { child, log, addr };
-    let deadline = Instant::now() + START_LIMIT;
-    loop {
-        if let Some(status) = served.child.try_wait().expect("child status") {
-            panic!(
-                "tidegate {args:?} exited with {status} before serving:\n{}",
-                served.log()
-            );
-        }
-        let attempt =
-            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
-                .await;
-        if let Ok(Ok(_)) = attempt {
-            return served;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tidegate {args:?} did not accept on {addr} within {START_LIMIT:?}:\n{}",
-            served.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use tokio::process::Command;
 
 const GOOD: &str = r#"listen = ["127.0.0.1:8080", "127.0.0.1:8081"]
 
@@ -163,8 +32,10 @@ weight = 2
 
 #[tokio::test]
 async fn check_accepts_a_good_file_and_says_ok() {
-    let file = TempFile::new("good.toml", GOOD);
-    let out = run(&["check", "--config", file.arg()]).await;
+    let dir = TempDir::new("good");
+    dir.write("good.toml", GOOD);
+    let file = dir.arg("good.toml");
+    let out = run(&["check", "--config", &file]).await;
     assert!(
         out.status.success(),
         "exit {:?}: {}",
@@ -173,7 +44,7 @@ async fn check_accepts_a_good_file_and_says_ok() {
     );
     let said = stdout(&out);
     assert!(said.contains("ok"), "stdout: {said:?}");
-    assert!(said.contains(file.arg()), "stdout names the file: {said:?}");
+    assert!(said.contains(&file), "stdout names the file: {said:?}");
     assert!(said.contains("2 backends"), "stdout: {said:?}");
 }
 
@@ -201,9 +72,11 @@ async fn check_refuses_bad_files_naming_the_key_and_line() {
             7,
         ),
     ];
+    let dir = TempDir::new("bad");
     for (label, text, key, line) in cases {
-        let file = TempFile::new(label, text);
-        let out = run(&["check", "--config", file.arg()]).await;
+        dir.write(label, text);
+        let file = dir.arg(label);
+        let out = run(&["check", "--config", &file]).await;
         let err = stderr(&out);
         assert_eq!(
             out.status.code(),
@@ -217,15 +90,13 @@ async fn check_refuses_bad_files_naming_the_key_and_line() {
             "{label}: stderr names line {line}: {err:?}"
         );
         assert!(
-            err.contains(file.arg()),
+            err.contains(&file),
             "{label}: stderr names the file: {err:?}"
         );
         assert!(!stdout(&out).contains("ok"), "{label}: stdout says ok");
     }
     // A file that is not there is refused the same way.
-    let missing =
-        std::env::temp_dir().join(format!("tidegate-cli-{}-missing.toml", std::process::id()));
-    let out = run(&["check", "--config", missing.to_str().unwrap()]).await;
+    let out = run(&["check", "--config", &dir.arg("missing.toml")]).await;
     assert_eq!(out.status.code(), Some(2), "missing file: {}", stderr(&out));
 }
 
@@ -233,7 +104,7 @@ async fn check_refuses_bad_files_naming_the_key_and_line() {
 async fn quick_start_flags_serve_sticky_sessions() {
     let imgs = images(2, Tracking::Links).await;
     let (a, b) = (imgs[0].addr.to_string(), imgs[1].addr.to_string());
-    let served = serve(&["--backend", &a, "--backend", &b]).await;
+    let served = Launch::flags("quick-start", &[a, b]).start().await;
     let client = client();
     let mut seen = HashSet::new();
     for _ in 0..2 {
@@ -263,7 +134,10 @@ async fn quick_start_flags_serve_sticky_sessions() {
 async fn quick_start_client_ip_affinity_keeps_a_client_on_one_image() {
     let imgs = images(2, Tracking::Links).await;
     let (a, b) = (imgs[0].addr.to_string(), imgs[1].addr.to_string());
-    let served = serve(&["--backend", &a, "--backend", &b, "--affinity", "client-ip"]).await;
+    let served = Launch::flags("client-ip", &[a, b])
+        .args(&["--affinity", "client-ip"])
+        .start()
+        .await;
     let client = client();
     let mut seen = HashSet::new();
     for i in 0..20 {
@@ -285,7 +159,10 @@ async fn quick_start_session_param_names_the_field_that_pins() {
     // requests naming the key only as `?sid=KEY` must reach its image.
     let imgs = images(2, Tracking::Cookie).await;
     let (a, b) = (imgs[0].addr.to_string(), imgs[1].addr.to_string());
-    let served = serve(&["--backend", &a, "--backend", &b, "--session-param", "sid"]).await;
+    let served = Launch::flags("session-param", &[a, b])
+        .args(&["--session-param", "sid"])
+        .start()
+        .await;
     let client = client();
     for _ in 0..2 {
         let page = get(&client, &format!("{}/app", served.base())).await;
@@ -322,8 +199,10 @@ async fn no_arguments_exit_2_with_a_helpful_message() {
 
 #[tokio::test]
 async fn config_together_with_backend_is_refused() {
-    let file = TempFile::new("conflict.toml", GOOD);
-    let out = run(&["--config", file.arg(), "--backend", "127.0.0.1:9001"]).await;
+    let dir = TempDir::new("conflict");
+    dir.write("conflict.toml", GOOD);
+    let file = dir.arg("conflict.toml");
+    let out = run(&["--config", &file, "--backend", "127.0.0.1:9001"]).await;
     let err = stderr(&out);
     assert!(
         !out.status.success(),
@@ -337,8 +216,8 @@ async fn config_together_with_backend_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_open_files_limit_is_raised_to_the_hard_one_and_a_short_one_is_named() {
-    let log = TempFile::new("rlimit.log", "");
-    let out = std::fs::File::create(log.path()).expect("log file");
+    let dir = TempDir::new("rlimit");
+    let out = std::fs::File::create(dir.path("rlimit.log")).expect("log file");
     // A soft limit of 256 under a hard one of 3000: raised to 3000, which is still short
     // of the default max_connections (10,000).
     let script = r#"ulimit -Sn 256 && { ulimit -Hn 3000 2>/dev/null || true; }
@@ -355,7 +234,7 @@ exec "$0" --listen 127.0.0.1:0 --backend 127.0.0.1:9 --admin off"#;
         .kill_on_drop(true)
         .spawn()
         .expect("sh runs");
-    let read = || std::fs::read_to_string(log.path()).unwrap_or_default();
+    let read = || dir.read("rlimit.log");
     let deadline = Instant::now() + START_LIMIT;
     while !read().contains("listening") && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

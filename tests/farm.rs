@@ -271,7 +271,10 @@ async fn drained_backend_keeps_its_sessions_gets_none_new_and_reaches_drained() 
             )
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-        assert_eq!(p.backend(&c, "app", "image-2").await, serde_json::Value::Null);
+        assert_eq!(
+            p.backend(&c, "app", "image-2").await,
+            serde_json::Value::Null
+        );
         let m = p.metrics(&c).await;
         assert!(
             !m.contains("backend=\"image-2\""),
@@ -324,7 +327,10 @@ async fn killed_backend_is_down_within_fall_attempts_and_its_sessions_are_redisp
         }
         let b = p.backend(&c, "app", "image-2").await;
         assert_eq!(b["health"], "down", "down within fall = 2 refusals: {b}");
-        assert_eq!(b["state"], "active", "health never rewrites the operator's state");
+        assert_eq!(
+            b["state"], "active",
+            "health never rewrites the operator's state"
+        );
         for (n, s) in others.iter().enumerate() {
             assert_eq!(
                 click(&c, &p.base(), s, n).await,
@@ -497,7 +503,10 @@ async fn sighup_under_load_adds_one_backend_and_removes_another_losing_no_reques
                 && log.contains("backends_removed=[\"app/image-3\"]"),
             "{log}"
         );
-        assert_eq!(p.backend(&c, "app", "image-3").await, serde_json::Value::Null);
+        assert_eq!(
+            p.backend(&c, "app", "image-3").await,
+            serde_json::Value::Null
+        );
         assert_eq!(p.backend(&c, "app", "image-4").await["state"], "active");
         // The newcomer gets new sessions; the sessions of the one that left were
         // redispatched and stay where they went.
@@ -580,7 +589,10 @@ async fn a_reload_keeps_runtime_changes_the_file_did_not_touch() {
                 &c,
                 Method::POST,
                 "/api/pools/app/backends",
-                &format!("{{\"name\": \"image-3\", \"address\": \"{}\"}}", farm[2].addr),
+                &format!(
+                    "{{\"name\": \"image-3\", \"address\": \"{}\"}}",
+                    farm[2].addr
+                ),
                 true,
             )
             .await;

@@ -85,7 +85,10 @@ fn routing_new_sessions_allocates_nothing() {
                     affinity_cookie: None,
                     client: CLIENT,
                 };
-                assert_eq!(p.route(&set, &view, 1, &[]).unwrap().decision, Decision::New);
+                assert_eq!(
+                    p.route(&set, &view, 1, &[]).unwrap().decision,
+                    Decision::New
+                );
             }
         });
         assert_eq!(info.count_total, 0, "{policy:?}: {info:?}");
@@ -103,7 +106,10 @@ fn client_ip_routing_allocates_nothing() {
                 affinity_cookie: None,
                 client: IpAddr::V4(Ipv4Addr::from(i)),
             };
-            assert_eq!(p.route(&set, &view, 1, &[]).unwrap().decision, Decision::Hashed);
+            assert_eq!(
+                p.route(&set, &view, 1, &[]).unwrap().decision,
+                Decision::Hashed
+            );
         }
     });
     assert_eq!(info.count_total, 0, "{info:?}");

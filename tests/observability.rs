@@ -1032,32 +1032,264 @@ async fn browse(url: &str, extra: &[String]) -> String {
     }
 }
 
-/// The rendered page: `(pool, backend) → (state, requests total)` read from its rows.
-fn rows(dom: &str) -> HashMap<(String, String), (String, u64)> {
+/// One backend's row as the browser rendered it.
+#[derive(Debug, Clone, PartialEq)]
+struct Row {
+    /// What the operator asked: `active`, `draining`, `drained`, `disabled`.
+    state: String,
+    /// What the checks say: `up`, `down`, `unknown`.
+    health: String,
+    /// Its pins; `None` where the page shows `–` (a client-ip pool).
+    pins: Option<u64>,
+    /// Replies since start.
+    total: u64,
+}
+
+/// The text right after the start tag that begins with `open`, up to the next tag.
+fn text_after<'a>(html: &'a str, open: &str) -> Option<&'a str> {
+    let rest = &html[html.find(open)? + open.len()..];
+    let rest = &rest[rest.find('>')? + 1..];
+    Some(&rest[..rest.find('<')?])
+}
+
+/// The rendered page's pool panels: `(pool, its HTML)`, in page order.
+fn sections(dom: &str) -> Vec<(String, &str)> {
+    dom.split("<section class=\"pool\" data-pool=\"")
+        .skip(1)
+        .map(|s| {
+            let pool = s[..s.find('"').unwrap()].to_string();
+            (pool, &s[..s.find("</section>").unwrap_or(s.len())])
+        })
+        .collect()
+}
+
+/// The rendered page: `(pool, backend) → row`, read from its rows; a backend with two rows
+/// fails.
+fn rows(dom: &str) -> HashMap<(String, String), Row> {
     let mut out = HashMap::new();
-    for section in dom.split("<section class=\"pool\" data-pool=\"").skip(1) {
-        let pool = section[..section.find('"').unwrap()].to_string();
-        let section = &section[..section.find("</section>").unwrap_or(section.len())];
+    for (pool, section) in sections(dom) {
         for row in section.split("<tr data-backend=\"").skip(1) {
             let backend = row[..row.find('"').unwrap()].to_string();
-            let between = |open: &str| -> String {
-                let at = row
-                    .find(open)
+            let row = &row[..row.find("</tr>").unwrap_or(row.len())];
+            let cell = |open: &str| -> String {
+                text_after(row, open)
                     .unwrap_or_else(|| panic!("{open} in row {row}"))
-                    + open.len();
-                let rest = &row[at..];
-                let rest = &rest[rest.find('>').unwrap() + 1..];
-                rest[..rest.find('<').unwrap()].to_string()
+                    .trim()
+                    .to_string()
             };
-            let state = between("<span class=\"state");
-            let total = between("<td class=\"total\"").replace(',', "");
-            let total = total
-                .parse()
-                .unwrap_or_else(|_| panic!("requests total {total:?} in {row}"));
-            out.insert((pool.clone(), backend), (state, total));
+            let number = |text: String| -> u64 {
+                text.replace(',', "")
+                    .parse()
+                    .unwrap_or_else(|_| panic!("a number, not {text:?}, in {row}"))
+            };
+            let pins = cell("<td class=\"pins\"");
+            let shown = Row {
+                state: cell("<span class=\"state"),
+                health: cell("<span class=\"health"),
+                pins: (pins != "–").then(|| number(pins)),
+                total: number(cell("<td class=\"total\"")),
+            };
+            let again = out.insert((pool.clone(), backend.clone()), shown);
+            assert!(again.is_none(), "{pool}/{backend} has two rows:\n{dom}");
         }
     }
     out
+}
+
+/// One sparkline of a pool's chart as the browser rendered it.
+#[derive(Debug)]
+struct Spark {
+    /// Its `data-series`: the `history` field it draws.
+    series: String,
+    /// Its caption (`req/s`, `pins`, `5xx/s`).
+    caption: String,
+    /// The latest value, as labelled (`–` without samples).
+    latest: String,
+    /// The `d` of its line.
+    line: String,
+}
+
+/// The charts of the rendered page: pool → the sparklines inside its `data-chart` element.
+fn charts(dom: &str) -> HashMap<String, Vec<Spark>> {
+    let mut out = HashMap::new();
+    for (pool, section) in sections(dom) {
+        let open = format!("data-chart=\"{pool}\"");
+        let Some(at) = section.find(&open) else {
+            continue;
+        };
+        let chart = &section[at..];
+        let chart = &chart[..chart.find("<table").unwrap_or(chart.len())];
+        let sparks = chart
+            .split("<figure class=\"spark")
+            .skip(1)
+            .map(|f| {
+                let f = &f[..f.find("</figure>").unwrap_or(f.len())];
+                let attr = |name: &str| -> String {
+                    let open = format!("{name}=\"");
+                    let at = f.find(&open).unwrap_or_else(|| panic!("{name} in {f}")) + open.len();
+                    f[at..at + f[at..].find('"').unwrap()].to_string()
+                };
+                assert!(f.contains("<svg"), "the sparkline is an SVG: {f}");
+                let line = &f[f
+                    .find("class=\"line\"")
+                    .unwrap_or_else(|| panic!("a line in {f}"))..];
+                let line = &line[..line.find('>').unwrap()];
+                let d = line
+                    .find("d=\"")
+                    .map(|at| &line[at + 3..at + 3 + line[at + 3..].find('"').unwrap()])
+                    .unwrap_or("");
+                Spark {
+                    series: attr("data-series"),
+                    caption: text_after(f, "<span class=\"what\"")
+                        .unwrap_or("")
+                        .to_string(),
+                    latest: text_after(f, "<b").unwrap_or("").to_string(),
+                    line: d.to_string(),
+                }
+            })
+            .collect();
+        out.insert(pool, sparks);
+    }
+    out
+}
+
+/// Checks every pool of `pools` has its chart of the three series, each labelled; where
+/// `/status.json` already had samples (`sampled`), the latest value is a number and the line
+/// is drawn.
+fn assert_charts(dom: &str, pools: &[&str], sampled: &[&str]) {
+    let charts = charts(dom);
+    for pool in pools {
+        let sparks = charts
+            .get(*pool)
+            .unwrap_or_else(|| panic!("pool {pool} has a data-chart element:\n{dom}"));
+        let series: Vec<_> = sparks.iter().map(|s| s.series.as_str()).collect();
+        assert_eq!(
+            series,
+            ["requests_per_second", "pins", "errors_per_second"],
+            "{pool}: three sparklines:\n{dom}"
+        );
+        let captions: Vec<_> = sparks.iter().map(|s| s.caption.as_str()).collect();
+        assert_eq!(captions, ["req/s", "pins", "5xx/s"], "{pool}: text labels");
+        if sampled.contains(pool) {
+            for s in sparks {
+                if s.series == "pins" && *pool == "legacy" {
+                    assert_eq!(s.latest, "–", "a client-ip pool has no pins to chart");
+                    continue;
+                }
+                assert!(
+                    s.latest.replace(',', "").parse::<f64>().is_ok(),
+                    "{pool} {}: the latest value is labelled, not {:?}",
+                    s.series,
+                    s.latest
+                );
+                assert!(
+                    s.line.starts_with('M'),
+                    "{pool} {}: the line is drawn: {s:?}",
+                    s.series
+                );
+            }
+        }
+    }
+}
+
+/// A relay in front of the admin listener for one page load that must see the farm change
+/// while it stays open: it forwards every request, and holds the page's `hold_at`th poll of
+/// `/status.json` until the test has made its change ([`Relay::held`]).
+struct Relay {
+    /// The status page through the relay.
+    url: String,
+    polls: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(admin: SocketAddr, hold_at: usize) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("the relay binds");
+        let url = format!("http://{}/status", listener.local_addr().unwrap());
+        let (held, polls) = tokio::sync::mpsc::channel(1);
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = tokio::spawn(async move {
+            let c = client();
+            while let Ok((stream, _)) = listener.accept().await {
+                let (c, held, count) = (c.clone(), held.clone(), count.clone());
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (c, held, count) = (c.clone(), held.clone(), count.clone());
+                        async move {
+                            if req.uri().path() == "/status.json"
+                                && count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+                                    == hold_at
+                            {
+                                let (release, released) = tokio::sync::oneshot::channel();
+                                if held.send(release).await.is_ok() {
+                                    let _ = released.await;
+                                }
+                            }
+                            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                            let r = get(&c, &format!("http://{admin}{path}")).await;
+                            let mut reply = http::Response::new(http_body_util::Full::new(r.body));
+                            *reply.status_mut() = r.status;
+                            for name in [http::header::CONTENT_TYPE, http::header::CACHE_CONTROL] {
+                                if let Some(v) = r.headers.get(&name) {
+                                    reply.headers_mut().insert(name, v.clone());
+                                }
+                            }
+                            Ok::<_, std::convert::Infallible>(reply)
+                        }
+                    });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Relay { url, polls, task }
+    }
+
+    /// Waits, bounded, for the held poll: the page has rendered the farm as it was. The poll
+    /// goes on (and the page renders the farm as it is then) when the returned sender sends
+    /// or drops.
+    async fn held(&mut self) -> tokio::sync::oneshot::Sender<()> {
+        tokio::time::timeout(BROWSER_LIMIT, self.polls.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the open page did not poll /status.json again"))
+            .expect("the relay runs")
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An admin API request, with `token` as bearer when given: the reply and its JSON.
+async fn admin_api(
+    c: &HttpClient,
+    admin: SocketAddr,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (Reply, serde_json::Value) {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(b) = &bearer {
+        headers.push(("authorization", b.as_str()));
+    }
+    let url = format!("http://{admin}{path}");
+    let reply = send(c, method, &url, &headers, body.to_string()).await;
+    let json = serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null);
+    (reply, json)
+}
+
+/// `/status.json` now.
+async fn status_json(c: &HttpClient, admin: SocketAddr) -> serde_json::Value {
+    let r = get(c, &format!("http://{admin}/status.json")).await;
+    serde_json::from_slice(&r.body).expect("status.json")
 }
 
 /// Waits until `/status.json` counts `total` replies over every backend.
@@ -1120,11 +1352,15 @@ async fn status_page_shows_pools_backends_and_growing_totals_in_a_browser() {
         async {
             let farm: Vec<Image> = images(3, Tracking::Links).await;
             let legacy = &farm[0];
+            let secrets = support::TempDir::new("admin-token");
+            secrets.write("admin.token", &format!("{}\n", support::TOKEN));
             let running = balancer(&format!(
-                "admin = \"127.0.0.1:0\"\nlisten = [\"127.0.0.1:0\"]\n\
+                "admin_token_file = \"{}\"\n\
+                 admin = \"127.0.0.1:0\"\nlisten = [\"127.0.0.1:0\"]\n\
                  [[pool]]\nname = \"app\"\n{}\
                  [[pool]]\nname = \"legacy\"\nhosts = [\"legacy.example\"]\naffinity = \"client-ip\"\n\
                  [[pool.backend]]\nname = \"legacy-1\"\naddress = \"{}\"\n",
+                secrets.arg("admin.token"),
                 backend_entries(&farm),
                 legacy.addr
             ))
@@ -1132,6 +1368,10 @@ async fn status_page_shows_pools_backends_and_growing_totals_in_a_browser() {
             let base = format!("http://{}", running.addrs()[0]);
             let admin = running.admin_addr().unwrap();
             let c = client();
+            let total = |rows: &HashMap<(String, String), Row>| {
+                rows.values().map(|r| r.total).sum::<u64>()
+            };
+            let key = |pool: &str, backend: &str| (pool.to_string(), backend.to_string());
 
             let mut sent = browse_sessions(&c, &base, 3, 2).await;
             for _ in 0..2 {
@@ -1152,9 +1392,9 @@ async fn status_page_shows_pools_backends_and_growing_totals_in_a_browser() {
             let before = rows(&dom);
             let mut expected: Vec<(String, String)> = farm
                 .iter()
-                .map(|i| ("app".to_string(), i.name().to_string()))
+                .map(|i| key("app", i.name()))
                 .collect();
-            expected.push(("legacy".into(), "legacy-1".into()));
+            expected.push(key("legacy", "legacy-1"));
             let mut shown: Vec<_> = before.keys().cloned().collect();
             shown.sort();
             expected.sort();
@@ -1162,8 +1402,11 @@ async fn status_page_shows_pools_backends_and_growing_totals_in_a_browser() {
                 shown, expected,
                 "every pool and backend has a row:\n{dom}"
             );
-            for (row, (state, _)) in &before {
-                assert_eq!(state, "up", "{row:?} is up");
+            for (row, r) in &before {
+                assert_eq!(r.state, "active", "{row:?} is active:\n{dom}");
+                // Passive checks: a backend that answered is up.
+                assert_eq!(r.health, "up", "{row:?} answered, so it is up:\n{dom}");
+                assert_eq!(r.pins.is_some(), row.0 == "app", "{row:?}: pins only in session pools");
             }
             for name in ["app", "legacy"] {
                 assert!(
@@ -1171,27 +1414,123 @@ async fn status_page_shows_pools_backends_and_growing_totals_in_a_browser() {
                     "pool {name} is named:\n{dom}"
                 );
             }
-            let total = |rows: &HashMap<(String, String), (String, u64)>| {
-                rows.values().map(|(_, n)| n).sum::<u64>()
-            };
+            assert_charts(&dom, &["app", "legacy"], &[]);
             assert_eq!(total(&before), sent, "the totals count every reply");
-            assert_eq!(before[&("legacy".into(), "legacy-1".into())].1, 2);
+            assert_eq!(before[&key("legacy", "legacy-1")].total, 2);
+            let pins: u64 = before.values().filter_map(|r| r.pins).sum();
+            assert_eq!(pins, 3, "three sessions, three pins:\n{dom}");
 
             let more = browse_sessions(&c, &base, 3, 3).await;
             sent += more;
             status_counts(&c, admin, sent).await;
-            let after = rows(&browse(&url, &dump).await);
-            assert_eq!(total(&after), sent, "the second render counts the new replies");
-            for (row, (_, n)) in &before {
-                assert!(after[row].1 >= *n, "{row:?}: totals never fall");
+
+            // The page stays open while a backend joins and another drains: the rows follow
+            // without a reload.
+            let added = support::image(tidegate::demo::ImageOptions::new("image-9")).await;
+            let draining = farm[1].name().to_string();
+            let mut relay = Relay::start(admin, 2).await;
+            let live = relay.url.clone();
+            let (dom, ()) = tokio::join!(browse(&live, &dump), async {
+                let release = relay.held().await;
+                let path = "/api/pools/app/backends";
+                let body = format!(
+                    "{{\"name\":\"image-9\",\"address\":\"{}\",\"weight\":2}}",
+                    added.addr
+                );
+                let (r, v) = admin_api(&c, admin, Method::POST, path, None, &body).await;
+                assert_eq!(r.status, 401, "a change without the token is refused: {v}");
+                let (r, v) =
+                    admin_api(&c, admin, Method::POST, path, Some(support::TOKEN), &body).await;
+                assert_eq!(r.status, 201, "image-9 is added: {v}");
+                assert_eq!(v["state"], "active", "{v}");
+                let path = format!("/api/pools/app/backends/{draining}/drain");
+                let (r, v) =
+                    admin_api(&c, admin, Method::POST, &path, Some(support::TOKEN), "").await;
+                assert_eq!(r.status, 200, "{draining} drains: {v}");
+                assert_eq!(v["state"], "draining", "{draining} holds pins: {v}");
+                // New sessions go to the active backends, the new one among them.
+                let mut landed = Vec::new();
+                for _ in 0..4 {
+                    let r = get(&c, &format!("{base}/app")).await;
+                    assert_eq!(r.status, 200);
+                    sent += 1;
+                    landed.push(r.image());
+                }
+                assert!(landed.iter().any(|i| i == "image-9"), "image-9 takes sessions: {landed:?}");
+                assert!(!landed.contains(&draining), "{draining} takes none: {landed:?}");
+                status_counts(&c, admin, sent).await;
+                release.send(()).expect("the page waits for its poll");
+            });
+            let after = rows(&dom);
+            let mut shown: Vec<_> = after.keys().cloned().collect();
+            shown.sort();
+            expected.push(key("app", "image-9"));
+            expected.sort();
+            assert_eq!(shown, expected, "the added backend has a row, once:\n{dom}");
+            let nine = &after[&key("app", "image-9")];
+            assert_eq!(nine.state, "active", "image-9 is shown active:\n{dom}");
+            assert_eq!(nine.health, "up", "image-9 answered, so it is up:\n{dom}");
+            assert!(nine.pins >= Some(1) && nine.total >= 1, "image-9 shows its sessions: {nine:?}");
+            let drained = &after[&key("app", &draining)];
+            assert!(
+                ["draining", "drained"].contains(&drained.state.as_str()),
+                "{draining} is shown draining or drained, not {:?}:\n{dom}",
+                drained.state
+            );
+            assert_eq!(total(&after), sent, "the render counts the new replies");
+            for (row, r) in &before {
+                assert!(after[row].total >= r.total, "{row:?}: totals never fall");
             }
             assert!(
                 farm.iter().any(|i| {
-                    let row = ("app".to_string(), i.name().to_string());
-                    after[&row].1 > before[&row].1
+                    let row = key("app", i.name());
+                    after[&row].total > before[&row].total
                 }),
                 "some backend's total grew"
             );
+            drop(relay);
+
+            // Open again while image-9 is removed (pins and all): its row goes.
+            let mut relay = Relay::start(admin, 2).await;
+            let live = relay.url.clone();
+            let (dom, ()) = tokio::join!(browse(&live, &dump), async {
+                let release = relay.held().await;
+                let path = "/api/pools/app/backends/image-9";
+                let (r, v) =
+                    admin_api(&c, admin, Method::DELETE, path, Some(support::TOKEN), "").await;
+                assert_eq!(r.status, 409, "image-9 holds pins: {v}");
+                let path = format!("{path}?force=true");
+                let (r, v) =
+                    admin_api(&c, admin, Method::DELETE, &path, Some(support::TOKEN), "").await;
+                assert_eq!(r.status, 200, "image-9 is removed: {v}");
+                let v = status_json(&c, admin).await;
+                assert!(!v.to_string().contains("image-9"), "status.json forgot image-9: {v}");
+                release.send(()).expect("the page waits for its poll");
+            });
+            drop(relay);
+            let gone = rows(&dom);
+            let mut shown: Vec<_> = gone.keys().cloned().collect();
+            shown.sort();
+            expected.retain(|k| k.1 != "image-9");
+            assert_eq!(shown, expected, "the removed backend's row is gone:\n{dom}");
+            assert!(
+                ["draining", "drained"].contains(&gone[&key("app", &draining)].state.as_str()),
+                "{draining} still drains:\n{dom}"
+            );
+
+            // Once the pools have a sample, the charts draw it and label the latest value.
+            let deadline = Instant::now() + Duration::from_secs(8);
+            loop {
+                let v = status_json(&c, admin).await;
+                let pools = v["pools"].as_array().unwrap();
+                if pools.iter().all(|p| !p["history"].as_array().unwrap().is_empty()) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no history sample within 8 s: {v}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let dom = browse(&url, &dump).await;
+            assert_charts(&dom, &["app", "legacy"], &["app", "legacy"]);
 
             let shots = support::TempDir::new("screenshot");
             let shot = shots.path("status.png");
@@ -1212,6 +1551,7 @@ async fn status_page_shows_pools_backends_and_growing_totals_in_a_browser() {
                 png.len()
             );
             running.shutdown().await;
+            drop(added);
         },
     )
     .await;

@@ -3,6 +3,9 @@
 //! need nothing; changes need `Authorization: Bearer TOKEN`. Every error is
 //! `{"error": "..."}` with its status.
 //!
+//! Each path segment is percent-decoded, so a backend named `a/b` is `.../backends/a%2Fb`. A
+//! method a path never takes is a 405 before the token is looked at.
+//!
 //! | request | answer |
 //! | --- | --- |
 //! | `GET /api/pools` | every pool and its backends |
@@ -42,9 +45,10 @@ impl Token {
         Token(token.map(|t| digest(t.as_bytes())))
     }
 
-    fn admits(&self, header: Option<&HeaderValue>) -> Result<(), Reply> {
+    /// `None` when the `Authorization` header carries the token; else the refusal.
+    fn refuses(&self, header: Option<&HeaderValue>) -> Option<Reply> {
         let Some(expected) = &self.0 else {
-            return Err(error(
+            return Some(error(
                 StatusCode::FORBIDDEN,
                 "changes through the admin API need a token: set admin_token_file in the \
                  configuration, start with --admin-token-file FILE, or set TIDEGATE_ADMIN_TOKEN",
@@ -52,11 +56,15 @@ impl Token {
         };
         let offered = header
             .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
+            .and_then(|h| {
+                // The scheme is case-insensitive (RFC 9110 §11.1).
+                let (scheme, token) = h.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(token)
+            })
             .map(|t| digest(t.trim().as_bytes()));
         match offered {
             Some(d) if aws_lc_rs::constant_time::verify_slices_are_equal(&d, expected).is_ok() => {
-                Ok(())
+                None
             }
             _ => {
                 let mut r = error(
@@ -65,7 +73,7 @@ impl Token {
                 );
                 r.headers_mut()
                     .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                Err(r)
+                Some(r)
             }
         }
     }
@@ -171,8 +179,16 @@ struct Patch {
 /// Answers one `/api` request.
 pub async fn answer(farm: &Arc<Farm>, token: &Token, req: Request<Incoming>) -> Reply {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path().trim_end_matches('/').to_string();
-    let segments: Vec<&str> = path.split('/').skip(2).collect();
+    // Each segment percent-decoded after the split: a name may hold `/`, `?`, `#` or `%`.
+    let decoded: Vec<String> = parts
+        .uri
+        .path()
+        .trim_end_matches('/')
+        .split('/')
+        .skip(2)
+        .map(percent_decoded)
+        .collect();
+    let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let force = parts
         .uri
         .query()
@@ -194,7 +210,13 @@ pub async fn answer(farm: &Arc<Farm>, token: &Token, req: Request<Incoming>) -> 
             "no such API path: see /api/pools, /api/pools/{pool}/backends/{name}, /api/reload",
         );
     }
-    if !reading && let Err(refused) = token.admits(parts.headers.get(AUTHORIZATION)) {
+    // A method the path never takes is a 405 whoever asks: no token makes it right.
+    let allow = allowed(&segments);
+    let takes = |m: &str| allow.split(", ").any(|a| a == m);
+    if !(takes(method.as_str()) || method == Method::HEAD && takes("GET")) {
+        return not_allowed(&method, allow);
+    }
+    if !reading && let Some(refused) = token.refuses(parts.headers.get(AUTHORIZATION)) {
         return refused;
     }
     let registry = &farm.registry;
@@ -235,11 +257,17 @@ pub async fn answer(farm: &Arc<Farm>, token: &Token, req: Request<Incoming>) -> 
                 Ok(new) => new,
                 Err(refused) => return refused,
             };
-            let Ok(address) = new.address.parse::<SocketAddr>() else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("address: {:?} is not an IP:port address", new.address),
-                );
+            let address = match new.address.parse::<SocketAddr>() {
+                Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => a,
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
+                            "address: {:?} is not an IP:port address a backend can listen on",
+                            new.address
+                        ),
+                    );
+                }
             };
             match registry.add_backend(pool, &new.name, address, new.weight) {
                 Ok(b) => {
@@ -291,22 +319,53 @@ pub async fn answer(farm: &Arc<Farm>, token: &Token, req: Request<Incoming>) -> 
                 error(StatusCode::BAD_REQUEST, &e.to_string())
             }
         },
-        (_, path) => {
-            let allow = match path {
-                ["pools"] | ["pools", _] => "GET",
-                ["pools", _, "backends"] => "GET, POST",
-                ["pools", _, "backends", _] => "GET, PATCH, DELETE",
-                _ => "POST",
-            };
-            let mut r = error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &format!("{method} is not allowed here; allowed: {allow}"),
-            );
-            r.headers_mut()
-                .insert(http::header::ALLOW, HeaderValue::from_static(allow));
-            r
+        (_, path) => not_allowed(&method, allowed(path)),
+    }
+}
+
+/// `segment` with each `%XX` turned back into its byte (a `%` not followed by two hex
+/// digits stays as it is).
+fn percent_decoded(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
         }
     }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The methods a known API path takes, as the `Allow` header lists them.
+fn allowed(path: &[&str]) -> &'static str {
+    match path {
+        ["pools"] | ["pools", _] => "GET",
+        ["pools", _, "backends"] => "GET, POST",
+        ["pools", _, "backends", _] => "GET, PATCH, DELETE",
+        _ => "POST",
+    }
+}
+
+fn not_allowed(method: &Method, allow: &'static str) -> Reply {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("{method} is not allowed here; allowed: {allow}"),
+    );
+    r.headers_mut()
+        .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    r
 }
 
 /// Reads a JSON body into `T`; a bad body is a 400 naming the field.
@@ -320,17 +379,30 @@ async fn read_json<T: for<'de> Deserialize<'de>>(body: Incoming) -> Result<T, Re
             ));
         }
     };
+    // A JSON object, nothing else: serde would also take a struct as a list of its fields.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "body: must be a JSON object (Content-Type: application/json)",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let refused = |e: serde_path_to_error::Error<serde_json::Error>| {
         let field = e.path().to_string();
         let inner = e.into_inner();
-        let message = if field.is_empty() || field == "." {
+        // `?`: no field is known (the body ended, or stopped being JSON, before one).
+        let message = if field.is_empty() || field == "." || field == "?" {
             format!("body: {inner}")
         } else {
             format!("{field}: {inner}")
         };
         error(StatusCode::BAD_REQUEST, &message)
-    })
+    };
+    let value = serde_path_to_error::deserialize(&mut de).map_err(refused)?;
+    // Nothing may follow the object: `{...} x` is not JSON.
+    de.end()
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("body: {e}")))?;
+    Ok(value)
 }
 
 fn change_error(e: ChangeError) -> Reply {

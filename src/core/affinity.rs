@@ -349,9 +349,7 @@ impl AffinityTable {
         let mut gone: HashMap<BackendId, i64> = HashMap::new();
         let limits = self.limits();
         self.map.retain(|_, slot| {
-            let keep =
-                !limits
-                    .expired(slot.created, slot.last_used.load(Ordering::Relaxed), now);
+            let keep = !limits.expired(slot.created, slot.last_used.load(Ordering::Relaxed), now);
             if !keep {
                 *gone.entry(slot.backend).or_default() += 1;
                 removed.expired += 1;

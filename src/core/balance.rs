@@ -215,8 +215,14 @@ mod tests {
     fn least_sessions_rotates_among_equals() {
         let s = set(&[("a", 1), ("b", 1)]);
         let cursor = AtomicUsize::new(0);
-        let first = least_sessions(&s, &cursor, &[], |_| 0).unwrap().name.clone();
-        let second = least_sessions(&s, &cursor, &[], |_| 0).unwrap().name.clone();
+        let first = least_sessions(&s, &cursor, &[], |_| 0)
+            .unwrap()
+            .name
+            .clone();
+        let second = least_sessions(&s, &cursor, &[], |_| 0)
+            .unwrap()
+            .name
+            .clone();
         assert_ne!(first, second);
     }
 

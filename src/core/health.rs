@@ -87,7 +87,10 @@ impl HealthCounter {
             return None;
         }
         self.failures.store(0, Ordering::Relaxed);
-        let streak = self.successes.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let streak = self
+            .successes
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         match self.get() {
             Health::Up => None,
             Health::Unknown => self.move_to(Health::Unknown, Health::Up),
@@ -99,7 +102,10 @@ impl HealthCounter {
     /// Records a failure; `fall` in a row take the backend down.
     pub fn failure(&self, t: Thresholds) -> Option<Transition> {
         self.successes.store(0, Ordering::Relaxed);
-        let streak = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let streak = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         let now = self.get();
         if now != Health::Down && streak >= t.fall.max(1) {
             self.move_to(now, Health::Down)

@@ -219,7 +219,8 @@ impl Pool {
     /// session affinity, its pins under the new limits.
     pub fn succeeding(mut self, old: &Pool) -> Self {
         self.stats = old.stats.clone();
-        if let (Affinity::Session(new), Affinity::Session(old)) = (&mut self.affinity, &old.affinity)
+        if let (Affinity::Session(new), Affinity::Session(old)) =
+            (&mut self.affinity, &old.affinity)
         {
             old.table.set_limits(new.table.limits());
             new.table = old.table.clone();
@@ -496,7 +497,10 @@ mod tests {
             web1.id
         );
         let new = p.route(&set, &view(None, None), 1, &[web1.id]).unwrap();
-        assert_ne!(new.backend.id, web1.id, "a new session skips a backend tried");
+        assert_ne!(
+            new.backend.id, web1.id,
+            "a new session skips a backend tried"
+        );
     }
 
     #[test]
@@ -505,7 +509,9 @@ mod tests {
         let set = p.backends();
         let web1 = set.all()[0].clone();
         p.table().unwrap().pin(PinKey::of("S1"), web1.id, 0);
-        let r = p.route(&set, &view(Some("S1"), None), 1, &[web1.id]).unwrap();
+        let r = p
+            .route(&set, &view(Some("S1"), None), 1, &[web1.id])
+            .unwrap();
         assert_eq!(r.decision, Decision::Redispatched);
         assert_ne!(r.backend.id, web1.id);
     }
@@ -521,7 +527,12 @@ mod tests {
                 .route(&set, &view(Some("NEWID"), Some(&value)), 0, &[])
                 .unwrap();
             assert_eq!(
-                (r.backend.id, r.decision, r.insert_cookie.is_some(), r.scan_page),
+                (
+                    r.backend.id,
+                    r.decision,
+                    r.insert_cookie.is_some(),
+                    r.scan_page
+                ),
                 (web3.id, Decision::Learned, false, true)
             );
         }
@@ -550,7 +561,12 @@ mod tests {
         let p = pool(true);
         let set = p.backends();
         let r = p
-            .route(&set, &view(Some("NEWID"), Some("00000001.deadbeef")), 0, &[])
+            .route(
+                &set,
+                &view(Some("NEWID"), Some("00000001.deadbeef")),
+                0,
+                &[],
+            )
             .unwrap();
         assert_eq!(r.decision, Decision::New);
         assert!(r.insert_cookie.is_some());

@@ -223,7 +223,11 @@ impl Registry {
     }
 
     /// The backend `name` of `pool`.
-    pub fn backend(&self, pool: &str, name: &str) -> Result<(Arc<Pool>, Arc<Backend>), ChangeError> {
+    pub fn backend(
+        &self,
+        pool: &str,
+        name: &str,
+    ) -> Result<(Arc<Pool>, Arc<Backend>), ChangeError> {
         let p = self.pool(pool)?;
         let b = p.backends().named(name).cloned();
         match b {
@@ -301,7 +305,12 @@ impl Registry {
     }
 
     /// Re-weights a backend (the pool's round-robin schedule follows).
-    pub fn set_weight(&self, pool: &str, name: &str, weight: u32) -> Result<Arc<Backend>, ChangeError> {
+    pub fn set_weight(
+        &self,
+        pool: &str,
+        name: &str,
+        weight: u32,
+    ) -> Result<Arc<Backend>, ChangeError> {
         check_weight(weight).map_err(|message| ChangeError::Invalid {
             field: "weight",
             message,
@@ -328,7 +337,13 @@ impl Registry {
             .backends()
             .all()
             .iter()
-            .map(|b| if b.id == old.id { moved.clone() } else { b.clone() })
+            .map(|b| {
+                if b.id == old.id {
+                    moved.clone()
+                } else {
+                    b.clone()
+                }
+            })
             .collect();
         p.set_backends(all);
         self.count(Change::Address);
@@ -337,7 +352,12 @@ impl Registry {
 
     /// Removes a backend. While it has pins, only with `force`; its pins are then dropped
     /// (a walk over the pool's table: call it off the async threads).
-    pub fn remove_backend(&self, pool: &str, name: &str, force: bool) -> Result<Removal, ChangeError> {
+    pub fn remove_backend(
+        &self,
+        pool: &str,
+        name: &str,
+        force: bool,
+    ) -> Result<Removal, ChangeError> {
         let _guard = self.begin();
         let (p, b) = self.backend(pool, name)?;
         let pins = p.table().map_or(0, |t| t.pins_of(b.id));
@@ -384,7 +404,13 @@ mod tests {
             0,
         );
         let backends = (1..=2)
-            .map(|i| Backend::new(&format!("img{i}"), format!("127.0.0.1:900{i}").parse().unwrap(), 1))
+            .map(|i| {
+                Backend::new(
+                    &format!("img{i}"),
+                    format!("127.0.0.1:900{i}").parse().unwrap(),
+                    1,
+                )
+            })
             .collect();
         let pool = Pool::new(
             "app",
@@ -435,7 +461,10 @@ mod tests {
         ));
         assert!(matches!(
             r.add_backend("app", "x", addr, 0),
-            Err(ChangeError::Invalid { field: "weight", .. })
+            Err(ChangeError::Invalid {
+                field: "weight",
+                ..
+            })
         ));
         assert!(matches!(
             r.set_admin("app", "ghost", AdminState::Draining),
@@ -472,7 +501,9 @@ mod tests {
                 let r = r.clone();
                 std::thread::spawn(move || {
                     for i in 0..25 {
-                        let addr = format!("127.0.0.1:{}", 10_000 + t * 100 + i).parse().unwrap();
+                        let addr = format!("127.0.0.1:{}", 10_000 + t * 100 + i)
+                            .parse()
+                            .unwrap();
                         r.add_backend("app", &format!("t{t}-{i}"), addr, 1).unwrap();
                     }
                 })

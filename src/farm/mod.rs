@@ -85,7 +85,10 @@ impl Farm {
         let config = match Config::from_file(path) {
             Ok(config) => config,
             Err(e) => {
-                tracing::error!(reason, "configuration reload failed, the running configuration keeps serving: {e}");
+                tracing::error!(
+                    reason,
+                    "configuration reload failed, the running configuration keeps serving: {e}"
+                );
                 return Err(ReloadError::Invalid(e.to_string()));
             }
         };
@@ -140,8 +143,9 @@ impl Farm {
 
 /// Keeps the farm tidy once a second until `stop` fires: expires and evicts pins (a full
 /// sweep every 1/60 of the idle timeout, 1 to 30 s; a trim whenever a table nears its
-/// bound), settles drains whose last pin is gone, and samples each pool's history.
-pub async fn housekeeping(registry: Arc<Registry>, mut stop: Signal) {
+/// bound), settles drains whose last pin is gone, samples each pool's history, and every
+/// half minute closes parked connections to addresses no backend has any more.
+pub async fn housekeeping(registry: Arc<Registry>, upstream: Arc<Upstream>, mut stop: Signal) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 1u64.. {
@@ -150,6 +154,13 @@ pub async fn housekeeping(registry: Arc<Registry>, mut stop: Signal) {
             _ = stop.wait() => return,
         }
         let pools = registry.topology().pools.clone();
+        if n % 30 == 0 {
+            upstream.keep_only(|addr| {
+                pools
+                    .iter()
+                    .any(|p| p.backends().all().iter().any(|b| b.address == addr))
+            });
+        }
         for pool in pools.iter() {
             if let Some(table) = pool.table() {
                 let sweep_every = u64::from(table.limits().idle_timeout / 60).clamp(1, 30);

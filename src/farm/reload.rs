@@ -230,9 +230,14 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     };
     differs("listen", old.listen != new.listen);
     let tls_listeners = |c: &Config| {
-        c.tls
-            .as_ref()
-            .map(|t| (t.listen.clone(), t.redirect_http.clone(), t.min_version, t.hsts.clone()))
+        c.tls.as_ref().map(|t| {
+            (
+                t.listen.clone(),
+                t.redirect_http.clone(),
+                t.min_version,
+                t.hsts.clone(),
+            )
+        })
     };
     differs(
         "listen_tls / [tls] listeners, min_version, HSTS",
@@ -241,7 +246,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     differs("admin", old.admin != new.admin);
     differs("workers", old.workers != new.workers);
     differs("log_format", old.log_format != new.log_format);
-    differs("max_connections", old.max_connections != new.max_connections);
+    differs(
+        "max_connections",
+        old.max_connections != new.max_connections,
+    );
     differs("client_timeout", old.client_timeout != new.client_timeout);
     differs("tunnel_timeout", old.tunnel_timeout != new.tunnel_timeout);
     differs("[upstream]", old.upstream != new.upstream);

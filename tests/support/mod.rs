@@ -1,10 +1,14 @@
 //! Test helpers: a farm of Seaside-like images, a balancer in front of it on real sockets,
-//! and a small browser that keeps cookies and follows the session links it is given.
+//! and a small browser that keeps cookies and follows the session links it is given; and the
+//! real `tidegate` binary: launched and waited for ([`Launch`], [`Process`]), run to
+//! completion ([`run`], [`ctl`]), and its admin API called ([`Process::call`], [`Api`]).
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
@@ -40,11 +44,12 @@ pub async fn image(options: ImageOptions) -> Image {
         .expect("image starts")
 }
 
-/// The `[[pool.backend]]` entries for these images.
-pub fn backend_entries(images: &[Image]) -> String {
+/// The `[[pool.backend]]` entries for these images, each named after itself.
+pub fn backend_entries<I: Borrow<Image>>(images: &[I]) -> String {
     images
         .iter()
         .map(|i| {
+            let i = i.borrow();
             format!(
                 "[[pool.backend]]\nname = \"{}\"\naddress = \"{}\"\n",
                 i.name(),
@@ -390,88 +395,334 @@ pub fn free_addr() -> SocketAddr {
     listener.local_addr().expect("local address")
 }
 
-/// The admin token the [`Process`] helpers configure.
+// --- the real binary ------------------------------------------------------------------------
+
+/// The `tidegate` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_tidegate");
+/// The most a launched `tidegate` may take to serve on both its listeners.
+pub const START_LIMIT: Duration = Duration::from_secs(15);
+/// The most a short command (`check`, `ctl`, a refusal to start) may take.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(15);
+/// How often a bounded wait looks again.
+const POLL: Duration = Duration::from_millis(20);
+/// The log of a launched `tidegate`, in its directory.
+const LOG: &str = "tidegate.log";
+/// The log lines that name the bound addresses (`address=…`).
+const LISTEN_LINE: &str = "listening (HTTP/1.1, h2c)";
+const ADMIN_LINE: &str = "admin: /metrics";
+
+/// Runs `tidegate <args>` to completion, killed if it outlives [`COMMAND_LIMIT`];
+/// `TIDEGATE_ADMIN_TOKEN` and `RUST_LOG` are unset.
+pub async fn run(args: &[&str]) -> Output {
+    run_with(args, &[]).await
+}
+
+/// [`run`] with the variables `env` set.
+pub async fn run_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = tokio::process::Command::new(BIN);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .env_remove("TIDEGATE_ADMIN_TOKEN")
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .kill_on_drop(true);
+    tokio::time::timeout(COMMAND_LIMIT, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("tidegate {args:?} did not finish within {COMMAND_LIMIT:?}"))
+        .expect("the binary runs")
+}
+
+/// Runs `tidegate ctl --admin ADDR <args>` to completion (bounded), with
+/// `TIDEGATE_ADMIN_TOKEN` set to `env_token` (or unset).
+pub async fn ctl(admin: SocketAddr, args: &[&str], env_token: Option<&str>) -> Output {
+    let admin = admin.to_string();
+    let args: Vec<&str> = ["ctl", "--admin", admin.as_str()]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    let env: Vec<(&str, &str)> = env_token
+        .map(|t| ("TIDEGATE_ADMIN_TOKEN", t))
+        .into_iter()
+        .collect();
+    run_with(&args, &env).await
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts `o` exited with `code`; its stdout.
+pub fn exited(o: &Output, code: i32, what: &str) -> String {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+    stdout(o)
+}
+
+/// How a [`Process`] is started: the command line, the environment, and a directory of its
+/// own for the files it reads (configuration, tokens) and the log it writes (`tidegate.log`).
+/// By default `RUST_LOG=info` and `TIDEGATE_ADMIN_TOKEN` is unset.
+///
+/// The process must open a listener and an admin listener. Their addresses are read from its
+/// log unless given up front with [`Launch::listening_on`] (ports fixed in the command line
+/// or the file).
+pub struct Launch {
+    pub dir: TempDir,
+    args: Vec<String>,
+    /// Applied in order: `Some` sets the variable, `None` unsets it.
+    env: Vec<(String, Option<String>)>,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+}
+
+impl Launch {
+    /// No arguments yet.
+    pub fn new(label: &str) -> Launch {
+        Launch {
+            dir: TempDir::new(label),
+            args: Vec::new(),
+            env: vec![
+                ("TIDEGATE_ADMIN_TOKEN".into(), None),
+                ("RUST_LOG".into(), Some("info".into())),
+            ],
+            listen: None,
+            admin: None,
+        }
+    }
+
+    /// The quick-start flags over `backends` (`ADDR` or `NAME=ADDR`), both listeners on
+    /// ports the kernel picks.
+    pub fn flags(label: &str, backends: &[String]) -> Launch {
+        let mut launch = Launch::new(label).args(&["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+        for b in backends {
+            launch = launch.arg("--backend").arg(b);
+        }
+        launch
+    }
+
+    /// `--config tidegate.toml`, the file holding `text` (whose `listen` and `admin` are
+    /// best on port 0, or named with [`Launch::listening_on`]).
+    pub fn config(label: &str, text: &str) -> Launch {
+        let launch = Launch::new(label);
+        let file = launch.file("tidegate.toml", text);
+        launch.arg("--config").arg(file)
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Launch {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn args(mut self, args: &[&str]) -> Launch {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Sets `key` (over the defaults).
+    pub fn env(mut self, key: &str, value: &str) -> Launch {
+        self.env.push((key.into(), Some(value.into())));
+        self
+    }
+
+    /// Unsets `key`.
+    pub fn env_remove(mut self, key: &str) -> Launch {
+        self.env.push((key.into(), None));
+        self
+    }
+
+    /// Writes `name` in the launch's directory; its path.
+    pub fn file(&self, name: &str, contents: &str) -> String {
+        self.dir.write(name, contents);
+        self.dir.arg(name)
+    }
+
+    /// Writes `token` to the file `token` and starts with `--admin-token-file` naming it.
+    pub fn with_token_flag(self, token: &str) -> Launch {
+        let file = self.file("token", token);
+        self.arg("--admin-token-file").arg(file)
+    }
+
+    /// The addresses the process will listen on, known before it starts.
+    pub fn listening_on(mut self, listen: SocketAddr, admin: SocketAddr) -> Launch {
+        self.listen = Some(listen);
+        self.admin = Some(admin);
+        self
+    }
+
+    /// Starts it and waits, bounded by [`START_LIMIT`], until both its listeners are known
+    /// and accept connections; panics with the log if it exits or does not get there.
+    pub async fn start(self) -> Process {
+        let log = std::fs::File::create(self.dir.path(LOG)).expect("log file");
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file handle"))
+            .stderr(log)
+            .kill_on_drop(true);
+        for (key, value) in &self.env {
+            match value {
+                Some(v) => command.env(key, v),
+                None => command.env_remove(key),
+            };
+        }
+        let mut child = command.spawn().expect("the binary starts");
+        let deadline = Instant::now() + START_LIMIT;
+        loop {
+            let text = self.dir.read(LOG);
+            let listen = self.listen.or_else(|| logged_address(&text, LISTEN_LINE));
+            let admin = self.admin.or_else(|| logged_address(&text, ADMIN_LINE));
+            if let (Some(listen), Some(admin)) = (listen, admin)
+                && accepts(listen).await
+                && accepts(admin).await
+            {
+                return Process {
+                    child,
+                    dir: self.dir,
+                    listen,
+                    admin,
+                    client: client(),
+                };
+            }
+            if let Some(status) = child.try_wait().expect("child status") {
+                panic!(
+                    "tidegate {:?} exited with {status} before serving:\n{}",
+                    self.args,
+                    self.dir.read(LOG)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tidegate {:?} was not serving within {START_LIMIT:?} (listen {listen:?}, \
+                 admin {admin:?}):\n{}",
+                self.args,
+                self.dir.read(LOG)
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// The `address=` of the first log line containing `marker`.
+fn logged_address(log: &str, marker: &str) -> Option<SocketAddr> {
+    let line = log.lines().find(|l| l.contains(marker))?;
+    let at = line.find("address=")? + "address=".len();
+    line[at..].split_whitespace().next()?.parse().ok()
+}
+
+/// Whether `addr` accepts a connection (within a second).
+async fn accepts(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(addr)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+/// The admin token [`Process::start`] configures.
 pub const TOKEN: &str = "test-admin-token-0123456789";
 
-/// The real `tidegate` binary serving a configuration file, with its log in a file; killed
-/// when dropped. The file gets `listen`, `admin` and `admin_token_file` lines on top of the
-/// body it is given, so a test rewrites the body and sends SIGHUP.
+/// The real `tidegate` binary, serving, with its log in `dir/tidegate.log`; killed when
+/// dropped. Started by a [`Launch`], or by [`Process::start`] for a configuration file.
 pub struct Process {
     child: tokio::process::Child,
     pub dir: TempDir,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// A client for [`Process::call`] and the tests' own requests.
+    pub client: HttpClient,
 }
 
-/// The whole configuration file of a [`Process`] for `body`.
-fn config_text(dir: &TempDir, listen: SocketAddr, admin: SocketAddr, body: &str) -> String {
+/// The whole configuration file of a [`Process::start`] for `body`: three lines on top of it.
+fn process_config(dir: &TempDir, listen: SocketAddr, admin: SocketAddr, body: &str) -> String {
     format!(
         "listen = [\"{listen}\"]\nadmin = \"{admin}\"\nadmin_token_file = \"{}\"\n{body}",
         dir.arg("admin.token")
     )
 }
 
-/// The most a process may take to start serving.
-const PROCESS_START: Duration = Duration::from_secs(20);
+/// An admin API answer.
+#[derive(Debug)]
+pub struct Api {
+    pub status: StatusCode,
+    pub content_type: String,
+    pub allow: String,
+    pub www_authenticate: String,
+    pub text: String,
+    pub json: serde_json::Value,
+}
+
+impl From<Reply> for Api {
+    fn from(reply: Reply) -> Api {
+        let text = reply.text();
+        Api {
+            status: reply.status,
+            content_type: reply.header("content-type"),
+            allow: reply.header("allow"),
+            www_authenticate: reply.header("www-authenticate"),
+            json: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+            text,
+        }
+    }
+}
+
+/// One JSON request to the admin listener at `admin`; `token` goes in `Authorization: Bearer`.
+pub async fn admin_send(
+    client: &HttpClient,
+    admin: SocketAddr,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Reply {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a));
+    }
+    let url = format!("http://{admin}{path}");
+    send(client, method, &url, &headers, body.to_string()).await
+}
 
 impl Process {
-    /// Starts `tidegate --config FILE` with `body` (pools and the rest) and waits, bounded,
-    /// until its admin listener answers.
+    /// Starts `tidegate --config FILE` with `body` (pools and the rest) under `listen`,
+    /// `admin` and `admin_token_file` ([`TOKEN`]) lines, and waits (bounded) until both
+    /// listeners answer. A test rewrites the body with [`Process::configure`].
     pub async fn start(body: &str) -> Process {
-        let dir = TempDir::new("process");
-        let listen = free_addr();
-        let admin = free_addr();
-        std::fs::write(dir.path("admin.token"), format!("{TOKEN}\n")).expect("token written");
-        dir.write("tidegate.toml", &config_text(&dir, listen, admin, body));
-        let process = Process {
-            child: Self::spawn(&dir),
-            dir,
-            listen,
-            admin,
-        };
-        process.wait_ready().await;
-        process
-    }
-
-    fn spawn(dir: &TempDir) -> tokio::process::Child {
-        let log = std::fs::File::create(dir.path("tidegate.log")).expect("log file");
-        let err = log.try_clone().expect("log file handle");
-        let config = dir.path("tidegate.toml");
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        let launch = Launch::new("process");
+        let (listen, admin) = (free_addr(), free_addr());
+        launch.file("admin.token", &format!("{TOKEN}\n"));
+        let file = launch.file(
+            "tidegate.toml",
+            &process_config(&launch.dir, listen, admin, body),
+        );
+        launch
             .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the binary starts")
+            .arg(file)
+            .listening_on(listen, admin)
+            .start()
+            .await
     }
 
-    /// Replaces the configuration file (the process re-reads it on SIGHUP).
+    /// Replaces the configuration file of a [`Process::start`] (re-read on SIGHUP).
     pub fn configure(&self, body: &str) {
         self.dir.write(
             "tidegate.toml",
-            &config_text(&self.dir, self.listen, self.admin, body),
+            &process_config(&self.dir, self.listen, self.admin, body),
         );
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = std::time::Instant::now() + PROCESS_START;
-        loop {
-            if tokio::net::TcpStream::connect(self.admin).await.is_ok()
-                && tokio::net::TcpStream::connect(self.listen).await.is_ok()
-            {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tidegate did not start within {PROCESS_START:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     /// Sends SIGHUP.
@@ -483,22 +734,22 @@ impl Process {
 
     /// Everything the process logged so far.
     pub fn log(&self) -> String {
-        self.dir.read("tidegate.log")
+        self.dir.read(LOG)
     }
 
     /// Waits, bounded, until the log holds `needle` `times` times; returns the log.
     pub async fn log_shows(&self, needle: &str, times: usize, limit: Duration) -> String {
-        let deadline = std::time::Instant::now() + limit;
+        let deadline = Instant::now() + limit;
         loop {
             let log = self.log();
             if log.matches(needle).count() >= times {
                 return log;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "the log did not show {needle:?} {times} times within {limit:?}:\n{log}"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -507,7 +758,7 @@ impl Process {
         format!("http://{}", self.listen)
     }
 
-    /// An admin API request, with the token when `authorized`; the reply and its JSON.
+    /// An admin API request, with [`TOKEN`] when `authorized`; the reply and its JSON.
     pub async fn api(
         &self,
         client: &HttpClient,
@@ -516,22 +767,36 @@ impl Process {
         body: &str,
         authorized: bool,
     ) -> (Reply, serde_json::Value) {
-        let bearer = format!("Bearer {TOKEN}");
-        let mut headers = vec![("content-type", "application/json")];
-        if authorized {
-            headers.push(("authorization", bearer.as_str()));
-        }
-        let url = format!("http://{}{path}", self.admin);
-        let reply = send(client, method, &url, &headers, body.to_string()).await;
+        let token = authorized.then_some(TOKEN);
+        let reply = admin_send(client, self.admin, method, path, token, body).await;
         let json = serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null);
         (reply, json)
     }
 
+    /// An admin API request with `token` (if any) in `Authorization: Bearer`.
+    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: &str) -> Api {
+        admin_send(&self.client, self.admin, method, path, token, body)
+            .await
+            .into()
+    }
+
+    /// An admin API request with exactly these headers.
+    pub async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Api {
+        let url = format!("http://{}{path}", self.admin);
+        send(&self.client, method, &url, headers, body.to_string())
+            .await
+            .into()
+    }
+
     /// One backend of `pool` as `GET /api/pools` shows it (`Null` when absent).
     pub async fn backend(&self, client: &HttpClient, pool: &str, name: &str) -> serde_json::Value {
-        let (_, v) = self
-            .api(client, Method::GET, "/api/pools", "", false)
-            .await;
+        let (_, v) = self.api(client, Method::GET, "/api/pools", "", false).await;
         v["pools"]
             .as_array()
             .into_iter()
@@ -552,18 +817,18 @@ impl Process {
         want: &str,
         limit: Duration,
     ) {
-        let deadline = std::time::Instant::now() + limit;
+        let deadline = Instant::now() + limit;
         loop {
             let b = self.backend(client, pool, name).await;
             if b[field] == want {
                 return;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "{pool}/{name}: {field} did not become {want:?} within {limit:?}: {b}\n{}",
                 self.log()
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -572,5 +837,11 @@ impl Process {
         get(client, &format!("http://{}/metrics", self.admin))
             .await
             .text()
+    }
+
+    /// `tidegate ctl --admin ADMIN <args>` to completion, TIDEGATE_ADMIN_TOKEN set to
+    /// `env_token` (or unset).
+    pub async fn ctl(&self, args: &[&str], env_token: Option<&str>) -> Output {
+        ctl(self.admin, args, env_token).await
     }
 }
