@@ -213,9 +213,9 @@ pub enum OnPinnedDownName {
 pub struct HealthFile {
     /// `tcp` (the default), `http`, or `passive`.
     pub check: CheckName,
-    /// The path an HTTP check requests.
-    pub path: String,
-    /// The status an HTTP check expects; absent: any 2xx or 3xx.
+    /// The path an HTTP check requests (default `/`; only with `check = "http"`).
+    pub path: Option<String>,
+    /// The status an HTTP check expects; absent: any 2xx or 3xx (only with `check = "http"`).
     pub expect_status: Option<u16>,
     /// Seconds between checks of one backend.
     pub interval: u64,
@@ -232,7 +232,7 @@ impl Default for HealthFile {
         let d = HealthPolicy::default();
         HealthFile {
             check: CheckName::Tcp,
-            path: "/".into(),
+            path: None,
             expect_status: None,
             interval: d.interval.as_secs(),
             timeout: d.timeout.as_secs_f64(),
@@ -940,11 +940,24 @@ impl HealthFile {
                 ));
             }
         }
+        if self.check != CheckName::Http {
+            let given = [
+                ("path", self.path.is_some()),
+                ("expect_status", self.expect_status.is_some()),
+            ];
+            if let Some((name, _)) = given.iter().find(|(_, given)| *given) {
+                return Err(invalid(
+                    format!("{key}.{name}"),
+                    "is only used with check = \"http\"",
+                ));
+            }
+        }
         let check = match self.check {
             CheckName::Passive => Check::Passive,
             CheckName::Tcp => Check::Tcp,
             CheckName::Http => {
-                if !self.path.starts_with('/') || !self.path.bytes().all(|b| b.is_ascii_graphic()) {
+                let path = self.path.unwrap_or_else(|| "/".into());
+                if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
                     return Err(invalid(
                         format!("{key}.path"),
                         "must start with '/' and hold only printable ASCII without spaces",
@@ -959,7 +972,7 @@ impl HealthFile {
                     ));
                 }
                 Check::Http {
-                    path: self.path.into(),
+                    path: path.into(),
                     expect_status: self.expect_status,
                 }
             }
@@ -1282,6 +1295,54 @@ address = "127.0.0.1:9001"
     fn broken_toml_is_reported_with_its_line() {
         let err = load("[[pool]\nname = 1").unwrap_err();
         assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn health_settings_are_checked_and_named() {
+        let with = |health: &str| load(&format!("{MINIMAL}[pool.health]\n{health}"));
+        let ok = with("check = \"http\"\npath = \"/up\"\nexpect_status = 204\ntimeout = 0.25\n")
+            .unwrap();
+        assert_eq!(
+            ok.pools[0].health.check,
+            Check::Http {
+                path: "/up".into(),
+                expect_status: Some(204)
+            }
+        );
+        assert_eq!(
+            ok.pools[0].health.timeout,
+            std::time::Duration::from_millis(250)
+        );
+        assert_eq!(with("").unwrap().pools[0].health.check, Check::Tcp);
+        for (bad, key) in [
+            ("expect_status = 700\ncheck = \"http\"", "expect_status"),
+            ("expect_status = 200", "expect_status"),
+            ("path = \"/x\"\ncheck = \"passive\"", "path"),
+            ("check = \"http\"\npath = \"no-slash\"", "path"),
+            ("timeout = 0", "timeout"),
+            ("interval = 0", "interval"),
+            ("fall = 0", "fall"),
+            ("rise = 101", "rise"),
+            ("check = \"udp\"", "check"),
+        ] {
+            let err = with(bad).unwrap_err();
+            let line = 7 + bad.lines().position(|l| l.starts_with(key)).unwrap();
+            assert!(
+                err.contains(&format!("pool[0].health.{key}"))
+                    && err.contains(&format!("line {line}")),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn backend_state_and_on_pinned_down_are_read() {
+        let text = "[[pool]]\nname = \"a\"\non_pinned_down = \"fail\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\nstate = \"drain\"\n";
+        let c = load(text).unwrap();
+        assert_eq!(c.pools[0].on_pinned_down, OnPinnedDown::Fail);
+        assert_eq!(c.pools[0].backends[0].state, AdminState::Draining);
+        let err = load(&text.replace("\"drain\"", "\"draining\"")).unwrap_err();
+        assert!(err.contains("state") && err.contains("line 6"), "{err}");
     }
 
     #[test]

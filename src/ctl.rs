@@ -97,8 +97,7 @@ pub fn token(file: Option<&Path>) -> Result<Option<String>, Failure> {
         .is_some_and(|t| t.bytes().any(|b| b.is_ascii_control()))
     {
         return Err(Failure {
-            message: "the token holds a control character (a line break?): one line only"
-                .into(),
+            message: "the token holds a control character (a line break?): one line only".into(),
             status: 2,
         });
     }

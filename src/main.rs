@@ -154,8 +154,8 @@ struct RunArgs {
     /// The PEM private key of the --tls-cert at the same position.
     #[arg(long = "tls-key")]
     tls_key: Vec<PathBuf>,
-    /// The admin listener (`/metrics`, `/status`, `/healthz`): an address, or `off`
-    /// (default 127.0.0.1:9090).
+    /// The admin listener (`/metrics`, `/status`, `/healthz`, the `/api` that `tidegate ctl`
+    /// drives): an address, or `off` (default 127.0.0.1:9090).
     #[arg(long)]
     admin: Option<String>,
     /// Log line format.

@@ -232,12 +232,14 @@ impl Collector for Exposition {
             }
         }
         let health_counters: [(&str, &str, StatsField); 4] = [
-            ("tidegate_health_checks", "Active health checks run", |s| {
-                &s.checks
-            }),
+            (
+                "tidegate_health_checks",
+                "Health checks run (active checks, and probes of down backends)",
+                |s| &s.checks,
+            ),
             (
                 "tidegate_health_check_failures",
-                "Active health checks that failed",
+                "Health checks that failed",
                 |s| &s.check_failures,
             ),
             (

@@ -118,12 +118,6 @@ impl Upstream {
         }
     }
 
-    /// Closes the parked connections to `addr` (its backend left the farm).
-    pub fn forget(&self, addr: SocketAddr) {
-        let parked = self.idle.remove(&addr);
-        drop(parked);
-    }
-
     /// Closes the parked connections to every address `live` does not name: a connection
     /// that finished its request after its backend was removed is parked again, and would
     /// otherwise stay open for nobody.

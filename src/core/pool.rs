@@ -267,6 +267,8 @@ impl Pool {
         let routed = self.decide(set, request, now, tried);
         match &routed {
             Ok(r) => self.stats.decide(r.decision),
+            // With backends tried, the client gets the last one's failure, not a 503.
+            Err(Refusal::NoBackend) if !tried.is_empty() => {}
             Err(Refusal::NoBackend) => {
                 self.stats.no_backend.fetch_add(1, Ordering::Relaxed);
             }

@@ -89,6 +89,9 @@ impl Farm {
                     reason,
                     "configuration reload failed, the running configuration keeps serving: {e}"
                 );
+                drop(applied);
+                // The certificates in use are still reloaded from their files.
+                certificates(None).await;
                 return Err(ReloadError::Invalid(e.to_string()));
             }
         };
@@ -102,7 +105,9 @@ impl Farm {
                 .await
                 .map_err(|e| ReloadError::Invalid(format!("reload task failed: {e}")))?
         };
-        *applied = config;
+        // What applies live is now the new file's; what needs a restart stays as it runs, so
+        // the next reload names it again until it is restarted or the file reverts it.
+        *applied = reload::running_after(&applied, config);
         drop(applied);
         certificates(files).await;
         changes.log(reason);
@@ -129,7 +134,7 @@ impl Farm {
             message: format!("removal failed: {e}"),
         })?;
         let (pool, removal) = removal?;
-        self.upstream.forget(removal.backend.address);
+        reload::close_unused(&self.registry, &self.upstream);
         tracing::info!(
             pool,
             backend = %removal.backend.name,
@@ -155,11 +160,7 @@ pub async fn housekeeping(registry: Arc<Registry>, upstream: Arc<Upstream>, mut 
         }
         let pools = registry.topology().pools.clone();
         if n % 30 == 0 {
-            upstream.keep_only(|addr| {
-                pools
-                    .iter()
-                    .any(|p| p.backends().all().iter().any(|b| b.address == addr))
-            });
+            reload::close_unused(&registry, &upstream);
         }
         for pool in pools.iter() {
             if let Some(table) = pool.table() {

@@ -1,9 +1,10 @@
 //! Pools built from the configuration, and a reloaded configuration applied as a
 //! difference: what the file changed since it was last applied is done live (backends
 //! added, removed, re-weighted, moved, drained or enabled; pools added, removed, or given
-//! new settings), and nothing else. A change made through the admin API since then stays
-//! unless the file changed the same thing: the file is not a snapshot to restore but a list
-//! of intentions, as HAProxy's and Caddy's operators edit it.
+//! new settings), and nothing else. A weight or state set through the admin API since then
+//! stays unless the file changed the same thing, and a backend the API added stays; the file
+//! still says which backends exist, so one it lists that the farm lacks (removed through the
+//! API) is added again.
 
 use std::sync::Arc;
 
@@ -123,9 +124,6 @@ pub fn apply(registry: &Registry, upstream: &Upstream, old: &Config, new: &Confi
             if new.pools.iter().all(|p| p.name != *gone.name) {
                 out.pools_removed.push(gone.name.to_string());
                 out.pins_dropped += gone.table().map_or(0, |t| t.len());
-                for b in gone.backends().all() {
-                    upstream.forget(b.address);
-                }
             }
         }
         registry.replace(&changing, Topology::new(pools));
@@ -145,15 +143,44 @@ pub fn apply(registry: &Registry, upstream: &Upstream, old: &Config, new: &Confi
                 continue;
             }
             if let Ok(removal) = registry.remove_backend(&config.name, &gone.name, true) {
-                upstream.forget(removal.backend.address);
                 out.pins_dropped += removal.pins_dropped;
                 out.backends_removed
                     .push(format!("{}/{}", config.name, gone.name));
             }
         }
     }
+    close_unused(registry, upstream);
     out.not_applied = needs_restart(old, new);
     out
+}
+
+/// Closes parked connections to addresses no backend of the farm has any more (by address:
+/// another pool's backend at the same address keeps them).
+pub fn close_unused(registry: &Registry, upstream: &Upstream) {
+    let topology = registry.topology();
+    upstream.keep_only(|addr| {
+        topology
+            .pools
+            .iter()
+            .any(|p| p.backends().all().iter().any(|b| b.address == addr))
+    });
+}
+
+/// The configuration running after a reload of `new`: its pools and certificates (what a
+/// reload applies), and `running`'s settings that need a restart.
+pub fn running_after(running: &Config, new: Config) -> Config {
+    let tls = match (&running.tls, new.tls) {
+        (Some(r), Some(n)) => Some(crate::config::TlsConfig {
+            certificates: n.certificates,
+            ..r.clone()
+        }),
+        (r, _) => r.clone(),
+    };
+    Config {
+        pools: new.pools,
+        tls,
+        ..running.clone()
+    }
 }
 
 /// Applies one backend of the new file: added if the farm lacks it; otherwise what the file
@@ -253,5 +280,58 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     differs("client_timeout", old.client_timeout != new.client_timeout);
     differs("tunnel_timeout", old.tunnel_timeout != new.tunnel_timeout);
     differs("[upstream]", old.upstream != new.upstream);
+    differs(
+        "admin_token_file",
+        old.admin_token_file != new.admin_token_file,
+    );
+    differs(
+        "tls.reload_check_interval",
+        old.tls.as_ref().map(|t| t.reload_check_interval)
+            != new.tls.as_ref().map(|t| t.reload_check_interval),
+    );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(listen: &str, backends: &[(&str, u16, u32)]) -> Config {
+        let entries: String = backends
+            .iter()
+            .map(|(name, port, weight)| {
+                format!(
+                    "[[pool.backend]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\nweight = {weight}\n"
+                )
+            })
+            .collect();
+        Config::from_toml(
+            &format!("listen = [\"{listen}\"]\n[[pool]]\nname = \"app\"\n{entries}"),
+            "t.toml",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reload_applies_the_difference_and_keeps_naming_what_needs_a_restart() {
+        let old = config("127.0.0.1:8080", &[("a", 9001, 1), ("b", 9002, 1)]);
+        let registry = Registry::new(topology(&old));
+        let upstream = Upstream::new(&old.upstream, old.client_timeout);
+        let (_, a_before) = registry.backend("app", "a").unwrap();
+        let new = config("127.0.0.1:8081", &[("a", 9001, 1), ("c", 9003, 2)]);
+        let applied = apply(&registry, &upstream, &old, &new);
+        assert_eq!(applied.backends_added, ["app/c"]);
+        assert_eq!(applied.backends_removed, ["app/b"]);
+        assert!(applied.backends_changed.is_empty());
+        assert_eq!(applied.not_applied, ["listen"]);
+        let (_, a_after) = registry.backend("app", "a").unwrap();
+        assert!(Arc::ptr_eq(&a_before, &a_after), "a stays the same backend");
+        assert_eq!(registry.backend("app", "c").unwrap().1.weight(), 2);
+        // The listener did not move: the next reload of the same file says so again.
+        let running = running_after(&old, new.clone());
+        assert_eq!(running.listen, old.listen);
+        let again = apply(&registry, &upstream, &running, &new);
+        assert_eq!(again.not_applied, ["listen"]);
+        assert!(again.backends_added.is_empty() && again.backends_removed.is_empty());
+    }
 }
