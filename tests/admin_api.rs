@@ -522,8 +522,7 @@ async fn the_config_files_admin_token_file_key_sets_the_token_relative_to_the_fi
     let imgs = images(1, Tracking::Links).await;
     let launch = Launch::config(
         "token-key",
-        "admin_token_file = \"secrets/token\"",
-        &[&imgs[0]],
+        &config_text("admin_token_file = \"secrets/token\"", &[&imgs[0]]),
     );
     std::fs::create_dir_all(launch.dir.path("secrets")).unwrap();
     std::fs::write(launch.dir.path("secrets/token"), format!("  {TOKEN}\n")).unwrap();
@@ -558,8 +557,7 @@ async fn the_admin_token_file_flag_wins_over_the_file_key_and_the_env_variable()
     let (from_key, from_flag, from_env) = ("tg-key-1111", "tg-flag-2222", "tg-env-3333");
     let launch = Launch::config(
         "token-flag",
-        "admin_token_file = \"key-token\"",
-        &[&imgs[0]],
+        &config_text("admin_token_file = \"key-token\"", &[&imgs[0]]),
     );
     launch.file("key-token", from_key);
     let flag_file = launch.file("flag-token", from_flag);
@@ -578,8 +576,7 @@ async fn the_admin_token_file_flag_wins_over_the_file_key_and_the_env_variable()
     // And the file key wins over the variable.
     let launch = Launch::config(
         "token-key-env",
-        "admin_token_file = \"key-token\"",
-        &[&imgs[0]],
+        &config_text("admin_token_file = \"key-token\"", &[&imgs[0]]),
     );
     launch.file("key-token", from_key);
     let t = launch.env("TIDEGATE_ADMIN_TOKEN", from_env).start().await;
@@ -594,22 +591,17 @@ async fn an_unreadable_or_empty_token_file_stops_the_start_naming_it() {
         if let Some(c) = contents {
             dir.write("token", c);
         }
-        let mut command = Command::new(BIN);
-        command
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args([
-                "--backend",
-                "127.0.0.1:9",
-                "--admin-token-file",
-                &dir.arg("token"),
-            ])
-            .stdin(Stdio::null())
-            .env_remove("TIDEGATE_ADMIN_TOKEN")
-            .kill_on_drop(true);
-        let out = tokio::time::timeout(COMMAND_LIMIT, command.output())
-            .await
-            .expect("tidegate gives up at once")
-            .expect("the binary runs");
+        let out = run(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--backend",
+            "127.0.0.1:9",
+            "--admin-token-file",
+            &dir.arg("token"),
+        ])
+        .await;
         assert!(!out.status.success(), "{label}: {out:?}");
         let err = stderr(&out);
         assert!(err.contains(&dir.arg("token")), "{label}: {err}");
@@ -619,8 +611,7 @@ async fn an_unreadable_or_empty_token_file_stops_the_start_naming_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_never_reaches_the_log_even_at_debug_level() {
     let imgs = images(2, Tracking::Links).await;
-    let mut launch = Launch::flags("token-log", &[named(&imgs[0])]);
-    launch.rust_log = "debug";
+    let launch = Launch::flags("token-log", &[named(&imgs[0])]).env("RUST_LOG", "debug");
     let token_file = launch.file("token", TOKEN);
     let t = launch
         .arg("--admin-token-file")
@@ -1111,7 +1102,7 @@ async fn removing_a_backend_without_pins_needs_no_force() {
 async fn reload_rereads_the_file_and_an_invalid_file_is_a_400_that_changes_nothing() {
     let imgs = images(2, Tracking::Links).await;
     let extra = "admin_token_file = \"token\"";
-    let launch = Launch::config("reload", extra, &[&imgs[0]]);
+    let launch = Launch::config("reload", &config_text(extra, &[&imgs[0]]));
     launch.file("token", TOKEN);
     let t = launch.start().await;
     assert!(t.listed("app", "image-2").await.is_none());
@@ -1232,7 +1223,10 @@ async fn ctl_pools_prints_a_table_with_a_row_per_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_changes_print_the_backend_and_exit_0_with_the_token_file_or_env() {
     let imgs = images(2, Tracking::Links).await;
-    let launch = Launch::config("ctl-changes", "admin_token_file = \"token\"", &[&imgs[0]]);
+    let launch = Launch::config(
+        "ctl-changes",
+        &config_text("admin_token_file = \"token\"", &[&imgs[0]]),
+    );
     let token_file = launch.file("token", TOKEN);
     let t = launch.start().await;
     let file = ["--token-file", token_file.as_str()];
@@ -1455,9 +1449,7 @@ async fn ctl_without_a_configured_token_exits_1_saying_how_to_set_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_exits_2_when_the_admin_listener_is_unreachable_or_the_token_file_unreadable() {
     // A port free a moment ago: nothing listens there.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port");
+    let closed = free_addr();
     for args in [
         &["pools"][..],
         &["drain", "default", "image-1"],

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
-use support::{HttpClient, Process, client, get, image, images};
+use support::{HttpClient, Process, backend_entries, client, get, image, images};
 use tidegate::demo::{Image, ImageOptions, Tracking};
 
 /// The most any one test may take.
@@ -22,20 +22,6 @@ async fn bounded<F: std::future::Future<Output = ()>>(what: &str, body: F) {
     tokio::time::timeout(TEST_LIMIT, body)
         .await
         .unwrap_or_else(|_| panic!("{what} did not finish within {TEST_LIMIT:?}"));
-}
-
-/// `[[pool.backend]]` entries naming each image after itself.
-fn entries(images: &[&Image]) -> String {
-    images
-        .iter()
-        .map(|i| {
-            format!(
-                "[[pool.backend]]\nname = \"{}\"\naddress = \"{}\"\n",
-                i.name(),
-                i.addr
-            )
-        })
-        .collect()
 }
 
 /// A session: its key and the image that owns it.
@@ -138,7 +124,7 @@ async fn backend_added_under_load_gets_new_sessions_and_no_session_breaks() {
         let farm = images(2, Tracking::Links).await;
         let p = Process::start(&format!(
             "[[pool]]\nname = \"app\"\n{}",
-            entries(&farm.iter().collect::<Vec<_>>())
+            backend_entries(&farm.iter().collect::<Vec<_>>())
         ))
         .await;
         let c = client();
@@ -192,7 +178,7 @@ async fn drained_backend_keeps_its_sessions_gets_none_new_and_reaches_drained() 
         // Pins expire after 3 s without use, so the drain can finish within the test.
         let p = Process::start(&format!(
             "[[pool]]\nname = \"app\"\n[pool.session]\nidle_timeout = 3\nmax_lifetime = 3600\n{}",
-            entries(&farm.iter().collect::<Vec<_>>())
+            backend_entries(&farm.iter().collect::<Vec<_>>())
         ))
         .await;
         let c = client();
@@ -289,7 +275,7 @@ async fn three_with_sessions(extra: &str) -> (Vec<Image>, Process, Vec<Session>)
     let farm = images(3, Tracking::Links).await;
     let p = Process::start(&format!(
         "[[pool]]\nname = \"app\"\n{extra}\n{}",
-        entries(&farm.iter().collect::<Vec<_>>())
+        backend_entries(&farm.iter().collect::<Vec<_>>())
     ))
     .await;
     let c = client();
@@ -415,8 +401,8 @@ async fn http_health_check_takes_a_backend_out_by_its_status() {
         let p = Process::start(&format!(
             "[[pool]]\nname = \"app\"\n[pool.health]\ncheck = \"http\"\npath = \"/static/health\"\ninterval = 1\nrise = 1\nfall = 1\n{}\
              [[pool]]\nname = \"teapot\"\npath_prefix = \"/tea\"\n[pool.health]\ncheck = \"http\"\npath = \"/static/health\"\nexpect_status = 418\ninterval = 1\nfall = 1\n{}",
-            entries(&[&farm[0]]),
-            entries(&[&farm[1]])
+            backend_entries(&[&farm[0]]),
+            backend_entries(&[&farm[1]])
         ))
         .await;
         let c = client();
@@ -440,7 +426,7 @@ async fn sighup_under_load_adds_one_backend_and_removes_another_losing_no_reques
         let (one, two, three, four) = (&farm[0], &farm[1], &farm[2], &farm[3]);
         let p = Process::start(&format!(
             "[[pool]]\nname = \"app\"\n{}",
-            entries(&[one, two, three])
+            backend_entries(&[one, two, three])
         ))
         .await;
         let c = client();
@@ -480,7 +466,7 @@ async fn sighup_under_load_adds_one_backend_and_removes_another_losing_no_reques
         load.clicks_past(40).await;
         p.configure(&format!(
             "[[pool]]\nname = \"app\"\n{}",
-            entries(&[one, two, four])
+            backend_entries(&[one, two, four])
         ));
         p.hangup();
         p.log_shows("configuration reloaded", 1, SEEN_LIMIT).await;
@@ -530,7 +516,7 @@ async fn invalid_file_on_sighup_changes_nothing_and_says_why() {
         let farm = images(2, Tracking::Links).await;
         let body = format!(
             "[[pool]]\nname = \"app\"\n{}",
-            entries(&farm.iter().collect::<Vec<_>>())
+            backend_entries(&farm.iter().collect::<Vec<_>>())
         );
         let p = Process::start(&body).await;
         let c = client();
@@ -580,7 +566,7 @@ async fn a_reload_keeps_runtime_changes_the_file_did_not_touch() {
         let farm = images(3, Tracking::Links).await;
         let body = format!(
             "[[pool]]\nname = \"app\"\n{}",
-            entries(&[&farm[0], &farm[1]])
+            backend_entries(&[&farm[0], &farm[1]])
         );
         let p = Process::start(&body).await;
         let c = client();

@@ -503,7 +503,8 @@ impl Launch {
     /// The quick-start flags over `backends` (`ADDR` or `NAME=ADDR`), both listeners on
     /// ports the kernel picks.
     pub fn flags(label: &str, backends: &[String]) -> Launch {
-        let mut launch = Launch::new(label).args(&["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+        let mut launch =
+            Launch::new(label).args(&["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
         for b in backends {
             launch = launch.arg("--backend").arg(b);
         }
@@ -623,11 +624,7 @@ fn logged_address(log: &str, marker: &str) -> Option<SocketAddr> {
 /// Whether `addr` accepts a connection (within a second).
 async fn accepts(addr: SocketAddr) -> bool {
     matches!(
-        tokio::time::timeout(
-            Duration::from_secs(1),
-            tokio::net::TcpStream::connect(addr)
-        )
-        .await,
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await,
         Ok(Ok(_))
     )
 }
