@@ -1456,7 +1456,10 @@ async fn status_page_shows_pools_backends_and_growing_totals_in_a_browser() {
                     sent += 1;
                     landed.push(r.image());
                 }
-                assert!(landed.iter().any(|i| i == "image-9"), "image-9 takes sessions: {landed:?}");
+                assert!(
+                    landed.iter().any(|i| i == "image-9"),
+                    "image-9 takes sessions: {landed:?}"
+                );
                 assert!(!landed.contains(&draining), "{draining} takes none: {landed:?}");
                 status_counts(&c, admin, sent).await;
                 release.send(()).expect("the page waits for its poll");
@@ -1470,7 +1473,10 @@ async fn status_page_shows_pools_backends_and_growing_totals_in_a_browser() {
             let nine = &after[&key("app", "image-9")];
             assert_eq!(nine.state, "active", "image-9 is shown active:\n{dom}");
             assert_eq!(nine.health, "up", "image-9 answered, so it is up:\n{dom}");
-            assert!(nine.pins >= Some(1) && nine.total >= 1, "image-9 shows its sessions: {nine:?}");
+            assert!(
+                nine.pins >= Some(1) && nine.total >= 1,
+                "image-9 shows its sessions: {nine:?}"
+            );
             let drained = &after[&key("app", &draining)];
             assert!(
                 ["draining", "drained"].contains(&drained.state.as_str()),

@@ -11,7 +11,12 @@ use support::{Process, client, images};
 use tidegate::demo::Tracking;
 
 /// The sections whose commands run, in the page's order.
-const SECTIONS: [&str; 4] = ["## Scale out", "## Drain and remove", "## Health", "## Reload"];
+const SECTIONS: [&str; 4] = [
+    "## Scale out",
+    "## Drain and remove",
+    "## Health",
+    "## Reload",
+];
 
 /// The most one command may take.
 const COMMAND_LIMIT: Duration = Duration::from_secs(20);
@@ -40,11 +45,8 @@ fn commands(page: &str, heading: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operations_page_commands_do_what_it_says() {
-    let page = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/docs/operations.md"
-    ))
-    .expect("docs/operations.md");
+    let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .expect("docs/operations.md");
     let farm = images(3, Tracking::Links).await;
     let p = Process::start(&format!(
         "[[pool]]\nname = \"default\"\n\
@@ -73,10 +75,7 @@ async fn the_operations_page_commands_do_what_it_says() {
             } else {
                 format!("--admin {} ", p.admin)
             };
-            l = format!(
-                "'{}' ctl {admin}{rest}",
-                env!("CARGO_BIN_EXE_tidegate")
-            );
+            l = format!("'{}' ctl {admin}{rest}", env!("CARGO_BIN_EXE_tidegate"));
         }
         l
     };

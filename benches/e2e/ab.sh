@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# A/B of the working tree's tidegate against an older commit on the e2e harness (run.sh):
+# both binaries alternate in the same minutes (old, new, then new, old, ...), tidegate alone,
+# and the medians of CPU seconds per 100k requests are compared per variant.
+#
+#   benches/e2e/ab.sh OLD_REV                       # 3 pairs, 6 s cells, the plain and TLS variants
+#   benches/e2e/ab.sh OLD_REV --pairs 5 --duration 8 --variants "http-cookie https"
+#
+# The old commit is built in a git worktree under target/ab/ (kept for the next run). Every
+# cell's numbers are printed as they come and kept in target/ab/RESULTS.tsv.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+[ $# -ge 1 ] || { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+OLD_REV=$1; shift
+PAIRS=3
+DURATION=6
+VARIANTS="http-cookie http-query http-close https"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --pairs) PAIRS=$2; shift ;;
+        --duration) DURATION=$2; shift ;;
+        --variants) VARIANTS=$2; shift ;;
+        *) echo "ab.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+log() { printf '[ab %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+OLD=$(cd "$ROOT" && git rev-parse --short "$OLD_REV")
+NEW="$(cd "$ROOT" && git rev-parse --short HEAD)"
+(cd "$ROOT" && git diff --quiet HEAD -- src) || NEW+="+changes"
+AB=$ROOT/target/ab
+TREE=$AB/tree-$OLD
+mkdir -p "$AB"
+if [ ! -x "$AB/target-$OLD/release/tidegate" ]; then
+    log "building $OLD in $TREE"
+    [ -d "$TREE" ] || (cd "$ROOT" && git worktree add --detach "$TREE" "$OLD" >/dev/null)
+    (cd "$TREE" && CARGO_TARGET_DIR="$AB/target-$OLD" cargo build --release --quiet --bin tidegate)
+fi
+log "building the working tree ($NEW)"
+(cd "$ROOT" && cargo build --release --quiet --bin tidegate)
+
+RESULTS=$AB/RESULTS.tsv
+: >"$RESULTS"
+cell() { # side pair -> runs one pass, appends "variant side pair cpu" lines
+    local side=$1 pair=$2 target rev out
+    if [ "$side" = old ]; then target=$AB/target-$OLD; rev=$OLD; else target=$ROOT/target; rev=$NEW; fi
+    out=$AB/$side-$pair.md
+    CARGO_TARGET_DIR=$target TIDEGATE_REV=$rev "$HERE/run.sh" --no-build --proxies tidegate \
+        --variants "$VARIANTS" --duration "$DURATION" --out "$out" >/dev/null
+    awk -F'\t' -v s="$side" -v p="$pair" '$3 == "tidegate" { printf "%s\t%s\t%s\t%s\n", $2, s, p, $5 }' \
+        "${out%.md}.cells.tsv" | tee -a "$RESULTS" >&2
+}
+for pair in $(seq 1 "$PAIRS"); do
+    if [ $((pair % 2)) = 1 ]; then cell old "$pair"; cell new "$pair"; else cell new "$pair"; cell old "$pair"; fi
+done
+
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+echo "### A/B: tidegate $NEW against $OLD, CPU-s per 100k requests (median of $PAIRS alternating pairs, $DURATION s cells)"
+echo
+echo "| variant | $OLD | $NEW | new ÷ old | pairs (old/new) |"
+echo "| --- | ---: | ---: | ---: | --- |"
+for v in $VARIANTS; do
+    o=$(awk -F'\t' -v v="$v" '$1 == v && $2 == "old" { print $4 }' "$RESULTS" | median)
+    n=$(awk -F'\t' -v v="$v" '$1 == v && $2 == "new" { print $4 }' "$RESULTS" | median)
+    pairs=$(awk -F'\t' -v v="$v" '$1 == v { c[$3 "\t" $2] = $4; if ($3 > m) m = $3 }
+        END { for (p = 1; p <= m; p++) printf "%s%s/%s", (p > 1 ? ", " : ""), c[p "\told"], c[p "\tnew"] }' "$RESULTS")
+    awk -v v="$v" -v o="$o" -v n="$n" -v pairs="$pairs" \
+        'BEGIN { printf "| %s | %.3f | %.3f | %.3f | %s |\n", v, o, n, (o > 0 ? n / o : 0), pairs }'
+done
