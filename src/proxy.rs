@@ -658,27 +658,31 @@ impl Proxy {
                 .and_then(|c| cookie_in(&parts.headers, c.name())),
             client: conn.peer.ip(),
         };
-        let set = pool.backends();
         let thresholds = pool.health.thresholds;
         // Backends that refused this request; empty (no allocation) unless one does.
         let mut tried: Vec<BackendId> = Vec::new();
-        let mut last_refusal: Option<(Routing, ProxyError)> = None;
+        let mut last_refusal: Option<(Routing, UpstreamFailure)> = None;
         loop {
-            let routing = match pool.route(&set, &view, now, &tried) {
+            // The set is loaded for the decision only, never held across the connect.
+            let routed = pool.route(&pool.backends(), &view, now, &tried);
+            let routing = match routed {
                 Ok(routing) => routing,
                 Err(Refusal::NoBackend) => {
                     if let Some((routing, failure)) = last_refusal {
                         // Nothing else to try: the client sees the last backend's failure.
                         trace.routed(&routing, view.id.map(|(id, _)| id));
-                        return Err(failure);
+                        return Err(refused_by(&routing.backend, failure));
                     }
                     return Err(ProxyError::NoBackend {
                         pool: pool.name.clone(),
                     });
                 }
                 Err(Refusal::PinnedDown(b)) => {
-                    if let Some((failed, e)) = last_refusal {
-                        failed.backend.stats.upstream_error(e.kind());
+                    if let Some((failed, failure)) = last_refusal {
+                        failed
+                            .backend
+                            .stats
+                            .upstream_error(refused_by(&failed.backend, failure).kind());
                     }
                     return Err(ProxyError::PinnedDown {
                         backend: b.name.clone(),
@@ -686,8 +690,11 @@ impl Proxy {
                     });
                 }
             };
-            if let Some((failed, e)) = last_refusal.take() {
-                failed.backend.stats.upstream_error(e.kind());
+            if let Some((failed, failure)) = last_refusal.take() {
+                failed
+                    .backend
+                    .stats
+                    .upstream_error(refused_by(&failed.backend, failure).kind());
             }
             let backend = &routing.backend;
             match self.upstream.connection(backend.address).await {
@@ -695,7 +702,7 @@ impl Proxy {
                     let transition = backend.health.success(thresholds);
                     health::note(pool, backend, transition, "a connection was accepted");
                     if let Some(from) = routing.moved_from {
-                        redispatched(pool, &set, from, &routing, view.id);
+                        redispatched(pool, &pool.backends(), from, &routing, view.id);
                     }
                     trace.routed(&routing, view.id.map(|(id, _)| id));
                     let unknown = |decision| {
@@ -721,15 +728,19 @@ impl Proxy {
                     let transition = backend.health.failure(thresholds);
                     health::note(pool, backend, transition, failure.as_str());
                     tried.push(backend.id);
-                    let e = ProxyError::Upstream {
-                        backend: backend.name.clone(),
-                        address: backend.address,
-                        failure,
-                    };
-                    last_refusal = Some((routing, e));
+                    last_refusal = Some((routing, failure));
                 }
             }
         }
+    }
+}
+
+/// The failure a client sees when `backend` could not be reached.
+fn refused_by(backend: &Backend, failure: UpstreamFailure) -> ProxyError {
+    ProxyError::Upstream {
+        backend: backend.name.clone(),
+        address: backend.address,
+        failure,
     }
 }
 

@@ -17,9 +17,17 @@ use crate::core::pool::Pool;
 use crate::core::registry::Registry;
 use crate::shutdown::Signal;
 
-/// Logs and counts a change of health, if `transition` is one.
+/// Logs and counts a change of health, if `transition` is one (on the request path, nearly
+/// never: the check is inlined, the logging is not).
+#[inline]
 pub fn note(pool: &Pool, backend: &Backend, transition: Option<Transition>, reason: &str) {
-    let Some(t) = transition else { return };
+    if let Some(t) = transition {
+        changed(pool, backend, t, reason);
+    }
+}
+
+#[cold]
+fn changed(pool: &Pool, backend: &Backend, t: Transition, reason: &str) {
     match t.to {
         Health::Down => {
             backend.stats.went_down.fetch_add(1, Ordering::Relaxed);
