@@ -475,9 +475,24 @@ async fn demo(listen: SocketAddr) -> Result<(), String> {
             .collect::<String>()
     );
     let config = Config::from_toml(&text, "demo").map_err(|e| e.to_string())?;
-    let running = tidegate::server::start(&config)
+    // An admin token of its own, so that a newcomer can drain and add images at once.
+    let token = DemoToken::write()?;
+    let options = tidegate::server::Options {
+        admin_token_file: Some(token.0.clone()),
+        ..Default::default()
+    };
+    let running = tidegate::server::start_with(&config, options)
         .await
         .map_err(|e| e.to_string())?;
+    let ctl = format!(
+        "{} ctl --admin {} --token-file {}",
+        std::env::current_exe().map_or_else(|_| "tidegate".into(), |p| p.display().to_string()),
+        running.admin_addr().map_or_else(
+            || tidegate::config::DEFAULT_ADMIN.to_string(),
+            |a| a.to_string()
+        ),
+        token.0.display()
+    );
     println!(
         "\ntidegate demo: three Seaside-like images behind http://{listen}/app\n\
          \n  open it in a browser and click 'increment': every click stays on the same image.\n\
@@ -495,12 +510,45 @@ async fn demo(listen: SocketAddr) -> Result<(), String> {
             )
         },
         running.admin_addr().map_or_else(String::new, |a| format!(
-            "\n  live status page: http://{a}/status   metrics: http://{a}/metrics\n"
+            "\n  live status page: http://{a}/status   metrics: http://{a}/metrics\n\
+             \n  change the farm while it serves (every pinned session stays on its image):\n\
+             \n    {ctl} pools\n\
+             \n    {ctl} drain demo image-2\n"
         ))
     );
     running.run_until(shutdown_signal()).await;
     drop(images);
+    drop(token);
     Ok(())
+}
+
+/// The demo's admin token, in a file only its user reads, removed when the demo ends.
+struct DemoToken(PathBuf);
+
+impl DemoToken {
+    fn write() -> Result<DemoToken, String> {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("tidegate-demo-{}.token", std::process::id()));
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&path).map_err(|e| {
+            format!(
+                "cannot write the demo's admin token to {}: {e}",
+                path.display()
+            )
+        })?;
+        writeln!(file, "{}", tidegate::demo::random_key(32))
+            .map_err(|e| format!("cannot write the demo's admin token: {e}"))?;
+        Ok(DemoToken(path))
+    }
+}
+
+impl Drop for DemoToken {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 async fn shutdown_signal() {

@@ -249,7 +249,7 @@ impl Collector for Exposition {
             ),
             (
                 "tidegate_backend_up_transitions",
-                "Times a backend came (back) up",
+                "Times a backend came back up after being down",
                 |s| &s.came_up,
             ),
         ];

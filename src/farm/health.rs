@@ -40,6 +40,13 @@ fn changed(pool: &Pool, backend: &Backend, t: Transition, reason: &str) {
                 pool.on_pinned_down.as_str()
             );
         }
+        // The first sign of life of a backend nothing was known of is no news.
+        Health::Up if t.from == Health::Unknown => tracing::debug!(
+            pool = %pool.name,
+            backend = %backend.name,
+            reason,
+            "backend up (first seen)"
+        ),
         Health::Up => {
             backend.stats.came_up.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
