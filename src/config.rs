@@ -456,7 +456,7 @@ pub struct UpstreamConfig {
 }
 
 /// A validated pool.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     /// Name.
     pub name: String,
@@ -479,7 +479,7 @@ pub struct PoolConfig {
 }
 
 /// Validated session settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SessionConfig {
     /// Where ids travel.
     pub names: SessionNames,
@@ -494,7 +494,7 @@ pub struct SessionConfig {
 }
 
 /// A validated backend.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendConfig {
     /// Stable name.
     pub name: String,

@@ -237,6 +237,7 @@ fn reload_summary(v: &serde_json::Value) -> String {
     for (key, label) in [
         ("pools_added", "pools added"),
         ("pools_removed", "pools removed"),
+        ("pools_changed", "pool settings changed"),
         ("backends_added", "backends added"),
         ("backends_removed", "backends removed"),
         ("backends_changed", "backends changed"),
@@ -253,6 +254,9 @@ fn reload_summary(v: &serde_json::Value) -> String {
     }
     if let Some(n) = v["pins_dropped"].as_u64().filter(|n| *n > 0) {
         out.push_str(&format!("  pins dropped: {n}\n"));
+    }
+    if let Some(c) = v["certificates"].as_str() {
+        out.push_str(&format!("  certificates: {c}\n"));
     }
     out
 }

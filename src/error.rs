@@ -46,6 +46,15 @@ pub enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
+    /// Whether no connection was made (refused, timed out, or failed otherwise): a passive
+    /// health failure of the backend.
+    pub fn is_connect(self) -> bool {
+        matches!(
+            self,
+            UpstreamFailure::Refused | UpstreamFailure::ConnectTimeout | UpstreamFailure::Connect
+        )
+    }
+
     /// What happened, in a few words (logs).
     pub fn as_str(self) -> &'static str {
         match self {

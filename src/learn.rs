@@ -86,6 +86,12 @@ impl Learner {
             tracing::debug!(backend = %self.backend, source = source.as_str(), "reply repeats the request's unknown id: not pinned");
             return None;
         }
+        if pool.backends().get(self.backend).is_none() {
+            // Its backend left the pool while the reply was on its way: the session went
+            // with it, and a pin would outlive it.
+            tracing::debug!(backend = %self.backend, "reply of a removed backend: not pinned");
+            return None;
+        }
         let source = if self.cookie_routed == Some(key) {
             LearnSource::AffinityCookie
         } else {
@@ -151,5 +157,52 @@ impl Tap for PageTap {
                 .learner
                 .pin(&self.pool, session, id, LearnSource::PageBody);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::affinity::TableLimits;
+    use crate::core::backend::Backend;
+    use crate::core::balance::Policy;
+    use crate::core::session_id::{IdRules, SessionNames};
+    use http::HeaderValue;
+
+    #[test]
+    fn a_reply_of_a_removed_backend_pins_nothing() {
+        let session = SessionAffinity::new(
+            SessionNames::default(),
+            IdRules::default(),
+            TableLimits::default(),
+            0,
+            0,
+        );
+        let backend = Backend::new("here", "127.0.0.1:9001".parse().unwrap(), 1);
+        let here = backend.id;
+        let pool = Pool::new(
+            "app",
+            Policy::RoundRobin,
+            Affinity::Session(Box::new(session)),
+            None,
+            vec![backend],
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(SET_COOKIE, HeaderValue::from_static("_s=SESSION1; path=/"));
+        let learner = |backend| Learner {
+            backend,
+            now: 1,
+            cookie_routed: None,
+            carried_unknown: None,
+        };
+        let gone = crate::core::backend::BackendId::from_name("gone");
+        assert_eq!(learner(gone).from_head(&pool, &headers, false), None);
+        assert!(pool.table().unwrap().is_empty());
+        assert_eq!(pool.table().unwrap().counted_backends(), 0);
+        assert_eq!(
+            learner(here).from_head(&pool, &headers, false),
+            Some(LearnSource::SetCookie)
+        );
+        assert_eq!(pool.table().unwrap().pins_of(here), 1);
     }
 }

@@ -528,9 +528,15 @@ struct DemoToken(PathBuf);
 impl DemoToken {
     fn write() -> Result<DemoToken, String> {
         use std::io::Write;
-        let path = std::env::temp_dir().join(format!("tidegate-demo-{}.token", std::process::id()));
+        // A name nobody can guess in advance, and a file that must be new: another user of
+        // the machine cannot have put one (or a link) there to read the token from.
+        let path = std::env::temp_dir().join(format!(
+            "tidegate-demo-{}-{}.token",
+            std::process::id(),
+            tidegate::demo::random_key(12)
+        ));
         let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
+        options.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(&path).map_err(|e| {

@@ -421,13 +421,28 @@ impl Trace {
         }
     }
 
+    /// The request goes to `routing`'s backend: it is in flight there from now on (so a
+    /// drain does not settle under a request still connecting).
     fn routed(&mut self, routing: &Routing, id: Option<&str>) {
-        routing.backend.stats.begin();
-        self.backend = Some(routing.backend.clone());
+        self.charge(&routing.backend);
         self.decision = Some(routing.decision);
         if let (Some(access), Some(id)) = (self.access.as_mut(), id) {
             access.session = Some(session_hash(id));
         }
+    }
+
+    /// The request's reply is counted for `backend` (tidegate's own refusals for it too).
+    fn charge(&mut self, backend: &Arc<Backend>) {
+        backend.stats.begin();
+        self.backend = Some(backend.clone());
+    }
+
+    /// The backend refused the connection: the request is no longer in flight there.
+    fn unroute(&mut self) {
+        if let Some(b) = self.backend.take() {
+            b.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.decision = None;
     }
 }
 
@@ -585,7 +600,14 @@ impl Proxy {
             .send(connection, &parts, body)
             .await
             .map_err(|e| match e {
-                SendError::Upstream(failure) => failed(failure),
+                SendError::Upstream(failure) => {
+                    if failure.is_connect() {
+                        // A parked connection was found closed and the new one refused.
+                        let transition = backend.health.refused(pool.health.thresholds);
+                        health::note(&pool, backend, transition, failure.as_str());
+                    }
+                    failed(failure)
+                }
                 SendError::Body => ProxyError::BadRequestBody,
                 SendError::BodyStalled => ProxyError::RequestTimeout,
             })?;
@@ -665,6 +687,15 @@ impl Proxy {
         loop {
             // The set is loaded for the decision only, never held across the connect.
             let routed = pool.route(&pool.backends(), &view, now, &tried);
+            if let Some((failed, failure)) = &last_refusal
+                && !matches!(routed, Err(Refusal::NoBackend))
+            {
+                // Another outcome replaces the refused attempt: its decision is taken back
+                // (each request counts one), and its failure counted for its backend.
+                pool.stats.undecide(failed.decision);
+                let kind = refused_by(&failed.backend, *failure).kind();
+                failed.backend.stats.upstream_error(kind);
+            }
             let routing = match routed {
                 Ok(routing) => routing,
                 Err(Refusal::NoBackend) => {
@@ -678,33 +709,26 @@ impl Proxy {
                     });
                 }
                 Err(Refusal::PinnedDown(b)) => {
-                    if let Some((failed, failure)) = last_refusal {
-                        failed
-                            .backend
-                            .stats
-                            .upstream_error(refused_by(&failed.backend, failure).kind());
-                    }
+                    trace.charge(&b);
                     return Err(ProxyError::PinnedDown {
                         backend: b.name.clone(),
                         retry_after: pool.health.retry_after(),
                     });
                 }
             };
-            if let Some((failed, failure)) = last_refusal.take() {
-                failed
-                    .backend
-                    .stats
-                    .upstream_error(refused_by(&failed.backend, failure).kind());
-            }
+            trace.routed(&routing, view.id.map(|(id, _)| id));
             let backend = &routing.backend;
             match self.upstream.connection(backend.address).await {
                 Ok(connection) => {
-                    let transition = backend.health.success(thresholds);
+                    let transition = if connection.reused() {
+                        backend.health.reused()
+                    } else {
+                        backend.health.connected()
+                    };
                     health::note(pool, backend, transition, "a connection was accepted");
                     if let Some(from) = routing.moved_from {
                         redispatched(pool, &pool.backends(), from, &routing, view.id);
                     }
-                    trace.routed(&routing, view.id.map(|(id, _)| id));
                     let unknown = |decision| {
                         (routing.decision == decision)
                             .then_some(view.id)
@@ -725,7 +749,8 @@ impl Proxy {
                     });
                 }
                 Err(failure) => {
-                    let transition = backend.health.failure(thresholds);
+                    trace.unroute();
+                    let transition = backend.health.refused(thresholds);
                     health::note(pool, backend, transition, failure.as_str());
                     tried.push(backend.id);
                     last_refusal = Some((routing, failure));

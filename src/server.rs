@@ -326,11 +326,6 @@ impl Running {
         self.farm.registry.topology().pool(name).cloned()
     }
 
-    /// The farm: its registry, connections and reload.
-    pub fn farm(&self) -> &Arc<Farm> {
-        &self.farm
-    }
-
     /// Runs until `signal` resolves, then shuts down gracefully.
     pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
         signal.await;

@@ -228,6 +228,11 @@ impl Upstream {
 }
 
 impl Conn {
+    /// Whether it was parked after an earlier request (not just opened).
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
     /// Whether a parked connection can take a request: nothing unread, and no sign that the
     /// backend closed it. The reactor's readiness answers without a system call; only when
     /// it is stale (the last read filled the buffer exactly) does a read confirm.

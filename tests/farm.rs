@@ -400,7 +400,7 @@ async fn http_health_check_takes_a_backend_out_by_its_status() {
         // fails every check.
         let p = Process::start(&format!(
             "[[pool]]\nname = \"app\"\n[pool.health]\ncheck = \"http\"\npath = \"/static/health\"\ninterval = 1\nrise = 1\nfall = 1\n{}\
-             [[pool]]\nname = \"teapot\"\npath_prefix = \"/tea\"\n[pool.health]\ncheck = \"http\"\npath = \"/static/health\"\nexpect_status = 418\ninterval = 1\nfall = 1\n{}",
+             [[pool]]\nname = \"teapot\"\npath_prefix = \"/tea\"\n[pool.health]\ncheck = \"http\"\npath = \"/static/health\"\nexpect_status = 418\ninterval = 1\nfall = 2\n{}",
             backend_entries(&[&farm[0]]),
             backend_entries(&[&farm[1]])
         ))
@@ -408,8 +408,21 @@ async fn http_health_check_takes_a_backend_out_by_its_status() {
         let c = client();
         p.backend_becomes(&c, "app", "image-1", "health", "up", SEEN_LIMIT)
             .await;
-        p.backend_becomes(&c, "teapot", "image-2", "health", "down", SEEN_LIMIT)
-            .await;
+        // Traffic to the failing image does not hide its failed checks: it goes down while
+        // it is busy.
+        let started = Instant::now();
+        let mut served = 0;
+        while p.backend(&c, "teapot", "image-2").await["health"] != "down" {
+            assert!(
+                started.elapsed() < SEEN_LIMIT,
+                "image-2 failed its checks under traffic but stayed up:\n{}",
+                p.log()
+            );
+            let r = get(&c, &format!("{}/tea/static/x.css", p.base())).await;
+            served += usize::from(r.status == StatusCode::OK);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(served > 10, "the image was busy ({served} replies) while its checks failed");
         let r = get(&c, &format!("{}/tea", p.base())).await;
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
         assert!(r.text().contains("teapot"), "{}", r.text());

@@ -253,6 +253,9 @@ pub async fn answer(farm: &Arc<Farm>, token: &Token, req: Request<Incoming>) -> 
             }
         }
         (&Method::POST, ["pools", pool, "backends"]) => {
+            if let Err(e) = registry.pool(pool) {
+                return change_error(e);
+            }
             let new: NewBackend = match read_json(body).await {
                 Ok(new) => new,
                 Err(refused) => return refused,
@@ -269,7 +272,7 @@ pub async fn answer(farm: &Arc<Farm>, token: &Token, req: Request<Incoming>) -> 
                     );
                 }
             };
-            match registry.add_backend(pool, &new.name, address, new.weight) {
+            match registry.add_backend(pool, &new.name, address, new.weight, AdminState::Active) {
                 Ok(b) => {
                     tracing::info!(pool, backend = %b.name, address = %b.address, weight = b.weight(), "admin API: backend added");
                     match registry.pool(pool) {
@@ -308,17 +311,33 @@ pub async fn answer(farm: &Arc<Farm>, token: &Token, req: Request<Incoming>) -> 
                 Ok((p, b)) => BackendView::of(&p, &b),
                 Err(e) => return change_error(e),
             };
-            match farm.remove_backend(pool, name, force).await {
-                Ok(_) => json(StatusCode::OK, &view),
-                Err(e) => change_error(e),
+            // A task of its own: a client that leaves does not cut the removal short.
+            let (farm, pool, name) = (farm.clone(), pool.to_string(), name.to_string());
+            let removal =
+                tokio::spawn(async move { farm.remove_backend(&pool, &name, force).await }).await;
+            match removal {
+                Ok(Ok(_)) => json(StatusCode::OK, &view),
+                Ok(Err(e)) => change_error(e),
+                Err(e) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("the removal failed: {e}"),
+                ),
             }
         }
-        (&Method::POST, ["reload"]) => match farm.reload("admin API").await {
-            Ok(applied) => json(StatusCode::OK, &applied),
-            Err(e @ (ReloadError::NoFile | ReloadError::Invalid(_))) => {
-                error(StatusCode::BAD_REQUEST, &e.to_string())
+        (&Method::POST, ["reload"]) => {
+            // A task of its own: a client that leaves does not cut the reload short.
+            let farm = farm.clone();
+            match tokio::spawn(async move { farm.reload("admin API").await }).await {
+                Ok(Ok(applied)) => json(StatusCode::OK, &applied),
+                Ok(Err(e @ (ReloadError::NoFile | ReloadError::Invalid(_)))) => {
+                    error(StatusCode::BAD_REQUEST, &e.to_string())
+                }
+                Err(e) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("the reload failed: {e}"),
+                ),
             }
-        },
+        }
         (_, path) => not_allowed(&method, allowed(path)),
     }
 }
@@ -408,7 +427,9 @@ async fn read_json<T: for<'de> Deserialize<'de>>(body: Incoming) -> Result<T, Re
 fn change_error(e: ChangeError) -> Reply {
     let status = match &e {
         ChangeError::UnknownPool(_) | ChangeError::UnknownBackend { .. } => StatusCode::NOT_FOUND,
-        ChangeError::Exists { .. } | ChangeError::HasPins { .. } => StatusCode::CONFLICT,
+        ChangeError::Exists { .. } | ChangeError::IdClash { .. } | ChangeError::HasPins { .. } => {
+            StatusCode::CONFLICT
+        }
         ChangeError::Invalid { .. } => StatusCode::BAD_REQUEST,
     };
     if let ChangeError::HasPins { pins, .. } = &e {

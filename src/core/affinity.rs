@@ -215,6 +215,36 @@ impl AffinityTable {
         self.limits.set(limits);
     }
 
+    /// Forgets the pin counters of backends that have no pin and are not `kept` (they left
+    /// the pool), so backends coming and going do not grow the counters.
+    pub fn prune_counters(&self, kept: impl Fn(BackendId) -> bool) {
+        let idle: Vec<BackendId> = self
+            .per_backend
+            .read()
+            .expect("pin counters lock")
+            .iter()
+            .filter(|(id, n)| !kept(**id) && n.load(Ordering::Relaxed) <= 0)
+            .map(|(id, _)| *id)
+            .collect();
+        if idle.is_empty() {
+            return;
+        }
+        let mut counters = self.per_backend.write().expect("pin counters lock");
+        for id in idle {
+            if counters
+                .get(&id)
+                .is_some_and(|n| n.load(Ordering::Relaxed) <= 0)
+            {
+                counters.remove(&id);
+            }
+        }
+    }
+
+    /// Backends with a pin counter (tests and diagnostics).
+    pub fn counted_backends(&self) -> usize {
+        self.per_backend.read().expect("pin counters lock").len()
+    }
+
     /// Removes every pin of `backend` (it left the pool). Returns how many went.
     pub fn unpin_backend(&self, backend: BackendId) -> usize {
         let mut gone = 0;

@@ -156,6 +156,16 @@ impl Backend {
         self.admin.store(state as u8, Ordering::Relaxed);
     }
 
+    /// Starts a drain; a drained backend stays drained (one atomic step, so a drain that
+    /// settles at the same moment is not started again).
+    pub fn drain(&self) {
+        let _ = self
+            .admin
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                (s != AdminState::Drained as u8).then_some(AdminState::Draining as u8)
+            });
+    }
+
     /// A draining backend with no pin and nothing in flight becomes drained; `true` once,
     /// for the caller that made the change.
     pub fn settle_drain(&self, pins: u64) -> bool {
@@ -328,7 +338,7 @@ mod tests {
         assert!(!b.takes_new_sessions() && !b.serves_pinned());
         b.set_admin(AdminState::Active);
         for _ in 0..3 {
-            b.health.failure(crate::core::health::Thresholds::default());
+            b.health.refused(crate::core::health::Thresholds::default());
         }
         assert!(!b.takes_new_sessions() && !b.serves_pinned());
     }

@@ -282,7 +282,7 @@ mod tests {
         for _ in 0..3 {
             s.all()[0]
                 .health
-                .failure(crate::core::health::Thresholds::default());
+                .refused(crate::core::health::Thresholds::default());
         }
         for (i, was) in before.iter().enumerate() {
             let now = by_client_address(&s, client(i as u32), &[]).unwrap().id;

@@ -64,13 +64,21 @@ pub struct Transition {
     pub to: Health,
 }
 
-/// The counter. Atomics, because the request path and the prober feed it at once; a success
-/// on a backend that is up and has no failure pending costs two relaxed loads.
+/// The counter. Atomics, because the request path and the prober feed it at once.
+///
+/// Two kinds of result, counted apart so that neither hides the other: the request path's
+/// (passive: a connection refused or not accepted in time is a failure, a new connection
+/// accepted a success) and the checks' (active checks, and the probes of a down backend). A
+/// busy backend that fails its HTTP check goes down all the same: its traffic resets only
+/// the passive failures. Only checks bring a down backend back up (traffic does not reach
+/// it). A passive success on a backend that is up with no failure pending costs two relaxed
+/// loads.
 #[derive(Debug, Default)]
 pub struct HealthCounter {
     state: AtomicU8,
-    failures: AtomicU32,
-    successes: AtomicU32,
+    passive_failures: AtomicU32,
+    check_failures: AtomicU32,
+    check_successes: AtomicU32,
 }
 
 impl HealthCounter {
@@ -80,45 +88,75 @@ impl HealthCounter {
         Health::from_u8(self.state.load(Ordering::Relaxed))
     }
 
-    /// Records a success. An unknown backend is up at once; a down one after `rise` in a row.
+    /// A connection was accepted: passive failures start over; an unknown backend is up.
     #[inline]
-    pub fn success(&self, t: Thresholds) -> Option<Transition> {
-        if self.get() == Health::Up && self.failures.load(Ordering::Relaxed) == 0 {
-            return None;
+    pub fn connected(&self) -> Option<Transition> {
+        if self.passive_failures.load(Ordering::Relaxed) != 0 {
+            self.passive_failures.store(0, Ordering::Relaxed);
         }
-        self.failures.store(0, Ordering::Relaxed);
+        match self.get() {
+            Health::Unknown => self.move_to(Health::Unknown, Health::Up),
+            _ => None,
+        }
+    }
+
+    /// A parked connection was taken again: it proves nothing about the backend now (the
+    /// refusal streak stays), but one that nothing was known of has been reached.
+    #[inline]
+    pub fn reused(&self) -> Option<Transition> {
+        match self.get() {
+            Health::Unknown => self.move_to(Health::Unknown, Health::Up),
+            _ => None,
+        }
+    }
+
+    /// A connection was refused or not accepted in time; `fall` in a row take the backend
+    /// down.
+    pub fn refused(&self, t: Thresholds) -> Option<Transition> {
         let streak = self
-            .successes
+            .passive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        self.fall_if(streak, t)
+    }
+
+    /// A check passed: an unknown backend is up at once, a down one after `rise` in a row.
+    pub fn check_passed(&self, t: Thresholds) -> Option<Transition> {
+        self.check_failures.store(0, Ordering::Relaxed);
+        let streak = self
+            .check_successes
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
         match self.get() {
             Health::Up => None,
             Health::Unknown => self.move_to(Health::Unknown, Health::Up),
-            Health::Down if streak >= t.rise.max(1) => self.move_to(Health::Down, Health::Up),
+            Health::Down if streak >= t.rise.max(1) => {
+                self.passive_failures.store(0, Ordering::Relaxed);
+                self.move_to(Health::Down, Health::Up)
+            }
             Health::Down => None,
         }
     }
 
-    /// Records a failure; `fall` in a row take the backend down.
-    pub fn failure(&self, t: Thresholds) -> Option<Transition> {
-        self.successes.store(0, Ordering::Relaxed);
+    /// A check failed; `fall` in a row take the backend down.
+    pub fn check_failed(&self, t: Thresholds) -> Option<Transition> {
+        self.check_successes.store(0, Ordering::Relaxed);
         let streak = self
-            .failures
+            .check_failures
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
+        self.fall_if(streak, t)
+    }
+
+    fn fall_if(&self, streak: u32, t: Thresholds) -> Option<Transition> {
         let now = self.get();
         if now != Health::Down && streak >= t.fall.max(1) {
+            // Coming back takes `rise` passed checks from here.
+            self.check_successes.store(0, Ordering::Relaxed);
             self.move_to(now, Health::Down)
         } else {
             None
         }
-    }
-
-    /// Forgets everything: the backend is unknown again (it moved to another address).
-    pub fn reset(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        self.successes.store(0, Ordering::Relaxed);
-        self.state.store(Health::Unknown as u8, Ordering::Relaxed);
     }
 
     /// Only the caller whose exchange succeeds reports the transition, so it is logged and
@@ -212,59 +250,74 @@ mod tests {
     use super::*;
 
     const T: Thresholds = Thresholds { rise: 2, fall: 3 };
+    const DOWN: Option<Transition> = Some(Transition {
+        from: Health::Up,
+        to: Health::Down,
+    });
 
     #[test]
-    fn unknown_rises_on_first_success_and_falls_after_fall_failures() {
+    fn unknown_rises_on_first_success_and_falls_after_fall_refusals() {
         let h = HealthCounter::default();
         assert_eq!(h.get(), Health::Unknown);
         assert_eq!(
-            h.success(T),
+            h.connected(),
             Some(Transition {
                 from: Health::Unknown,
                 to: Health::Up
             })
         );
-        assert_eq!(h.failure(T), None);
-        assert_eq!(h.failure(T), None);
-        assert_eq!(
-            h.failure(T),
-            Some(Transition {
-                from: Health::Up,
-                to: Health::Down
-            })
-        );
-        assert_eq!(h.failure(T), None, "a transition is reported once");
+        assert_eq!(h.refused(T), None);
+        assert_eq!(h.refused(T), None);
+        assert_eq!(h.refused(T), DOWN);
+        assert_eq!(h.refused(T), None, "a transition is reported once");
         assert_eq!(h.get(), Health::Down);
     }
 
     #[test]
-    fn a_success_resets_the_failure_streak() {
+    fn a_connection_resets_the_refusal_streak() {
         let h = HealthCounter::default();
-        h.success(T);
-        h.failure(T);
-        h.failure(T);
-        h.success(T);
-        h.failure(T);
-        h.failure(T);
+        h.connected();
+        h.refused(T);
+        h.refused(T);
+        h.connected();
+        h.refused(T);
+        h.refused(T);
         assert_eq!(h.get(), Health::Up);
     }
 
     #[test]
-    fn down_needs_rise_successes_in_a_row() {
+    fn traffic_does_not_hide_failed_checks() {
+        let h = HealthCounter::default();
+        h.connected();
+        assert_eq!(h.check_failed(T), None);
+        h.connected();
+        assert_eq!(h.check_failed(T), None);
+        h.connected();
+        assert_eq!(h.check_failed(T), DOWN);
+    }
+
+    #[test]
+    fn only_rise_passed_checks_in_a_row_bring_a_down_backend_up() {
         let h = HealthCounter::default();
         for _ in 0..3 {
-            h.failure(T);
+            h.refused(T);
         }
         assert_eq!(h.get(), Health::Down);
-        assert_eq!(h.success(T), None);
-        h.failure(T);
-        assert_eq!(h.success(T), None);
+        assert_eq!(h.connected(), None, "traffic does not bring it back");
+        assert_eq!(h.check_passed(T), None);
+        h.check_failed(T);
+        assert_eq!(h.check_passed(T), None);
         assert_eq!(
-            h.success(T),
+            h.check_passed(T),
             Some(Transition {
                 from: Health::Down,
                 to: Health::Up
             })
+        );
+        assert_eq!(
+            h.refused(T),
+            None,
+            "the refusals before it went down are forgotten"
         );
     }
 

@@ -166,8 +166,10 @@ pub struct Pool {
     pub health: HealthPolicy,
     /// Lookup and decision counters (shared with the pool this one replaced on a reload).
     pub stats: Arc<PoolStats>,
-    backends: ArcSwap<BackendSet>,
-    cursor: AtomicUsize,
+    /// Shared with the pool this one replaced on a reload, so a request that began before
+    /// it sees every change made since.
+    backends: Arc<ArcSwap<BackendSet>>,
+    cursor: Arc<AtomicUsize>,
 }
 
 impl Pool {
@@ -189,8 +191,8 @@ impl Pool {
             on_pinned_down: OnPinnedDown::default(),
             health: HealthPolicy::default(),
             stats: Arc::default(),
-            backends: ArcSwap::from_pointee(BackendSet::default()),
-            cursor: AtomicUsize::new(0),
+            backends: Arc::new(ArcSwap::from_pointee(BackendSet::default())),
+            cursor: Arc::default(),
         };
         pool.set_backends(backends.into_iter().map(Arc::new).collect());
         pool
@@ -219,6 +221,8 @@ impl Pool {
     /// session affinity, its pins under the new limits.
     pub fn succeeding(mut self, old: &Pool) -> Self {
         self.stats = old.stats.clone();
+        self.cursor = old.cursor.clone();
+        self.backends = old.backends.clone();
         if let (Affinity::Session(new), Affinity::Session(old)) =
             (&mut self.affinity, &old.affinity)
         {
@@ -296,7 +300,8 @@ impl Pool {
         };
         let key = request.id.map(|(id, _)| PinKey::of(id));
         let owner = key.and_then(|key| session.table.lookup(key, now));
-        if key.is_some() {
+        // A retry (a backend refused) looks the id up again; the request counts once.
+        if key.is_some() && tried.is_empty() {
             let outcome = if owner.is_some() {
                 &self.stats.lookups_hit
             } else {
@@ -325,6 +330,9 @@ impl Pool {
         if moved_from.is_none()
             && let Some(value) = request.affinity_cookie
             && let Some(b) = set.by_affinity_cookie(value)
+            // A request naming no session starts one: a backend that takes no new sessions
+            // (draining, down) gets none, even from a browser holding its cookie.
+            && (key.is_some() || b.takes_new_sessions())
         {
             if usable(b) {
                 // The cookie routes the request; the id itself is pinned only when the
@@ -484,6 +492,25 @@ mod tests {
             (Decision::Pinned, r.backend.id),
             "a redispatched session is re-pinned where it went"
         );
+    }
+
+    #[test]
+    fn a_draining_backends_cookie_brings_it_no_new_session() {
+        let p = pool(true);
+        let set = p.backends();
+        let web3 = set.all()[2].clone();
+        let value = set.cookie_of(web3.id).unwrap().value.clone();
+        web3.set_admin(AdminState::Draining);
+        for _ in 0..6 {
+            let r = p.route(&set, &view(None, Some(&value)), 0, &[]).unwrap();
+            assert_eq!(r.decision, Decision::New);
+            assert_ne!(r.backend.id, web3.id);
+        }
+        // A request naming its session still reaches it on the cookie's word.
+        let r = p
+            .route(&set, &view(Some("KNOWN-BY-COOKIE"), Some(&value)), 0, &[])
+            .unwrap();
+        assert_eq!((r.backend.id, r.decision), (web3.id, Decision::Learned));
     }
 
     #[test]

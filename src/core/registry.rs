@@ -110,13 +110,25 @@ pub enum ChangeError {
         /// The backend.
         name: String,
     },
-    /// A backend of this name (or of a name with the same id) is in the pool already.
+    /// A backend of this name is in the pool already.
     #[error("pool {pool:?} already has a backend named {name:?}")]
     Exists {
         /// The pool.
         pool: String,
         /// The name.
         name: String,
+    },
+    /// Another name whose id (a hash of the name, which pins store) is the same.
+    #[error(
+        "backend name {name:?} has the same id as backend {other:?} of pool {pool:?}: choose another name"
+    )]
+    IdClash {
+        /// The pool.
+        pool: String,
+        /// The name asked for.
+        name: String,
+        /// The backend whose id it shares.
+        other: String,
     },
     /// A field has a bad value.
     #[error("{field}: {message}")]
@@ -239,13 +251,14 @@ impl Registry {
         }
     }
 
-    /// Adds a backend, active and of unknown health, to `pool`.
+    /// Adds a backend of unknown health, in `state`, to `pool`.
     pub fn add_backend(
         &self,
         pool: &str,
         name: &str,
         address: SocketAddr,
         weight: u32,
+        state: AdminState,
     ) -> Result<Arc<Backend>, ChangeError> {
         check_name(name).map_err(|message| ChangeError::Invalid {
             field: "name",
@@ -259,13 +272,22 @@ impl Registry {
         let p = self.pool(pool)?;
         let set = p.backends();
         let id = BackendId::from_name(name);
-        if set.all().iter().any(|b| b.id == id) {
-            return Err(ChangeError::Exists {
-                pool: pool.into(),
-                name: name.into(),
+        if let Some(other) = set.all().iter().find(|b| b.id == id) {
+            return Err(if &*other.name == name {
+                ChangeError::Exists {
+                    pool: pool.into(),
+                    name: name.into(),
+                }
+            } else {
+                ChangeError::IdClash {
+                    pool: pool.into(),
+                    name: name.into(),
+                    other: other.name.to_string(),
+                }
             });
         }
         let backend = Arc::new(Backend::new(name, address, weight));
+        backend.set_admin(state);
         let mut all = set.all().to_vec();
         all.push(backend.clone());
         p.set_backends(all);
@@ -286,9 +308,7 @@ impl Registry {
         let (_, b) = self.backend(pool, name)?;
         let kind = match state {
             AdminState::Draining | AdminState::Drained => {
-                if b.admin() != AdminState::Drained {
-                    b.set_admin(AdminState::Draining);
-                }
+                b.drain();
                 Change::Drain
             }
             AdminState::Active => {
@@ -428,8 +448,14 @@ mod tests {
         let (_, img1) = r.backend("app", "img1").unwrap();
         img1.stats.bytes_out.fetch_add(7, Ordering::Relaxed);
         r.set_admin("app", "img1", AdminState::Draining).unwrap();
-        r.add_backend("app", "img3", "127.0.0.1:9003".parse().unwrap(), 2)
-            .unwrap();
+        r.add_backend(
+            "app",
+            "img3",
+            "127.0.0.1:9003".parse().unwrap(),
+            2,
+            AdminState::Active,
+        )
+        .unwrap();
         r.set_weight("app", "img2", 5).unwrap();
         let (_, again) = r.backend("app", "img1").unwrap();
         assert!(Arc::ptr_eq(&img1, &again));
@@ -448,19 +474,20 @@ mod tests {
         let r = registry();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(
-            r.add_backend("nope", "x", addr, 1).unwrap_err(),
+            r.add_backend("nope", "x", addr, 1, AdminState::Active)
+                .unwrap_err(),
             ChangeError::UnknownPool("nope".into())
         );
         assert!(matches!(
-            r.add_backend("app", "img1", addr, 1),
+            r.add_backend("app", "img1", addr, 1, AdminState::Active),
             Err(ChangeError::Exists { .. })
         ));
         assert!(matches!(
-            r.add_backend("app", "with space", addr, 1),
+            r.add_backend("app", "with space", addr, 1, AdminState::Active),
             Err(ChangeError::Invalid { field: "name", .. })
         ));
         assert!(matches!(
-            r.add_backend("app", "x", addr, 0),
+            r.add_backend("app", "x", addr, 0, AdminState::Active),
             Err(ChangeError::Invalid {
                 field: "weight",
                 ..
@@ -504,7 +531,8 @@ mod tests {
                         let addr = format!("127.0.0.1:{}", 10_000 + t * 100 + i)
                             .parse()
                             .unwrap();
-                        r.add_backend("app", &format!("t{t}-{i}"), addr, 1).unwrap();
+                        r.add_backend("app", &format!("t{t}-{i}"), addr, 1, AdminState::Active)
+                            .unwrap();
                     }
                 })
             })

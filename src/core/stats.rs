@@ -168,6 +168,12 @@ impl PoolStats {
         self.decisions[decision as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Takes back a decision counted for an attempt that another replaced (a backend
+    /// refused the connection and the request went on).
+    pub fn undecide(&self, decision: Decision) {
+        self.decisions[decision as usize].fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Decisions of this kind so far.
     pub fn decided(&self, decision: Decision) -> u64 {
         self.decisions[decision as usize].load(Ordering::Relaxed)

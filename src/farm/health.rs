@@ -2,7 +2,7 @@
 //! GET) and, for pools without one, probes the backends that traffic took down until they
 //! rise again; and the one place where a change of health is logged and counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,11 +82,11 @@ pub async fn probe(registry: Arc<Registry>, mut stop: Signal) {
         }
         let now = Instant::now();
         let topology = registry.topology();
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         for pool in topology.pools.iter() {
             for backend in pool.backends().all() {
                 let key = (pool.name.clone(), backend.id);
-                seen.push(key.clone());
+                seen.insert(key.clone());
                 if !pool.health.probes(backend.health.get()) {
                     due.remove(&key);
                     continue;
@@ -121,11 +121,11 @@ async fn check_one(pool: Arc<Pool>, backend: Arc<Backend>, running: Arc<AtomicBo
     backend.stats.checks.fetch_add(1, Ordering::Relaxed);
     let thresholds = pool.health.thresholds;
     let transition = match &outcome {
-        Ok(()) => backend.health.success(thresholds),
+        Ok(()) => backend.health.check_passed(thresholds),
         Err(why) => {
             backend.stats.check_failures.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(pool = %pool.name, backend = %backend.name, "health check failed: {why}");
-            backend.health.failure(thresholds)
+            backend.health.check_failed(thresholds)
         }
     };
     let reason = match &outcome {
@@ -164,7 +164,7 @@ pub async fn check(policy: &HealthPolicy, addr: SocketAddr) -> Result<(), String
             .write_all(request.as_bytes())
             .await
             .map_err(|e| format!("write: {e}"))?;
-        let mut head = [0u8; 64];
+        let mut head = [0u8; 1024];
         let mut read = 0;
         while read < 12 {
             match stream.read(&mut head[read..]).await {
@@ -173,12 +173,21 @@ pub async fn check(policy: &HealthPolicy, addr: SocketAddr) -> Result<(), String
                 Err(e) => return Err(format!("read: {e}")),
             }
         }
-        let status = std::str::from_utf8(&head[..read])
-            .ok()
-            .filter(|line| line.starts_with("HTTP/1."))
-            .and_then(|line| line.get(9..12))
+        // `HTTP/1.x NNN`: the status is all a check reads of the reply.
+        let status = Some(&head[..12])
+            .filter(|line| line.starts_with(b"HTTP/1.") && line[8] == b' ')
+            .and_then(|line| std::str::from_utf8(&line[9..12]).ok())
             .and_then(|code| code.parse::<u16>().ok())
             .ok_or_else(|| "not an HTTP/1 reply".to_string())?;
+        // The rest of the reply (bounded) is read before closing, so the backend sees an
+        // orderly close rather than a reset.
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut head).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n.min(left),
+            }
+        }
         if policy.check.passes(status) {
             Ok(())
         } else {

@@ -63,19 +63,16 @@ impl Farm {
         }
     }
 
-    /// The configuration applied last.
-    pub async fn config(&self) -> Config {
-        self.applied.lock().await.clone()
-    }
-
     /// Re-reads the configuration file and applies what changed in it, live; reloads the
     /// certificates. An invalid file changes nothing and is logged with the error `tidegate
     /// check` prints.
     pub async fn reload(&self, reason: &str) -> Result<Applied, ReloadError> {
-        let certificates = async |files| {
-            if let Some(c) = &self.certificates {
-                let _ = c.reload(reason, files).await;
-            }
+        let certificates = async |files| match &self.certificates {
+            Some(c) => Some(match c.reload(reason, files).await {
+                Ok(()) => "reloaded".to_string(),
+                Err(e) => format!("failed, the previous ones keep serving: {e}"),
+            }),
+            None => None,
         };
         let Some(path) = &self.config_path else {
             certificates(None).await;
@@ -109,7 +106,8 @@ impl Farm {
         // the next reload names it again until it is restarted or the file reverts it.
         *applied = reload::running_after(&applied, config);
         drop(applied);
-        certificates(files).await;
+        let mut changes = changes;
+        changes.certificates = certificates(files).await;
         changes.log(reason);
         Ok(changes)
     }
@@ -161,6 +159,12 @@ pub async fn housekeeping(registry: Arc<Registry>, upstream: Arc<Upstream>, mut 
         let pools = registry.topology().pools.clone();
         if n % 30 == 0 {
             reload::close_unused(&registry, &upstream);
+            for pool in pools.iter() {
+                if let Some(table) = pool.table() {
+                    let set = pool.backends();
+                    table.prune_counters(|id| set.get(id).is_some());
+                }
+            }
         }
         for pool in pools.iter() {
             if let Some(table) = pool.table() {

@@ -64,6 +64,8 @@ pub struct Applied {
     pub pools_added: Vec<String>,
     /// Pools gone from the file (their pins with them).
     pub pools_removed: Vec<String>,
+    /// Pools whose settings (other than their backends) the file changed.
+    pub pools_changed: Vec<String>,
     /// Backends added, as `pool/name`.
     pub backends_added: Vec<String>,
     /// Backends removed, as `pool/name`.
@@ -76,6 +78,9 @@ pub struct Applied {
     pub not_applied: Vec<String>,
     /// Changes the registry refused (a name clash between a runtime addition and the file).
     pub refused: Vec<String>,
+    /// `reloaded`, or why the certificates failed to load (the previous ones keep
+    /// serving); absent without TLS.
+    pub certificates: Option<String>,
 }
 
 impl Applied {
@@ -85,6 +90,7 @@ impl Applied {
             reason,
             pools_added = ?self.pools_added,
             pools_removed = ?self.pools_removed,
+            pools_changed = ?self.pools_changed,
             backends_added = ?self.backends_added,
             backends_removed = ?self.backends_removed,
             backends_changed = ?self.backends_changed,
@@ -113,7 +119,17 @@ pub fn apply(registry: &Registry, upstream: &Upstream, old: &Config, new: &Confi
         for config in &new.pools {
             let built = build_pool(config);
             match current.pool(&config.name) {
-                Some(previous) => pools.push(Arc::new(built.succeeding(previous))),
+                Some(previous) => {
+                    let settings = |p: &PoolConfig| PoolConfig {
+                        backends: Vec::new(),
+                        ..p.clone()
+                    };
+                    let before = old.pools.iter().find(|p| p.name == config.name);
+                    if before.is_none_or(|b| settings(b) != settings(config)) {
+                        out.pools_changed.push(config.name.clone());
+                    }
+                    pools.push(Arc::new(built.succeeding(previous)));
+                }
                 None => {
                     out.pools_added.push(config.name.clone());
                     pools.push(Arc::new(built));
@@ -198,13 +214,8 @@ fn apply_backend(
     let live = match registry.backend(pool, &b.name) {
         Ok((_, live)) => live,
         Err(_) => {
-            match registry.add_backend(pool, &b.name, b.address, b.weight) {
-                Ok(added) => {
-                    if b.state != AdminState::Active {
-                        added.set_admin(b.state);
-                    }
-                    out.backends_added.push(label);
-                }
+            match registry.add_backend(pool, &b.name, b.address, b.weight, b.state) {
+                Ok(_) => out.backends_added.push(label),
                 Err(e) => refused(e),
             }
             return;
