@@ -1086,6 +1086,31 @@ async fn sighup_makes_the_binary_reload_its_certificates() {
         child.try_wait().expect("child status").is_none(),
         "still running"
     );
+
+    // SIGHUP re-reads the configuration file: a certificate added to its list is served.
+    let third = pki.leaf(&["c.test"], 2020, 2090);
+    dir.write("ab.pem", &second.cert);
+    dir.write("c.pem", &third.cert);
+    dir.write("c.key", &third.key);
+    dir.write(
+        "tidegate.toml",
+        &text.replace(
+            "[[pool]]",
+            "[[tls.certificate]]\ncert = \"c.pem\"\nkey = \"c.key\"\n[[pool]]",
+        ),
+    );
+    hup().await;
+    let want_c = first_pem(&third.cert).unwrap();
+    let added = eventually(RELOAD_LIMIT, async || {
+        served_leaf(port, Some("c.test")).await.0 == want_c
+    })
+    .await;
+    assert!(
+        added,
+        "the certificate the file now lists is served:\n{}",
+        dir.read("tidegate.log")
+    );
+    assert_eq!(served_leaf(port, Some("a.test")).await.0, want);
     let _ = child.start_kill();
     let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
 }
