@@ -324,11 +324,11 @@ fn balancing(c: &mut Criterion) {
             }
         }
         g.bench_function(BenchmarkId::new("round_robin", n), |b| {
-            b.iter(|| balance::round_robin(black_box(&set), &cursor, &[]).map(|b| b.id))
+            b.iter(|| balance::round_robin(black_box(&set), &cursor, |_| true).map(|b| b.id))
         });
         g.bench_function(BenchmarkId::new("least_sessions", n), |b| {
             b.iter(|| {
-                balance::least_sessions(black_box(&set), &cursor, &[], |id| table.pins_of(id))
+                balance::least_sessions(black_box(&set), &cursor, |_| true, |id| table.pins_of(id))
                     .map(|b| b.id)
             })
         });
@@ -336,8 +336,10 @@ fn balancing(c: &mut Criterion) {
             let mut ip = 0x0a00_0001u32;
             b.iter(|| {
                 ip = ip.wrapping_add(7919);
-                balance::by_client_address(black_box(&set), IpAddr::V4(Ipv4Addr::from(ip)), &[])
-                    .map(|b| b.id)
+                balance::by_client_address(black_box(&set), IpAddr::V4(Ipv4Addr::from(ip)), |_| {
+                    true
+                })
+                .map(|b| b.id)
             })
         });
     }

@@ -368,6 +368,8 @@ pub struct BackendFile {
     /// `active`, `drain` or `disabled`.
     #[serde(default)]
     pub state: StateName,
+    /// Live pins above which it takes no new session (pinned ones are always served).
+    pub max_sessions: Option<u64>,
 }
 
 /// `state = "active" | "drain" | "disabled"` of a backend.
@@ -504,6 +506,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// The admin state the file asks for.
     pub state: AdminState,
+    /// Live pins above which it takes no new session.
+    pub max_sessions: Option<u64>,
 }
 
 /// A validation failure: the key it concerns and what is wrong.
@@ -851,11 +855,26 @@ impl PoolFile {
                     ),
                 ));
             }
+            if let Some(max) = b.max_sessions {
+                if !(1..=10_000_000).contains(&max) {
+                    return Err(invalid(
+                        format!("{bkey}.max_sessions"),
+                        "must be between 1 and 10000000",
+                    ));
+                }
+                if self.affinity == AffinityMode::ClientIp {
+                    return Err(invalid(
+                        format!("{bkey}.max_sessions"),
+                        "counts pinned sessions: it needs affinity = \"session\"",
+                    ));
+                }
+            }
             backends.push(BackendConfig {
                 name,
                 address: b.address,
                 weight: b.weight,
                 state: b.state.admin(),
+                max_sessions: b.max_sessions,
             });
         }
         let session = match (self.affinity, self.session) {
@@ -1333,6 +1352,23 @@ address = "127.0.0.1:9001"
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn max_sessions_is_bounded_and_needs_session_affinity() {
+        let c = load(&format!("{MINIMAL}max_sessions = 200\n")).unwrap();
+        assert_eq!(c.pools[0].backends[0].max_sessions, Some(200));
+        let err = load(&format!("{MINIMAL}max_sessions = 0\n")).unwrap_err();
+        assert!(
+            err.contains("backend[0].max_sessions") && err.contains("line 6"),
+            "{err}"
+        );
+        let ip = MINIMAL.replace("name = \"app\"", "name = \"app\"\naffinity = \"client-ip\"");
+        let err = load(&format!("{ip}max_sessions = 5\n")).unwrap_err();
+        assert!(
+            err.contains("max_sessions") && err.contains("session"),
+            "{err}"
+        );
     }
 
     #[test]

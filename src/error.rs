@@ -153,7 +153,11 @@ impl std::fmt::Display for ProxyError {
             ProxyError::NoRoute => write!(f, "no pool serves this host and path"),
             ProxyError::Connect => write!(f, "CONNECT is not supported: this is a reverse proxy"),
             ProxyError::NoBackend { pool } => {
-                write!(f, "no backend of pool {pool} can take requests")
+                write!(
+                    f,
+                    "no backend of pool {pool} takes new sessions: all down, draining, \
+                     disabled or at max_sessions"
+                )
             }
             ProxyError::PinnedDown {
                 backend,

@@ -208,6 +208,7 @@ impl RunArgs {
                 name,
                 weight: 1,
                 state: Default::default(),
+                max_sessions: None,
             });
         }
         let mut pool = PoolFile {

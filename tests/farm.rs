@@ -630,3 +630,48 @@ async fn a_reload_keeps_runtime_changes_the_file_did_not_touch() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_sends_new_sessions_elsewhere_and_never_refuses_a_pinned_one() {
+    bounded("max_sessions", async {
+        let farm = images(2, Tracking::Links).await;
+        let body = |two: &str| {
+            format!(
+                "[[pool]]\nname = \"app\"\n\
+                 [[pool.backend]]\nname = \"image-1\"\naddress = \"{}\"\nmax_sessions = 2\n\
+                 [[pool.backend]]\nname = \"image-2\"\naddress = \"{}\"\n{two}",
+                farm[0].addr, farm[1].addr
+            )
+        };
+        let p = Process::start(&body("")).await;
+        let c = client();
+        let mut sessions = Vec::new();
+        for _ in 0..8 {
+            sessions.push(open(&c, &p.base()).await);
+        }
+        let on_one: Vec<&Session> = sessions.iter().filter(|s| s.image == "image-1").collect();
+        assert_eq!(on_one.len(), 2, "image-1 took its two sessions and no more");
+        for (n, s) in sessions.iter().enumerate() {
+            assert_eq!(
+                click(&c, &p.base(), s, n).await,
+                (StatusCode::OK, s.image.clone()),
+                "a pinned session is served whatever the bound"
+            );
+        }
+        // Bound image-2 too (by a reload): with both full, a new session is refused.
+        p.configure(&body("max_sessions = 6\n"));
+        let (r, v) = p.api(&c, Method::POST, "/api/reload", "", true).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(
+            v["backends_changed"],
+            serde_json::json!(["app/image-2: max_sessions none → 6"])
+        );
+        let r = get(&c, &format!("{}/app", p.base())).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+        assert_eq!(
+            click(&c, &p.base(), on_one[0], 99).await,
+            (StatusCode::OK, "image-1".to_string())
+        );
+    })
+    .await;
+}

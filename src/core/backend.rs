@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use http::HeaderValue;
 
@@ -93,6 +93,8 @@ pub struct Backend {
     pub health: HealthCounter,
     weight: AtomicU32,
     admin: AtomicU8,
+    /// Live pins above which it takes no new session; 0: no bound.
+    max_sessions: AtomicU64,
 }
 
 /// A backend's affinity cookie: the bare value requests carry back, and the full header.
@@ -117,6 +119,7 @@ impl Backend {
             health: HealthCounter::default(),
             weight: AtomicU32::new(weight.max(1)),
             admin: AtomicU8::new(AdminState::Active as u8),
+            max_sessions: AtomicU64::new(0),
         }
     }
 
@@ -131,6 +134,7 @@ impl Backend {
             health: HealthCounter::default(),
             weight: AtomicU32::new(self.weight()),
             admin: AtomicU8::new(self.admin() as u8),
+            max_sessions: AtomicU64::new(self.max_sessions().unwrap_or(0)),
         }
     }
 
@@ -143,6 +147,24 @@ impl Backend {
     /// Sets the weight; the pool's schedule must be rebuilt to follow it.
     pub(crate) fn set_weight(&self, weight: u32) {
         self.weight.store(weight.max(1), Ordering::Relaxed);
+    }
+
+    /// The live pins above which it takes no new session, if bounded.
+    #[inline]
+    pub fn max_sessions(&self) -> Option<u64> {
+        Some(self.max_sessions.load(Ordering::Relaxed)).filter(|&n| n > 0)
+    }
+
+    /// Bounds (or, with `None`, unbounds) its sessions.
+    pub fn set_max_sessions(&self, max: Option<u64>) {
+        self.max_sessions.store(max.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Whether it has room for one more session, given its live pins (asked only when it is
+    /// bounded). Pinned sessions are never refused by the bound.
+    #[inline]
+    pub fn has_room(&self, pins: impl FnOnce() -> u64) -> bool {
+        self.max_sessions().is_none_or(|max| pins() < max)
     }
 
     /// The operator's intent.

@@ -26,11 +26,11 @@ impl Policy {
     }
 }
 
-/// Whether a backend may get a new session: it takes them, and was not tried already for
-/// this request (`tried`: backends that refused its connection).
+/// Whether a backend may get a new session: it takes them, and the caller's test passes
+/// (not tried already for this request, room under `max_sessions`).
 #[inline]
-fn eligible(b: &Backend, tried: &[BackendId]) -> bool {
-    b.takes_new_sessions() && !tried.contains(&b.id)
+fn eligible(b: &Backend, open: &impl Fn(&Backend) -> bool) -> bool {
+    b.takes_new_sessions() && open(b)
 }
 
 /// The next backend in weighted round-robin order that takes new sessions. One relaxed
@@ -39,7 +39,7 @@ fn eligible(b: &Backend, tried: &[BackendId]) -> bool {
 pub fn round_robin<'s>(
     set: &'s BackendSet,
     cursor: &AtomicUsize,
-    tried: &[BackendId],
+    open: impl Fn(&Backend) -> bool,
 ) -> Option<&'s Arc<Backend>> {
     let schedule = set.schedule();
     if schedule.is_empty() {
@@ -48,7 +48,7 @@ pub fn round_robin<'s>(
     let start = cursor.fetch_add(1, Ordering::Relaxed);
     (0..schedule.len())
         .map(|i| &set.all()[schedule[(start + i) % schedule.len()] as usize])
-        .find(|b| eligible(b, tried))
+        .find(|b| eligible(b, &open))
 }
 
 /// The backend with the fewest pins per unit of weight among those taking new sessions;
@@ -56,7 +56,7 @@ pub fn round_robin<'s>(
 pub fn least_sessions<'s>(
     set: &'s BackendSet,
     cursor: &AtomicUsize,
-    tried: &[BackendId],
+    open: impl Fn(&Backend) -> bool,
     pins_of: impl Fn(BackendId) -> u64,
 ) -> Option<&'s Arc<Backend>> {
     let n = set.len();
@@ -67,7 +67,7 @@ pub fn least_sessions<'s>(
     let mut best: Option<(&Arc<Backend>, u128)> = None;
     for i in 0..n {
         let b = &set.all()[(start + i) % n];
-        if !eligible(b, tried) {
+        if !eligible(b, &open) {
             continue;
         }
         // Compare pins/weight without division: scale by the product of the other weights
@@ -90,11 +90,11 @@ pub fn least_sessions<'s>(
 /// address and the highest score wins. Adding one backend to n moves only the addresses the
 /// newcomer now wins, about 1/(n+1) of them, all to the newcomer; removing one moves only its
 /// own. The hash has a fixed seed, so every instance and restart agrees.
-pub fn by_client_address<'s>(
-    set: &'s BackendSet,
+pub fn by_client_address(
+    set: &BackendSet,
     addr: IpAddr,
-    tried: &[BackendId],
-) -> Option<&'s Arc<Backend>> {
+    open: impl Fn(&Backend) -> bool,
+) -> Option<&Arc<Backend>> {
     let mut key = [0u8; 20];
     let len = match addr {
         IpAddr::V4(v4) => {
@@ -108,7 +108,7 @@ pub fn by_client_address<'s>(
     };
     let mut best: Option<(&Arc<Backend>, f64)> = None;
     for b in set.all() {
-        if !eligible(b, tried) {
+        if !eligible(b, &open) {
             continue;
         }
         key[len..len + 4].copy_from_slice(&b.id.0.to_le_bytes());
@@ -153,23 +153,27 @@ mod tests {
         let s = set(&[("a", 1), ("b", 1), ("c", 1)]);
         let cursor = AtomicUsize::new(0);
         let picks: Vec<_> = (0..6)
-            .map(|_| round_robin(&s, &cursor, &[]).unwrap().name.to_string())
+            .map(|_| round_robin(&s, &cursor, |_| true).unwrap().name.to_string())
             .collect();
         assert_eq!(picks, ["a", "b", "c", "a", "b", "c"]);
         s.all()[1].set_admin(AdminState::Draining);
         let picks: Vec<_> = (0..4)
-            .map(|_| round_robin(&s, &cursor, &[]).unwrap().name.to_string())
+            .map(|_| round_robin(&s, &cursor, |_| true).unwrap().name.to_string())
             .collect();
         assert!(!picks.contains(&"b".to_string()));
         let tried: Vec<BackendId> = vec![s.all()[0].id];
         assert!(
-            (0..4).all(|_| round_robin(&s, &cursor, &tried).unwrap().name.as_ref() == "c"),
+            (0..4).all(|_| round_robin(&s, &cursor, |b| !tried.contains(&b.id))
+                .unwrap()
+                .name
+                .as_ref()
+                == "c"),
             "a backend tried already is skipped"
         );
         for b in s.all() {
             b.set_admin(AdminState::Disabled);
         }
-        assert!(round_robin(&s, &cursor, &[]).is_none());
+        assert!(round_robin(&s, &cursor, |_| true).is_none());
     }
 
     #[test]
@@ -179,7 +183,7 @@ mod tests {
         let mut counts: HashMap<String, usize> = HashMap::new();
         for _ in 0..400 {
             *counts
-                .entry(round_robin(&s, &cursor, &[]).unwrap().name.to_string())
+                .entry(round_robin(&s, &cursor, |_| true).unwrap().name.to_string())
                 .or_default() += 1;
         }
         assert_eq!(counts["a"], 300);
@@ -196,7 +200,7 @@ mod tests {
             (BackendId::from_name("c"), 8),
         ]
         .into();
-        let pick = least_sessions(&s, &cursor, &[], |id| pins[&id]).unwrap();
+        let pick = least_sessions(&s, &cursor, |_| true, |id| pins[&id]).unwrap();
         assert_eq!(&*pick.name, "b");
         let pins: HashMap<BackendId, u64> = [
             (BackendId::from_name("a"), 10),
@@ -204,7 +208,7 @@ mod tests {
             (BackendId::from_name("c"), 8),
         ]
         .into();
-        let pick = least_sessions(&s, &cursor, &[], |id| pins[&id]).unwrap();
+        let pick = least_sessions(&s, &cursor, |_| true, |id| pins[&id]).unwrap();
         assert_eq!(
             &*pick.name, "c",
             "8 pins at weight 2 is lighter than 5 at weight 1"
@@ -215,11 +219,11 @@ mod tests {
     fn least_sessions_rotates_among_equals() {
         let s = set(&[("a", 1), ("b", 1)]);
         let cursor = AtomicUsize::new(0);
-        let first = least_sessions(&s, &cursor, &[], |_| 0)
+        let first = least_sessions(&s, &cursor, |_| true, |_| 0)
             .unwrap()
             .name
             .clone();
-        let second = least_sessions(&s, &cursor, &[], |_| 0)
+        let second = least_sessions(&s, &cursor, |_| true, |_| 0)
             .unwrap()
             .name
             .clone();
@@ -235,8 +239,8 @@ mod tests {
         let s = set(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]);
         let mut counts: HashMap<String, usize> = HashMap::new();
         for i in 0..20_000 {
-            let first = by_client_address(&s, client(i), &[]).unwrap();
-            let again = by_client_address(&s, client(i), &[]).unwrap();
+            let first = by_client_address(&s, client(i), |_| true).unwrap();
+            let again = by_client_address(&s, client(i), |_| true).unwrap();
             assert_eq!(first.id, again.id);
             *counts.entry(first.name.to_string()).or_default() += 1;
         }
@@ -254,8 +258,8 @@ mod tests {
             let total = 20_000;
             let mut moved = 0;
             for i in 0..total {
-                let was = by_client_address(&before, client(i), &[]).unwrap();
-                let now = by_client_address(&after, client(i), &[]).unwrap();
+                let was = by_client_address(&before, client(i), |_| true).unwrap();
+                let now = by_client_address(&after, client(i), |_| true).unwrap();
                 if was.id != now.id {
                     assert_eq!(
                         &*now.name, names[n],
@@ -277,7 +281,7 @@ mod tests {
     fn client_address_choice_skips_down_backends_and_moves_only_theirs() {
         let s = set(&[("a", 1), ("b", 1), ("c", 1)]);
         let before: Vec<_> = (0..3000)
-            .map(|i| by_client_address(&s, client(i), &[]).unwrap().id)
+            .map(|i| by_client_address(&s, client(i), |_| true).unwrap().id)
             .collect();
         for _ in 0..3 {
             s.all()[0]
@@ -285,7 +289,9 @@ mod tests {
                 .refused(crate::core::health::Thresholds::default());
         }
         for (i, was) in before.iter().enumerate() {
-            let now = by_client_address(&s, client(i as u32), &[]).unwrap().id;
+            let now = by_client_address(&s, client(i as u32), |_| true)
+                .unwrap()
+                .id;
             assert_ne!(now, s.all()[0].id);
             if *was != s.all()[0].id {
                 assert_eq!(now, *was, "a client of a healthy backend moved");

@@ -292,7 +292,7 @@ impl Pool {
     ) -> Result<Routing, Refusal> {
         let session = match &self.affinity {
             Affinity::ClientIp => {
-                return balance::by_client_address(set, request.client, tried)
+                return balance::by_client_address(set, request.client, |b| !tried.contains(&b.id))
                     .map(|b| self.routing(set, b, Decision::Hashed, false, request))
                     .ok_or(Refusal::NoBackend);
             }
@@ -377,10 +377,13 @@ impl Pool {
         session: &SessionAffinity,
         tried: &[BackendId],
     ) -> Option<&'s Arc<Backend>> {
+        // Not tried already for this request, and room under `max_sessions`.
+        let open =
+            |b: &Backend| !tried.contains(&b.id) && b.has_room(|| session.table.pins_of(b.id));
         match self.policy {
-            Policy::RoundRobin => balance::round_robin(set, &self.cursor, tried),
+            Policy::RoundRobin => balance::round_robin(set, &self.cursor, open),
             Policy::LeastSessions => {
-                balance::least_sessions(set, &self.cursor, tried, |id| session.table.pins_of(id))
+                balance::least_sessions(set, &self.cursor, open, |id| session.table.pins_of(id))
             }
         }
     }
@@ -511,6 +514,37 @@ mod tests {
             .route(&set, &view(Some("KNOWN-BY-COOKIE"), Some(&value)), 0, &[])
             .unwrap();
         assert_eq!((r.backend.id, r.decision), (web3.id, Decision::Learned));
+    }
+
+    #[test]
+    fn a_backend_at_max_sessions_takes_no_new_one_but_keeps_its_own() {
+        let p = pool(false);
+        let set = p.backends();
+        let (web1, web2, web3) = (&set.all()[0], &set.all()[1], &set.all()[2]);
+        web1.set_max_sessions(Some(2));
+        let table = p.table().unwrap();
+        table.pin(PinKey::of("A"), web1.id, 0);
+        table.pin(PinKey::of("B"), web1.id, 0);
+        for _ in 0..9 {
+            let r = p.route(&set, &view(None, None), 1, &[]).unwrap();
+            assert_ne!(r.backend.id, web1.id, "web1 is full");
+        }
+        let r = p.route(&set, &view(Some("A"), None), 1, &[]).unwrap();
+        assert_eq!((r.backend.id, r.decision), (web1.id, Decision::Pinned));
+        table.unpin(PinKey::of("B"));
+        assert!(
+            (0..3).any(|_| p.route(&set, &view(None, None), 1, &[]).unwrap().backend.id == web1.id),
+            "room again once a session ends"
+        );
+        for b in [web2, web3] {
+            b.set_max_sessions(Some(1));
+            table.pin(PinKey::of(&b.name), b.id, 0);
+        }
+        table.pin(PinKey::of("C"), web1.id, 0);
+        assert!(matches!(
+            p.route(&set, &view(None, None), 1, &[]),
+            Err(Refusal::NoBackend)
+        ));
     }
 
     #[test]

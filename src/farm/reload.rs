@@ -43,6 +43,7 @@ pub fn build_pool(config: &PoolConfig) -> Pool {
 fn new_backend(b: &BackendConfig) -> Backend {
     let backend = Backend::new(&b.name, b.address, b.weight);
     backend.set_admin(b.state);
+    backend.set_max_sessions(b.max_sessions);
     backend
 }
 
@@ -215,7 +216,10 @@ fn apply_backend(
         Ok((_, live)) => live,
         Err(_) => {
             match registry.add_backend(pool, &b.name, b.address, b.weight, b.state) {
-                Ok(_) => out.backends_added.push(label),
+                Ok(added) => {
+                    added.set_max_sessions(b.max_sessions);
+                    out.backends_added.push(label)
+                }
                 Err(e) => refused(e),
             }
             return;
@@ -236,6 +240,23 @@ fn apply_backend(
             Ok(_) => changed.push(format!("weight {weight_now} → {}", b.weight)),
             Err(e) => refused(e),
         }
+    }
+    let max_now = live.max_sessions();
+    let max_changed = was.map_or(max_now != b.max_sessions, |w| {
+        w.max_sessions != b.max_sessions
+    });
+    if max_changed
+        && max_now != b.max_sessions
+        // The backend as it is now: a move above made another `Arc` of it.
+        && let Ok((_, current)) = registry.backend(pool, &b.name)
+    {
+        current.set_max_sessions(b.max_sessions);
+        let show = |m: Option<u64>| m.map_or_else(|| "none".to_string(), |m| m.to_string());
+        changed.push(format!(
+            "max_sessions {} → {}",
+            show(max_now),
+            show(b.max_sessions)
+        ));
     }
     let same_state = |a: AdminState, b: AdminState| {
         let drain = |s| matches!(s, AdminState::Draining | AdminState::Drained);
