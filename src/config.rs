@@ -21,6 +21,12 @@ use crate::core::session_id::{IdRules, SessionNames};
 use crate::error::ConfigError;
 use crate::tls::{CertFiles, MinVersion};
 
+/// Requests that may wait for a backend's slot unless `queue_max` says otherwise.
+pub const DEFAULT_QUEUE_MAX: usize = 1024;
+
+/// Seconds a request may wait for a backend's slot unless `queue_timeout` says otherwise.
+pub const DEFAULT_QUEUE_TIMEOUT: f64 = 10.0;
+
 /// The default traffic listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
@@ -370,6 +376,12 @@ pub struct BackendFile {
     pub state: StateName,
     /// Live pins above which it takes no new session (pinned ones are always served).
     pub max_sessions: Option<u64>,
+    /// Requests served at once; more wait in the backend's queue.
+    pub max_conns: Option<u32>,
+    /// Requests that may wait for a slot at once (with `max_conns`; default 1024).
+    pub queue_max: Option<usize>,
+    /// Seconds a request may wait for a slot (with `max_conns`; default 10, fractions allowed).
+    pub queue_timeout: Option<f64>,
 }
 
 /// `state = "active" | "drain" | "disabled"` of a backend.
@@ -508,6 +520,8 @@ pub struct BackendConfig {
     pub state: AdminState,
     /// Live pins above which it takes no new session.
     pub max_sessions: Option<u64>,
+    /// `max_conns`, the queue's bound and its timeout.
+    pub max_conns: Option<(u32, usize, std::time::Duration)>,
 }
 
 /// A validation failure: the key it concerns and what is wrong.
@@ -869,12 +883,53 @@ impl PoolFile {
                     ));
                 }
             }
+            let max_conns = match b.max_conns {
+                None => {
+                    if let Some(k) = [
+                        ("queue_max", b.queue_max.is_some()),
+                        ("queue_timeout", b.queue_timeout.is_some()),
+                    ]
+                    .iter()
+                    .find(|(_, given)| *given)
+                    {
+                        return Err(invalid(
+                            format!("{bkey}.{}", k.0),
+                            "is only used with max_conns",
+                        ));
+                    }
+                    None
+                }
+                Some(max) => {
+                    if !(1..=100_000).contains(&max) {
+                        return Err(invalid(
+                            format!("{bkey}.max_conns"),
+                            "must be between 1 and 100000",
+                        ));
+                    }
+                    let queue_max = b.queue_max.unwrap_or(DEFAULT_QUEUE_MAX);
+                    if !(1..=1_000_000).contains(&queue_max) {
+                        return Err(invalid(
+                            format!("{bkey}.queue_max"),
+                            "must be between 1 and 1000000",
+                        ));
+                    }
+                    let timeout = b.queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT);
+                    if !(timeout.is_finite() && timeout > 0.0 && timeout <= 3600.0) {
+                        return Err(invalid(
+                            format!("{bkey}.queue_timeout"),
+                            "must be more than 0 and at most 3600 seconds",
+                        ));
+                    }
+                    Some((max, queue_max, std::time::Duration::from_secs_f64(timeout)))
+                }
+            };
             backends.push(BackendConfig {
                 name,
                 address: b.address,
                 weight: b.weight,
                 state: b.state.admin(),
                 max_sessions: b.max_sessions,
+                max_conns,
             });
         }
         let session = match (self.affinity, self.session) {

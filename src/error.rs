@@ -88,6 +88,16 @@ pub enum ProxyError {
         /// Seconds the client is asked to wait.
         retry_after: u64,
     },
+    /// The backend's queue (`max_conns`) could not take the request: full, or no slot came
+    /// within `queue_timeout`. A 503 with `Retry-After`.
+    Busy {
+        /// Backend name.
+        backend: Box<str>,
+        /// Whether the wait timed out (else the queue was full).
+        timed_out: bool,
+        /// Seconds the client is asked to wait.
+        retry_after: u64,
+    },
     /// The chosen backend could not be reached or broke off.
     Upstream {
         /// Backend name.
@@ -112,9 +122,9 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Connect => StatusCode::NOT_IMPLEMENTED,
-            ProxyError::NoBackend { .. } | ProxyError::PinnedDown { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoBackend { .. }
+            | ProxyError::PinnedDown { .. }
+            | ProxyError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream {
                 failure: UpstreamFailure::ResponseTimeout,
                 ..
@@ -132,6 +142,12 @@ impl ProxyError {
             ProxyError::Connect => "connect-method",
             ProxyError::NoBackend { .. } => "no-backend",
             ProxyError::PinnedDown { .. } => "pinned-down",
+            ProxyError::Busy {
+                timed_out: false, ..
+            } => "queue-full",
+            ProxyError::Busy {
+                timed_out: true, ..
+            } => "queue-timeout",
             ProxyError::Upstream { failure, .. } => match failure {
                 UpstreamFailure::Refused => "connect-refused",
                 UpstreamFailure::ConnectTimeout => "connect-timeout",
@@ -159,6 +175,19 @@ impl std::fmt::Display for ProxyError {
                      disabled or at max_sessions"
                 )
             }
+            ProxyError::Busy {
+                backend,
+                timed_out,
+                retry_after,
+            } => write!(
+                f,
+                "backend {backend} is busy ({}); try again in {retry_after} s",
+                if *timed_out {
+                    "no turn came within its queue timeout"
+                } else {
+                    "its queue is full"
+                }
+            ),
             ProxyError::PinnedDown {
                 backend,
                 retry_after,

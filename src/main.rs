@@ -209,6 +209,9 @@ impl RunArgs {
                 weight: 1,
                 state: Default::default(),
                 max_sessions: None,
+                max_conns: None,
+                queue_max: None,
+                queue_timeout: None,
             });
         }
         let mut pool = PoolFile {

@@ -169,6 +169,54 @@ impl Collector for Exposition {
             }
         }
 
+        let limited = || {
+            pools.iter().flat_map(|p| {
+                let set = p.backends();
+                set.all()
+                    .iter()
+                    .filter_map(|b| Some((p.name.clone(), b.name.clone(), b.conns.clone()?)))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let mut m = e.encode_descriptor(
+            "tidegate_queue_waiting",
+            "Requests waiting in a backend's queue now (backends with max_conns)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pool, backend, c) in limited() {
+            let n = c.waiting.load(Ordering::Relaxed) as i64;
+            gauge(&mut m, &[("pool", &pool), ("backend", &backend)], n)?;
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_queued",
+            "Requests that waited in a backend's queue for a slot (max_conns)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pool, backend, c) in limited() {
+            counter(
+                &mut m,
+                &[("pool", &pool), ("backend", &backend)],
+                load(&c.queued),
+            )?;
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_queue_refused",
+            "Requests refused with 503 by a backend's queue: full, or no slot within queue_timeout",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pool, backend, c) in limited() {
+            for (reason, n) in [("full", &c.refused_full), ("timeout", &c.refused_timeout)] {
+                counter(
+                    &mut m,
+                    &[("pool", &pool), ("backend", &backend), ("reason", reason)],
+                    load(n),
+                )?;
+            }
+        }
+
         let mut m = e.encode_descriptor(
             "tidegate_upstream_errors",
             "Failed exchanges with backends, by kind",

@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::clock;
 use crate::core::affinity::PinKey;
 use crate::core::backend::Backend;
-use crate::core::backend::{BackendId, BackendSet};
+use crate::core::backend::{BackendId, BackendSet, ConnLimit};
 use crate::core::learn::LearnSource;
 use crate::core::pool::{Affinity, Decision, Pool, Refusal, RequestView, Routing, SessionAffinity};
 use crate::core::registry::Registry;
@@ -337,6 +337,8 @@ struct Trace {
     status: u16,
     pool: Option<Arc<Pool>>,
     backend: Option<Arc<Backend>>,
+    /// The backend's slot (`max_conns`), held until the reply is done.
+    slot: Option<OwnedSemaphorePermit>,
     decision: Option<Decision>,
     learned: Option<LearnSource>,
     access: Option<Access>,
@@ -415,6 +417,7 @@ impl Trace {
             status: CLIENT_CLOSED,
             pool: None,
             backend: None,
+            slot: None,
             decision: None,
             learned: None,
             access,
@@ -718,8 +721,13 @@ impl Proxy {
             };
             trace.routed(&routing, view.id.map(|(id, _)| id));
             let backend = &routing.backend;
+            let slot = match &backend.conns {
+                None => None,
+                Some(limit) => Some(wait_for_slot(limit, backend).await?),
+            };
             match self.upstream.connection(backend.address).await {
                 Ok(connection) => {
+                    trace.slot = slot;
                     let transition = if connection.reused() {
                         backend.health.reused()
                     } else {
@@ -756,6 +764,43 @@ impl Proxy {
                     last_refusal = Some((routing, failure));
                 }
             }
+        }
+    }
+}
+
+/// A slot of `backend` (`max_conns`): at once if one is free, else in its queue, first come
+/// first served, for at most `queue_timeout`; refused when the queue is full.
+async fn wait_for_slot(
+    limit: &ConnLimit,
+    backend: &Backend,
+) -> Result<OwnedSemaphorePermit, ProxyError> {
+    if let Ok(slot) = limit.slots.clone().try_acquire_owned() {
+        return Ok(slot);
+    }
+    let busy = |timed_out| ProxyError::Busy {
+        backend: backend.name.clone(),
+        timed_out,
+        retry_after: limit.queue_timeout.as_secs().max(1),
+    };
+    /// One place in the queue, given back however the wait ends (the client may leave).
+    struct Place<'a>(&'a AtomicUsize);
+    impl Drop for Place<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    if limit.waiting.fetch_add(1, Ordering::Relaxed) >= limit.queue_max {
+        limit.waiting.fetch_sub(1, Ordering::Relaxed);
+        limit.refused_full.fetch_add(1, Ordering::Relaxed);
+        return Err(busy(false));
+    }
+    let _place = Place(&limit.waiting);
+    limit.queued.fetch_add(1, Ordering::Relaxed);
+    match tokio::time::timeout(limit.queue_timeout, limit.slots.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => Ok(slot),
+        Ok(Err(_)) | Err(_) => {
+            limit.refused_timeout.fetch_add(1, Ordering::Relaxed);
+            Err(busy(true))
         }
     }
 }
@@ -844,7 +889,7 @@ fn refusal(e: &ProxyError) -> Response<ReplyBody> {
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    if let ProxyError::PinnedDown { retry_after, .. } = e {
+    if let ProxyError::PinnedDown { retry_after, .. } | ProxyError::Busy { retry_after, .. } = e {
         reply
             .headers_mut()
             .insert(http::header::RETRY_AFTER, HeaderValue::from(*retry_after));

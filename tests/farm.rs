@@ -675,3 +675,141 @@ async fn max_sessions_sends_new_sessions_elsewhere_and_never_refuses_a_pinned_on
     })
     .await;
 }
+
+/// A backend that answers every request `200` after `delay`, one request per connection,
+/// counting the requests it is serving at once (the most it saw is returned by `peak`).
+struct SlowBackend {
+    addr: std::net::SocketAddr,
+    peak: Arc<AtomicUsize>,
+}
+
+impl SlowBackend {
+    async fn start(delay: Duration) -> SlowBackend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let seen = peak.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (now, peak) = (now.clone(), seen.clone());
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 8192];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let serving = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(serving, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                });
+            }
+        });
+        SlowBackend { addr, peak }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_conns_queues_a_sessions_requests_for_its_own_backend_and_answers_them_all() {
+    bounded("max_conns", async {
+        let farm = images(2, Tracking::Links).await;
+        let p = Process::start(&format!(
+            "[[pool]]\nname = \"app\"\n\
+             [[pool.backend]]\nname = \"image-1\"\naddress = \"{}\"\nmax_conns = 1\n\
+             [[pool.backend]]\nname = \"image-2\"\naddress = \"{}\"\nmax_conns = 1\n",
+            farm[0].addr, farm[1].addr
+        ))
+        .await;
+        let c = client();
+        let s = open(&c, &p.base()).await;
+        let clicks: Vec<_> = (0..20)
+            .map(|n| {
+                let (base, s) = (p.base(), s.clone());
+                tokio::spawn(async move {
+                    let r = get(&client(), &format!("{base}/app?_s={}&_k=p{n}", s.key)).await;
+                    (r.status, r.image(), r.counter())
+                })
+            })
+            .collect();
+        let mut counters = Vec::new();
+        for click in clicks {
+            let (status, image, counter) = click.await.unwrap();
+            assert_eq!((status, image.as_str()), (StatusCode::OK, s.image.as_str()));
+            counters.push(counter);
+        }
+        counters.sort();
+        assert_eq!(
+            counters,
+            (2..=21).collect::<Vec<u64>>(),
+            "each click counted once, on its own image"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_or_slow_queue_answers_503_with_retry_after_and_the_slot_bound_holds() {
+    bounded("queue refusals", async {
+        let slow = SlowBackend::start(Duration::from_millis(600)).await;
+        let p = Process::start(&format!(
+            "[[pool]]\nname = \"app\"\naffinity = \"client-ip\"\n\
+             [[pool.backend]]\nname = \"slow\"\naddress = \"{}\"\nmax_conns = 1\nqueue_max = 1\nqueue_timeout = 5\n\
+             [[pool]]\nname = \"impatient\"\npath_prefix = \"/impatient\"\naffinity = \"client-ip\"\n\
+             [[pool.backend]]\nname = \"slow-too\"\naddress = \"{}\"\nmax_conns = 1\nqueue_timeout = 0.2\n",
+            slow.addr, slow.addr
+        ))
+        .await;
+        let send = |path: &'static str, after: u64| {
+            let base = p.base();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(after)).await;
+                let r = get(&client(), &format!("{base}{path}")).await;
+                (r.status, r.header("retry-after"), r.text())
+            })
+        };
+        // One served, one waits its turn, the third finds the queue full.
+        let replies = [send("/x", 0), send("/x", 150), send("/x", 300)];
+        let mut out = Vec::new();
+        for r in replies {
+            out.push(r.await.unwrap());
+        }
+        assert_eq!(out[0].0, StatusCode::OK);
+        assert_eq!(out[1].0, StatusCode::OK, "the queued request is served after the first");
+        assert_eq!(out[2].0, StatusCode::SERVICE_UNAVAILABLE, "{}", out[2].2);
+        assert!(out[2].2.contains("queue is full") && out[2].1 == "5", "{:?}", out[2]);
+        // A queue whose timeout passes before a slot frees.
+        let replies = [send("/impatient", 0), send("/impatient", 150)];
+        let first = replies.into_iter().map(|r| async { r.await.unwrap() });
+        let mut got = Vec::new();
+        for r in first {
+            got.push(r.await);
+        }
+        assert_eq!(got[0].0, StatusCode::OK);
+        assert_eq!(got[1].0, StatusCode::SERVICE_UNAVAILABLE, "{}", got[1].2);
+        assert!(got[1].2.contains("queue timeout") && got[1].1 == "1", "{:?}", got[1]);
+        assert_eq!(slow.peak.load(Ordering::SeqCst), 1, "never two at once");
+        let m = p.metrics(&client()).await;
+        assert_eq!(
+            metric(&m, "tidegate_queue_refused_total{pool=\"app\",backend=\"slow\",reason=\"full\"}"),
+            1.0
+        );
+        assert_eq!(
+            metric(
+                &m,
+                "tidegate_queue_refused_total{pool=\"impatient\",backend=\"slow-too\",reason=\"timeout\"}"
+            ),
+            1.0
+        );
+        assert_eq!(metric(&m, "tidegate_queued_total{pool=\"app\",backend=\"slow\"}"), 1.0);
+    })
+    .await;
+}

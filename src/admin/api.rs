@@ -272,7 +272,14 @@ pub async fn answer(farm: &Arc<Farm>, token: &Token, req: Request<Incoming>) -> 
                     );
                 }
             };
-            match registry.add_backend(pool, &new.name, address, new.weight, AdminState::Active) {
+            match registry.add_backend(
+                pool,
+                &new.name,
+                address,
+                new.weight,
+                AdminState::Active,
+                None,
+            ) {
                 Ok(b) => {
                     tracing::info!(pool, backend = %b.name, address = %b.address, weight = b.weight(), "admin API: backend added");
                     match registry.pool(pool) {

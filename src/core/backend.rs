@@ -95,6 +95,47 @@ pub struct Backend {
     admin: AtomicU8,
     /// Live pins above which it takes no new session; 0: no bound.
     max_sessions: AtomicU64,
+    /// The bound on concurrent requests and its queue, if any (shared with the backend it
+    /// replaced when it moved address).
+    pub conns: Option<Arc<ConnLimit>>,
+}
+
+/// A backend's bound on concurrent requests (`max_conns`) and the queue in front of it:
+/// requests above the bound wait, first come first served, for a slot of their own backend.
+#[derive(Debug)]
+pub struct ConnLimit {
+    /// One permit per request the backend may serve at once.
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// `max_conns`.
+    pub max: u32,
+    /// Requests that may wait at once; more are refused.
+    pub queue_max: usize,
+    /// How long a request may wait.
+    pub queue_timeout: std::time::Duration,
+    /// Requests waiting now.
+    pub waiting: std::sync::atomic::AtomicUsize,
+    /// Requests that had to wait.
+    pub queued: AtomicU64,
+    /// Requests refused: the queue was full.
+    pub refused_full: AtomicU64,
+    /// Requests refused: no slot within `queue_timeout`.
+    pub refused_timeout: AtomicU64,
+}
+
+impl ConnLimit {
+    /// At most `max` requests at once, `queue_max` waiting up to `queue_timeout`.
+    pub fn new(max: u32, queue_max: usize, queue_timeout: std::time::Duration) -> Self {
+        ConnLimit {
+            slots: Arc::new(tokio::sync::Semaphore::new(max as usize)),
+            max,
+            queue_max,
+            queue_timeout,
+            waiting: Default::default(),
+            queued: AtomicU64::new(0),
+            refused_full: AtomicU64::new(0),
+            refused_timeout: AtomicU64::new(0),
+        }
+    }
 }
 
 /// A backend's affinity cookie: the bare value requests carry back, and the full header.
@@ -120,6 +161,15 @@ impl Backend {
             weight: AtomicU32::new(weight.max(1)),
             admin: AtomicU8::new(AdminState::Active as u8),
             max_sessions: AtomicU64::new(0),
+            conns: None,
+        }
+    }
+
+    /// The same backend serving at most `limit.max` requests at once.
+    pub fn with_conn_limit(self, limit: Option<ConnLimit>) -> Self {
+        Backend {
+            conns: limit.map(Arc::new),
+            ..self
         }
     }
 
@@ -135,6 +185,7 @@ impl Backend {
             weight: AtomicU32::new(self.weight()),
             admin: AtomicU8::new(self.admin() as u8),
             max_sessions: AtomicU64::new(self.max_sessions().unwrap_or(0)),
+            conns: self.conns.clone(),
         }
     }
 
@@ -165,6 +216,14 @@ impl Backend {
     #[inline]
     pub fn has_room(&self, pins: impl FnOnce() -> u64) -> bool {
         self.max_sessions().is_none_or(|max| pins() < max)
+    }
+
+    /// Whether a request sent now would get a slot without waiting.
+    #[inline]
+    pub fn has_free_slot(&self) -> bool {
+        self.conns
+            .as_ref()
+            .is_none_or(|c| c.slots.available_permits() > 0)
     }
 
     /// The operator's intent.

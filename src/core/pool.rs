@@ -380,12 +380,15 @@ impl Pool {
         // Not tried already for this request, and room under `max_sessions`.
         let open =
             |b: &Backend| !tried.contains(&b.id) && b.has_room(|| session.table.pins_of(b.id));
-        match self.policy {
+        let pick = |open: &dyn Fn(&Backend) -> bool| match self.policy {
             Policy::RoundRobin => balance::round_robin(set, &self.cursor, open),
             Policy::LeastSessions => {
                 balance::least_sessions(set, &self.cursor, open, |id| session.table.pins_of(id))
             }
-        }
+        };
+        // A backend with a free slot (under `max_conns`) first; when every one is busy, the
+        // policy's choice, where the request waits its turn.
+        pick(&|b| open(b) && b.has_free_slot()).or_else(|| pick(&open))
     }
 
     fn routing(

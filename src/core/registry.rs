@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
-use crate::core::backend::{AdminState, Backend, BackendId};
+use crate::core::backend::{AdminState, Backend, BackendId, ConnLimit};
 use crate::core::pool::Pool;
 use crate::core::route::{Route, Router};
 
@@ -251,7 +251,7 @@ impl Registry {
         }
     }
 
-    /// Adds a backend of unknown health, in `state`, to `pool`.
+    /// Adds a backend of unknown health, in `state`, to `pool`, bounded by `limit`.
     pub fn add_backend(
         &self,
         pool: &str,
@@ -259,6 +259,7 @@ impl Registry {
         address: SocketAddr,
         weight: u32,
         state: AdminState,
+        limit: Option<ConnLimit>,
     ) -> Result<Arc<Backend>, ChangeError> {
         check_name(name).map_err(|message| ChangeError::Invalid {
             field: "name",
@@ -286,7 +287,7 @@ impl Registry {
                 }
             });
         }
-        let backend = Arc::new(Backend::new(name, address, weight));
+        let backend = Arc::new(Backend::new(name, address, weight).with_conn_limit(limit));
         backend.set_admin(state);
         let mut all = set.all().to_vec();
         all.push(backend.clone());
@@ -454,6 +455,7 @@ mod tests {
             "127.0.0.1:9003".parse().unwrap(),
             2,
             AdminState::Active,
+            None,
         )
         .unwrap();
         r.set_weight("app", "img2", 5).unwrap();
@@ -474,20 +476,20 @@ mod tests {
         let r = registry();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(
-            r.add_backend("nope", "x", addr, 1, AdminState::Active)
+            r.add_backend("nope", "x", addr, 1, AdminState::Active, None)
                 .unwrap_err(),
             ChangeError::UnknownPool("nope".into())
         );
         assert!(matches!(
-            r.add_backend("app", "img1", addr, 1, AdminState::Active),
+            r.add_backend("app", "img1", addr, 1, AdminState::Active, None),
             Err(ChangeError::Exists { .. })
         ));
         assert!(matches!(
-            r.add_backend("app", "with space", addr, 1, AdminState::Active),
+            r.add_backend("app", "with space", addr, 1, AdminState::Active, None),
             Err(ChangeError::Invalid { field: "name", .. })
         ));
         assert!(matches!(
-            r.add_backend("app", "x", addr, 0, AdminState::Active),
+            r.add_backend("app", "x", addr, 0, AdminState::Active, None),
             Err(ChangeError::Invalid {
                 field: "weight",
                 ..
@@ -531,8 +533,15 @@ mod tests {
                         let addr = format!("127.0.0.1:{}", 10_000 + t * 100 + i)
                             .parse()
                             .unwrap();
-                        r.add_backend("app", &format!("t{t}-{i}"), addr, 1, AdminState::Active)
-                            .unwrap();
+                        r.add_backend(
+                            "app",
+                            &format!("t{t}-{i}"),
+                            addr,
+                            1,
+                            AdminState::Active,
+                            None,
+                        )
+                        .unwrap();
                     }
                 })
             })

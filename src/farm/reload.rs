@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::config::{BackendConfig, Config, PoolConfig};
 use crate::core::affinity_cookie::AffinityCookie;
-use crate::core::backend::{AdminState, Backend};
+use crate::core::backend::{AdminState, Backend, ConnLimit};
 use crate::core::pool::{Affinity, Pool, SessionAffinity};
 use crate::core::registry::{Change, ChangeError, Registry, Topology};
 use crate::upstream::Upstream;
@@ -41,7 +41,10 @@ pub fn build_pool(config: &PoolConfig) -> Pool {
 }
 
 fn new_backend(b: &BackendConfig) -> Backend {
-    let backend = Backend::new(&b.name, b.address, b.weight);
+    let backend = Backend::new(&b.name, b.address, b.weight).with_conn_limit(
+        b.max_conns
+            .map(|(max, queue, timeout)| ConnLimit::new(max, queue, timeout)),
+    );
     backend.set_admin(b.state);
     backend.set_max_sessions(b.max_sessions);
     backend
@@ -215,7 +218,10 @@ fn apply_backend(
     let live = match registry.backend(pool, &b.name) {
         Ok((_, live)) => live,
         Err(_) => {
-            match registry.add_backend(pool, &b.name, b.address, b.weight, b.state) {
+            let limit = b
+                .max_conns
+                .map(|(max, queue, timeout)| ConnLimit::new(max, queue, timeout));
+            match registry.add_backend(pool, &b.name, b.address, b.weight, b.state, limit) {
                 Ok(added) => {
                     added.set_max_sessions(b.max_sessions);
                     out.backends_added.push(label)
@@ -240,6 +246,17 @@ fn apply_backend(
             Ok(_) => changed.push(format!("weight {weight_now} → {}", b.weight)),
             Err(e) => refused(e),
         }
+    }
+    let limit_now = live
+        .conns
+        .as_ref()
+        .map(|c| (c.max, c.queue_max, c.queue_timeout));
+    if was.map_or(limit_now != b.max_conns, |w| w.max_conns != b.max_conns)
+        && limit_now != b.max_conns
+    {
+        out.not_applied.push(format!(
+            "{label}: max_conns, queue_max, queue_timeout (remove and add the backend, or restart)"
+        ));
     }
     let max_now = live.max_sessions();
     let max_changed = was.map_or(max_now != b.max_sessions, |w| {
