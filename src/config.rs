@@ -914,10 +914,10 @@ impl PoolFile {
                         ));
                     }
                     let timeout = b.queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT);
-                    if !(timeout.is_finite() && timeout > 0.0 && timeout <= 3600.0) {
+                    if !(timeout.is_finite() && (0.001..=3600.0).contains(&timeout)) {
                         return Err(invalid(
                             format!("{bkey}.queue_timeout"),
-                            "must be more than 0 and at most 3600 seconds",
+                            "must be between 0.001 and 3600 seconds",
                         ));
                     }
                     Some((max, queue_max, std::time::Duration::from_secs_f64(timeout)))
@@ -1424,6 +1424,24 @@ address = "127.0.0.1:9001"
             err.contains("max_sessions") && err.contains("session"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn max_conns_and_its_queue_are_checked() {
+        let c = load(&format!("{MINIMAL}max_conns = 4\nqueue_timeout = 0.5\n")).unwrap();
+        assert_eq!(
+            c.pools[0].backends[0].max_conns,
+            Some((4, DEFAULT_QUEUE_MAX, std::time::Duration::from_millis(500)))
+        );
+        for (bad, key) in [
+            ("max_conns = 0", "max_conns"),
+            ("queue_max = 5", "queue_max"),
+            ("max_conns = 1\nqueue_max = 0", "queue_max"),
+            ("max_conns = 1\nqueue_timeout = 0.0000001", "queue_timeout"),
+        ] {
+            let err = load(&format!("{MINIMAL}{bad}\n")).unwrap_err();
+            assert!(err.contains(&format!("backend[0].{key}")), "{bad}: {err}");
+        }
     }
 
     #[test]

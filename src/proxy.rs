@@ -522,7 +522,8 @@ impl Proxy {
                 match &e {
                     ProxyError::Upstream { .. }
                     | ProxyError::NoBackend { .. }
-                    | ProxyError::PinnedDown { .. } => {
+                    | ProxyError::PinnedDown { .. }
+                    | ProxyError::Busy { .. } => {
                         tracing::warn!(client = %conn.peer, kind = e.kind(), "{e}")
                     }
                     _ => tracing::debug!(client = %conn.peer, kind = e.kind(), "{e}"),
@@ -615,6 +616,12 @@ impl Proxy {
                 SendError::BodyStalled => ProxyError::RequestTimeout,
             })?;
 
+        let mut reply = reply;
+        if reply.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // The backend's slot is free once its reply is read whole, however slowly the
+            // client takes it.
+            reply.body_mut().hold(trace.slot.take());
+        }
         if reply.status() == StatusCode::SWITCHING_PROTOCOLS {
             let (mut head, body) = reply.into_parts();
             let (Some(client_upgrade), Some(backend)) = (client_upgrade, body.into_tunnel()) else {
@@ -625,7 +632,7 @@ impl Proxy {
                 client_upgrade,
                 backend,
                 self.tunnel_timeout,
-                conn.clone(),
+                (conn.clone(), trace.slot.take()),
             ));
             strip_hop_by_hop(&mut head.headers, true);
             return Ok(Response::from_parts(
@@ -1149,7 +1156,11 @@ fn is_html(headers: &HeaderMap) -> bool {
 
 /// Copies bytes both ways between an upgraded client and backend until either closes,
 /// starting with what the backend sent right after its `101` head.
-async fn tunnel(client: OnUpgrade, backend: Tunnel, idle: Duration, _held: Arc<ClientConn>) {
+/// The tunnel holds what the connection held: the client's connection slot, and the
+/// backend's slot (`max_conns`), as the backend connection stays in use.
+type Held = (Arc<ClientConn>, Option<OwnedSemaphorePermit>);
+
+async fn tunnel(client: OnUpgrade, backend: Tunnel, idle: Duration, _held: Held) {
     let Tunnel { stream, early } = backend;
     let client = match client.await {
         Ok(client) => client,

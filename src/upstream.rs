@@ -144,6 +144,7 @@ impl Upstream {
                         keep_alive,
                         upstream: self.clone(),
                         stall: Inactivity::new(self.response_timeout),
+                        slot: None,
                     };
                     if matches!(body.state, BodyState::Length(0)) {
                         // No body to read: the client side may never poll it.
@@ -595,6 +596,8 @@ pub struct UpBody {
     upstream: Arc<Upstream>,
     /// The backend must send more within the response timeout whenever the body waits.
     stall: Inactivity,
+    /// The backend's slot (`max_conns`), given back when the body has been read whole.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// A connection that switched protocols, with the bytes the backend already sent past the
@@ -620,7 +623,16 @@ impl UpBody {
     }
 
     /// The body is complete: park the connection if it can serve another request.
+    /// Holds the backend's slot until the body has been read whole (or at once gives it
+    /// back, if it has).
+    pub fn hold(&mut self, slot: Option<tokio::sync::OwnedSemaphorePermit>) {
+        if !matches!(self.state, BodyState::Done) {
+            self.slot = slot;
+        }
+    }
+
     fn finish(&mut self) {
+        self.slot = None;
         self.state = BodyState::Done;
         if let Some(conn) = self.conn.take()
             && self.keep_alive

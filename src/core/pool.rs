@@ -331,8 +331,12 @@ impl Pool {
             && let Some(value) = request.affinity_cookie
             && let Some(b) = set.by_affinity_cookie(value)
             // A request naming no session starts one: a backend that takes no new sessions
-            // (draining, down) gets none, even from a browser holding its cookie.
-            && (key.is_some() || b.takes_new_sessions())
+            // (draining, down, at max_sessions, every slot busy) gets none, even from a
+            // browser holding its cookie.
+            && (key.is_some()
+                || (b.takes_new_sessions()
+                    && b.has_room(|| session.table.pins_of(b.id))
+                    && b.has_free_slot()))
         {
             if usable(b) {
                 // The cookie routes the request; the id itself is pinned only when the
@@ -380,10 +384,16 @@ impl Pool {
         // Not tried already for this request, and room under `max_sessions`.
         let open =
             |b: &Backend| !tried.contains(&b.id) && b.has_room(|| session.table.pins_of(b.id));
-        let pick = |open: &dyn Fn(&Backend) -> bool| match self.policy {
-            Policy::RoundRobin => balance::round_robin(set, &self.cursor, open),
-            Policy::LeastSessions => {
-                balance::least_sessions(set, &self.cursor, open, |id| session.table.pins_of(id))
+        // One step of the shared cursor per decision: both passes start at the same place, so
+        // a busy farm still spreads its new sessions in turn.
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let pick = |open: &dyn Fn(&Backend) -> bool| {
+            let cursor = AtomicUsize::new(start);
+            match self.policy {
+                Policy::RoundRobin => balance::round_robin(set, &cursor, open),
+                Policy::LeastSessions => {
+                    balance::least_sessions(set, &cursor, open, |id| session.table.pins_of(id))
+                }
             }
         };
         // A backend with a free slot (under `max_conns`) first; when every one is busy, the
@@ -548,6 +558,70 @@ mod tests {
             p.route(&set, &view(None, None), 1, &[]),
             Err(Refusal::NoBackend)
         ));
+    }
+
+    #[test]
+    fn new_sessions_prefer_a_backend_with_a_free_slot_and_take_turns_when_all_are_busy() {
+        let limited = |name: &str, port: u16| {
+            Backend::new(name, format!("127.0.0.1:{port}").parse().unwrap(), 1).with_conn_limit(
+                Some(crate::core::backend::ConnLimit::new(
+                    1,
+                    8,
+                    std::time::Duration::from_secs(1),
+                )),
+            )
+        };
+        let session = SessionAffinity::new(
+            SessionNames::default(),
+            IdRules::default(),
+            TableLimits::default(),
+            0,
+            0,
+        );
+        let p = Pool::new(
+            "app",
+            Policy::RoundRobin,
+            Affinity::Session(Box::new(session)),
+            None,
+            vec![limited("a", 9001), limited("b", 9002)],
+        );
+        let set = p.backends();
+        let a = &set.all()[0];
+        let busy = a
+            .conns
+            .as_ref()
+            .unwrap()
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .unwrap();
+        for _ in 0..4 {
+            let r = p.route(&set, &view(None, None), 0, &[]).unwrap();
+            assert_eq!(&*r.backend.name, "b", "a has no free slot");
+        }
+        let _also = set.all()[1]
+            .conns
+            .as_ref()
+            .unwrap()
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .unwrap();
+        let names: Vec<_> = (0..4)
+            .map(|_| {
+                p.route(&set, &view(None, None), 0, &[])
+                    .unwrap()
+                    .backend
+                    .name
+                    .clone()
+            })
+            .collect();
+        assert_eq!(
+            names.iter().filter(|n| &***n == "a").count(),
+            2,
+            "{names:?}"
+        );
+        drop(busy);
     }
 
     #[test]

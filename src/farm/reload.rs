@@ -170,7 +170,7 @@ pub fn apply(registry: &Registry, upstream: &Upstream, old: &Config, new: &Confi
         }
     }
     close_unused(registry, upstream);
-    out.not_applied = needs_restart(old, new);
+    out.not_applied.extend(needs_restart(old, new));
     out
 }
 
@@ -251,11 +251,11 @@ fn apply_backend(
         .conns
         .as_ref()
         .map(|c| (c.max, c.queue_max, c.queue_timeout));
-    if was.map_or(limit_now != b.max_conns, |w| w.max_conns != b.max_conns)
-        && limit_now != b.max_conns
-    {
+    // Compared with the running backend, not the last file: named at every reload until the
+    // backend is replaced or the process restarted.
+    if limit_now != b.max_conns {
         out.not_applied.push(format!(
-            "{label}: max_conns, queue_max, queue_timeout (remove and add the backend, or restart)"
+            "{label}: max_conns, queue_max, queue_timeout (drain, remove and add the backend, or restart)"
         ));
     }
     let max_now = live.max_sessions();
@@ -382,5 +382,23 @@ mod tests {
         let again = apply(&registry, &upstream, &running, &new);
         assert_eq!(again.not_applied, ["listen"]);
         assert!(again.backends_added.is_empty() && again.backends_removed.is_empty());
+        // A bound on a backend that stays needs it replaced: said at every reload.
+        let mut bounded = new.clone();
+        bounded.pools[0].backends[0].max_conns = Some((2, 8, std::time::Duration::from_secs(1)));
+        for _ in 0..2 {
+            let said = apply(
+                &registry,
+                &upstream,
+                &running_after(&running, new.clone()),
+                &bounded,
+            );
+            assert!(
+                said.not_applied
+                    .iter()
+                    .any(|s| s.starts_with("app/a: max_conns")),
+                "{:?}",
+                said.not_applied
+            );
+        }
     }
 }
