@@ -759,7 +759,7 @@ async fn max_conns_queues_a_sessions_requests_for_its_own_backend_and_answers_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_or_slow_queue_answers_503_with_retry_after_and_the_slot_bound_holds() {
     bounded("queue refusals", async {
-        let slow = SlowBackend::start(Duration::from_millis(600)).await;
+        let slow = SlowBackend::start(Duration::from_millis(1000)).await;
         let p = Process::start(&format!(
             "[[pool]]\nname = \"app\"\naffinity = \"client-ip\"\n\
              [[pool.backend]]\nname = \"slow\"\naddress = \"{}\"\nmax_conns = 1\nqueue_max = 1\nqueue_timeout = 5\n\
@@ -777,7 +777,7 @@ async fn a_full_or_slow_queue_answers_503_with_retry_after_and_the_slot_bound_ho
             })
         };
         // One served, one waits its turn, the third finds the queue full.
-        let replies = [send("/x", 0), send("/x", 150), send("/x", 300)];
+        let replies = [send("/x", 0), send("/x", 250), send("/x", 500)];
         let mut out = Vec::new();
         for r in replies {
             out.push(r.await.unwrap());
@@ -787,7 +787,7 @@ async fn a_full_or_slow_queue_answers_503_with_retry_after_and_the_slot_bound_ho
         assert_eq!(out[2].0, StatusCode::SERVICE_UNAVAILABLE, "{}", out[2].2);
         assert!(out[2].2.contains("queue is full") && out[2].1 == "5", "{:?}", out[2]);
         // A queue whose timeout passes before a slot frees.
-        let replies = [send("/impatient", 0), send("/impatient", 150)];
+        let replies = [send("/impatient", 0), send("/impatient", 250)];
         let first = replies.into_iter().map(|r| async { r.await.unwrap() });
         let mut got = Vec::new();
         for r in first {
