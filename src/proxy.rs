@@ -640,8 +640,9 @@ impl Proxy {
                 ReplyBody::new(ReplyKind::Text(None)),
             ));
         }
+        let scan = scan_page.then_some(scan_limit);
         Ok(reply_to_client(
-            &pool, &routing, learner, reply, scan_page, scan_limit, conn, trace,
+            &pool, &routing, learner, reply, scan, conn, trace,
         ))
     }
 
@@ -852,22 +853,20 @@ fn redispatched(
 
 /// The reply head on its way to the client: pins learned from it, hop-by-hop fields
 /// removed, the affinity cookie inserted, and the body wrapped in the page learner when the
-/// request named no known session.
-#[allow(clippy::too_many_arguments)]
+/// request named no known session (`scan`: the most bytes of the page to scan).
 fn reply_to_client(
     pool: &Arc<Pool>,
     routing: &Routing,
     learner: Learner,
     reply: Response<UpBody>,
-    scan_page: bool,
-    scan_limit: usize,
+    scan: Option<usize>,
     conn: &ClientConn,
     trace: &mut Trace,
 ) -> Response<ReplyBody> {
     let (mut head, body) = reply.into_parts();
     trace.learned = learner.from_head(pool, &head.headers, head.status.is_redirection());
-    let scan_page =
-        scan_page && trace.learned.is_none() && head.status.is_success() && is_html(&head.headers);
+    let scan = scan
+        .filter(|_| trace.learned.is_none() && head.status.is_success() && is_html(&head.headers));
     strip_hop_by_hop(&mut head.headers, false);
     if let Some(cookie) = &routing.insert_cookie {
         let value = if conn.tls {
@@ -877,7 +876,7 @@ fn reply_to_client(
         };
         head.headers.append(SET_COOKIE, value.clone());
     }
-    let body = if scan_page {
+    let body = if let Some(scan_limit) = scan {
         ReplyKind::Learning(Box::new(PageLearner::new(
             body,
             PageTap::new(pool.clone(), learner, scan_limit),

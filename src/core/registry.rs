@@ -187,7 +187,9 @@ pub struct Registry {
 }
 
 /// Held while a change is made: changes are made one at a time.
-pub struct Changing<'a>(#[allow(dead_code)] MutexGuard<'a, ()>);
+pub struct Changing<'a> {
+    _held: MutexGuard<'a, ()>,
+}
 
 impl Registry {
     /// A registry starting from `topology`.
@@ -218,7 +220,9 @@ impl Registry {
     /// Starts a change; others wait until it is dropped. A poisoned lock (a panic in the
     /// middle of a change) still serializes: the farm itself is never half-swapped.
     pub fn begin(&self) -> Changing<'_> {
-        Changing(self.changing.lock().unwrap_or_else(|e| e.into_inner()))
+        Changing {
+            _held: self.changing.lock().unwrap_or_else(|e| e.into_inner()),
+        }
     }
 
     /// Swaps in a new topology (a reload that adds, removes or rebuilds pools).
