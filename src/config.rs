@@ -15,7 +15,7 @@ use crate::core::backend::{AdminState, BackendId};
 use crate::core::balance::Policy;
 use crate::core::health::{Check, HealthPolicy, Thresholds};
 use crate::core::pool::OnPinnedDown;
-use crate::core::registry::check_name;
+use crate::core::registry::{check_name, check_weight};
 use crate::core::route::HostMatch;
 use crate::core::session_id::{IdRules, SessionNames};
 use crate::error::ConfigError;
@@ -843,12 +843,7 @@ impl PoolFile {
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(self.backends.len());
         for (j, b) in self.backends.into_iter().enumerate() {
             let bkey = format!("{key}.backend[{j}]");
-            if !(1..=256).contains(&b.weight) {
-                return Err(invalid(
-                    format!("{bkey}.weight"),
-                    "must be between 1 and 256",
-                ));
-            }
+            check_weight(b.weight).map_err(|m| invalid(format!("{bkey}.weight"), m))?;
             let name = b.name.unwrap_or_else(|| b.address.to_string());
             check_name(&name).map_err(|m| invalid(format!("{bkey}.name"), m))?;
             let id = BackendId::from_name(&name);

@@ -9,62 +9,64 @@ use std::time::Duration;
 
 use crate::admin::api::{BackendView, Pools};
 
-/// One `ctl` command.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One `ctl` command (its doc comments are its `--help`).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum Command {
-    /// List pools and backends.
+    /// List pools and backends: state, health, pins, requests in flight.
     Pools,
-    /// Add a backend.
+    /// Add a backend to a pool; it takes new sessions at once.
     Add {
-        /// Pool.
+        /// The pool.
         pool: String,
-        /// Name.
+        /// The backend's name, its stable identity.
         name: String,
-        /// `host:port`.
+        /// Where it listens (IP:port).
         address: String,
-        /// Weight.
+        /// Its share of new sessions (1-256).
+        #[arg(long, default_value_t = 1)]
         weight: u32,
     },
-    /// Drain a backend.
+    /// Drain a backend: no new sessions, its pinned sessions stay until they end.
     Drain {
-        /// Pool.
+        /// The pool.
         pool: String,
-        /// Name.
+        /// The backend.
         name: String,
     },
-    /// Enable a backend.
+    /// Make a backend active again.
     Enable {
-        /// Pool.
+        /// The pool.
         pool: String,
-        /// Name.
+        /// The backend.
         name: String,
     },
-    /// Disable a backend.
+    /// Disable a backend: nothing reaches it; its sessions follow on_pinned_down.
     Disable {
-        /// Pool.
+        /// The pool.
         pool: String,
-        /// Name.
+        /// The backend.
         name: String,
     },
-    /// Remove a backend.
+    /// Remove a backend (refused while sessions are pinned to it, unless --force).
     Remove {
-        /// Pool.
+        /// The pool.
         pool: String,
-        /// Name.
+        /// The backend.
         name: String,
-        /// Even with pins.
+        /// Remove it anyway, dropping its pins.
+        #[arg(long)]
         force: bool,
     },
-    /// Re-weight a backend.
+    /// Change a backend's weight.
     Weight {
-        /// Pool.
+        /// The pool.
         pool: String,
-        /// Name.
+        /// The backend.
         name: String,
-        /// The new weight.
+        /// The new weight (1-256).
         weight: u32,
     },
-    /// Re-read the configuration file.
+    /// Re-read the configuration file and apply what changed (as SIGHUP does).
     Reload,
 }
 

@@ -46,6 +46,18 @@ pub enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
+    /// A short label for logs and metrics (an `UPSTREAM_ERROR_KINDS` entry).
+    pub fn kind(self) -> &'static str {
+        match self {
+            UpstreamFailure::Refused => "connect-refused",
+            UpstreamFailure::ConnectTimeout => "connect-timeout",
+            UpstreamFailure::Connect => "connect-error",
+            UpstreamFailure::Reset => "reset",
+            UpstreamFailure::ResponseTimeout => "response-timeout",
+            UpstreamFailure::Invalid => "bad-reply",
+        }
+    }
+
     /// Whether no connection was made (refused, timed out, or failed otherwise): a passive
     /// health failure of the backend.
     pub fn is_connect(self) -> bool {
@@ -148,14 +160,7 @@ impl ProxyError {
             ProxyError::Busy {
                 timed_out: true, ..
             } => "queue-timeout",
-            ProxyError::Upstream { failure, .. } => match failure {
-                UpstreamFailure::Refused => "connect-refused",
-                UpstreamFailure::ConnectTimeout => "connect-timeout",
-                UpstreamFailure::Connect => "connect-error",
-                UpstreamFailure::Reset => "reset",
-                UpstreamFailure::ResponseTimeout => "response-timeout",
-                UpstreamFailure::Invalid => "bad-reply",
-            },
+            ProxyError::Upstream { failure, .. } => failure.kind(),
             ProxyError::BadRequestBody => "bad-request-body",
             ProxyError::BadHost => "bad-host",
             ProxyError::RequestTimeout => "request-timeout",

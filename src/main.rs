@@ -46,94 +46,8 @@ enum Command {
         #[arg(long = "token-file")]
         token_file: Option<PathBuf>,
         #[command(subcommand)]
-        action: CtlAction,
+        action: tidegate::ctl::Command,
     },
-}
-
-#[derive(Subcommand, Debug)]
-enum CtlAction {
-    /// List pools and backends: state, health, pins, requests in flight.
-    Pools,
-    /// Add a backend to a pool; it takes new sessions at once.
-    Add {
-        /// The pool.
-        pool: String,
-        /// The backend's name, its stable identity.
-        name: String,
-        /// Where it listens (IP:port).
-        address: String,
-        /// Its share of new sessions (1-256).
-        #[arg(long, default_value_t = 1)]
-        weight: u32,
-    },
-    /// Drain a backend: no new sessions, its pinned sessions stay until they end.
-    Drain {
-        /// The pool.
-        pool: String,
-        /// The backend.
-        name: String,
-    },
-    /// Make a backend active again.
-    Enable {
-        /// The pool.
-        pool: String,
-        /// The backend.
-        name: String,
-    },
-    /// Disable a backend: nothing reaches it; its sessions follow on_pinned_down.
-    Disable {
-        /// The pool.
-        pool: String,
-        /// The backend.
-        name: String,
-    },
-    /// Remove a backend (refused while sessions are pinned to it, unless --force).
-    Remove {
-        /// The pool.
-        pool: String,
-        /// The backend.
-        name: String,
-        /// Remove it anyway, dropping its pins.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Change a backend's weight.
-    Weight {
-        /// The pool.
-        pool: String,
-        /// The backend.
-        name: String,
-        /// The new weight (1-256).
-        weight: u32,
-    },
-    /// Re-read the configuration file and apply what changed (as SIGHUP does).
-    Reload,
-}
-
-impl CtlAction {
-    fn command(self) -> tidegate::ctl::Command {
-        use tidegate::ctl::Command as C;
-        match self {
-            CtlAction::Pools => C::Pools,
-            CtlAction::Add {
-                pool,
-                name,
-                address,
-                weight,
-            } => C::Add {
-                pool,
-                name,
-                address,
-                weight,
-            },
-            CtlAction::Drain { pool, name } => C::Drain { pool, name },
-            CtlAction::Enable { pool, name } => C::Enable { pool, name },
-            CtlAction::Disable { pool, name } => C::Disable { pool, name },
-            CtlAction::Remove { pool, name, force } => C::Remove { pool, name, force },
-            CtlAction::Weight { pool, name, weight } => C::Weight { pool, name, weight },
-            CtlAction::Reload => C::Reload,
-        }
-    }
 }
 
 #[derive(Args, Debug)]
@@ -318,7 +232,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(f.status);
                 }
             };
-            match tidegate::ctl::run(admin, token.as_deref(), &action.command()) {
+            match tidegate::ctl::run(admin, token.as_deref(), &action) {
                 Ok(out) => {
                     print!("{out}");
                     ExitCode::SUCCESS

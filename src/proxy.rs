@@ -704,8 +704,7 @@ impl Proxy {
                 // Another outcome replaces the refused attempt: its decision is taken back
                 // (each request counts one), and its failure counted for its backend.
                 pool.stats.undecide(failed.decision);
-                let kind = refused_by(&failed.backend, *failure).kind();
-                failed.backend.stats.upstream_error(kind);
+                failed.backend.stats.upstream_error(failure.kind());
             }
             let routing = match routed {
                 Ok(routing) => routing,

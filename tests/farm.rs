@@ -124,7 +124,7 @@ async fn backend_added_under_load_gets_new_sessions_and_no_session_breaks() {
         let farm = images(2, Tracking::Links).await;
         let p = Process::start(&format!(
             "[[pool]]\nname = \"app\"\n{}",
-            backend_entries(&farm.iter().collect::<Vec<_>>())
+            backend_entries(&farm)
         ))
         .await;
         let c = client();
@@ -178,7 +178,7 @@ async fn drained_backend_keeps_its_sessions_gets_none_new_and_reaches_drained() 
         // Pins expire after 3 s without use, so the drain can finish within the test.
         let p = Process::start(&format!(
             "[[pool]]\nname = \"app\"\n[pool.session]\nidle_timeout = 3\nmax_lifetime = 3600\n{}",
-            backend_entries(&farm.iter().collect::<Vec<_>>())
+            backend_entries(&farm)
         ))
         .await;
         let c = client();
@@ -275,7 +275,7 @@ async fn three_with_sessions(extra: &str) -> (Vec<Image>, Process, Vec<Session>)
     let farm = images(3, Tracking::Links).await;
     let p = Process::start(&format!(
         "[[pool]]\nname = \"app\"\n{extra}\n{}",
-        backend_entries(&farm.iter().collect::<Vec<_>>())
+        backend_entries(&farm)
     ))
     .await;
     let c = client();
@@ -529,7 +529,7 @@ async fn invalid_file_on_sighup_changes_nothing_and_says_why() {
         let farm = images(2, Tracking::Links).await;
         let body = format!(
             "[[pool]]\nname = \"app\"\n{}",
-            backend_entries(&farm.iter().collect::<Vec<_>>())
+            backend_entries(&farm)
         );
         let p = Process::start(&body).await;
         let c = client();
