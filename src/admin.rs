@@ -164,6 +164,7 @@ impl Admin {
                                 in_flight: b.stats.in_flight.load(Ordering::Relaxed),
                                 requests: b.stats.replies_total(),
                                 errors: b.stats.replies[4].load(Ordering::Relaxed),
+                                process: b.process.as_deref().map(api::ProcessView::of),
                             })
                             .collect(),
                     }
@@ -229,4 +230,6 @@ struct BackendStatus {
     requests: u64,
     /// 5xx replies (the backend's and tidegate's 502/503/504 for it).
     errors: u64,
+    /// Its process, when tidegate launches it on demand.
+    process: Option<api::ProcessView>,
 }

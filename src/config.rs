@@ -14,6 +14,7 @@ use crate::core::affinity::TableLimits;
 use crate::core::backend::{AdminState, BackendId};
 use crate::core::balance::Policy;
 use crate::core::health::{Check, HealthPolicy, Thresholds};
+use crate::core::launch::{self, LaunchSpec};
 use crate::core::pool::OnPinnedDown;
 use crate::core::registry::{check_name, check_weight};
 use crate::core::route::HostMatch;
@@ -382,6 +383,175 @@ pub struct BackendFile {
     pub queue_max: Option<usize>,
     /// Seconds a request may wait for a slot (with `max_conns`; default 10, fractions allowed).
     pub queue_timeout: Option<f64>,
+    /// The command that starts the backend when its port is closed: an argv list, with
+    /// `{port}`, `{host}` and `{name}` replaced.
+    pub launch: Option<Vec<String>>,
+    /// Seconds its port has to accept after a launch (default 60).
+    pub launch_timeout: Option<f64>,
+    /// Its working directory (relative to the configuration file).
+    pub launch_dir: Option<PathBuf>,
+    /// Variables added to its environment.
+    pub launch_env: Option<std::collections::BTreeMap<String, String>>,
+    /// The file its stdout and stderr are appended to.
+    pub launch_log: Option<String>,
+    /// Seconds after a failed launch before another is tried (default 5).
+    pub launch_backoff: Option<f64>,
+    /// Seconds with no pin and nothing in flight before it is stopped (default: never).
+    pub idle_stop: Option<f64>,
+    /// Seconds between SIGTERM and SIGKILL when it is stopped (default 10).
+    pub stop_timeout: Option<f64>,
+    /// Whether it is stopped when tidegate stops (default false: it keeps its sessions and
+    /// the next tidegate adopts it).
+    pub stop_on_exit: Option<bool>,
+}
+
+impl BackendFile {
+    /// An active backend at `address` of weight 1 with nothing else set.
+    pub fn at(address: SocketAddr, name: Option<String>) -> Self {
+        BackendFile {
+            address,
+            name,
+            weight: 1,
+            state: StateName::default(),
+            max_sessions: None,
+            max_conns: None,
+            queue_max: None,
+            queue_timeout: None,
+            launch: None,
+            launch_timeout: None,
+            launch_dir: None,
+            launch_env: None,
+            launch_log: None,
+            launch_backoff: None,
+            idle_stop: None,
+            stop_timeout: None,
+            stop_on_exit: None,
+        }
+    }
+
+    /// The launch settings, checked: the program exists and may be run, paths are resolved
+    /// against `base` (the configuration file's directory).
+    fn launch_spec(
+        &self,
+        key: &str,
+        pool: &str,
+        name: &str,
+        hold_max: usize,
+        base: &Path,
+    ) -> Result<Option<LaunchSpec>, Invalid> {
+        let Some(argv) = &self.launch else {
+            let given = [
+                ("launch_timeout", self.launch_timeout.is_some()),
+                ("launch_dir", self.launch_dir.is_some()),
+                ("launch_env", self.launch_env.is_some()),
+                ("launch_log", self.launch_log.is_some()),
+                ("launch_backoff", self.launch_backoff.is_some()),
+                ("idle_stop", self.idle_stop.is_some()),
+                ("stop_timeout", self.stop_timeout.is_some()),
+                ("stop_on_exit", self.stop_on_exit.is_some()),
+            ];
+            if let Some((k, _)) = given.iter().find(|(_, given)| *given) {
+                return Err(invalid(format!("{key}.{k}"), "is only used with launch"));
+            }
+            return Ok(None);
+        };
+        if argv.is_empty() || argv[0].is_empty() {
+            return Err(invalid(
+                format!("{key}.launch"),
+                "must name a program: [\"/path/to/program\", \"arg\", …]",
+            ));
+        }
+        for (i, arg) in argv.iter().enumerate() {
+            launch::check_placeholders(arg).map_err(|m| invalid(format!("{key}.launch[{i}]"), m))?;
+        }
+        let resolve = |p: &Path| if p.is_relative() { base.join(p) } else { p.to_path_buf() };
+        let dir = self.launch_dir.as_deref().map(resolve);
+        if let Some(dir) = &dir
+            && !dir.is_dir()
+        {
+            return Err(invalid(
+                format!("{key}.launch_dir"),
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        let mut argv = argv.clone();
+        let program = launch::expand(&argv[0], name, self.address);
+        argv[0] = find_program(&program, dir.as_deref().unwrap_or(base))
+            .map_err(|m| invalid(format!("{key}.launch[0]"), m))?;
+        let mut env = Vec::new();
+        for (k, v) in self.launch_env.iter().flatten() {
+            if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+                return Err(invalid(
+                    format!("{key}.launch_env"),
+                    format!("{k:?} is not an environment variable name (or its value holds NUL)"),
+                ));
+            }
+            env.push((k.clone(), v.clone()));
+        }
+        let log = match &self.launch_log {
+            Some(l) => {
+                launch::check_placeholders(l).map_err(|m| invalid(format!("{key}.launch_log"), m))?;
+                resolve(Path::new(&launch::expand(l, name, self.address)))
+            }
+            None => {
+                let safe = |s: &str| -> String {
+                    s.chars()
+                        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+                        .collect()
+                };
+                std::env::temp_dir().join(format!("tidegate-{}-{}.log", safe(pool), safe(name)))
+            }
+        };
+        let seconds = |k: &str, value: Option<f64>, default: f64, min: f64, max: f64| {
+            fractional_seconds(&format!("{key}.{k}"), value.unwrap_or(default), min, max)
+        };
+        Ok(Some(LaunchSpec {
+            argv,
+            dir,
+            env,
+            log,
+            timeout: seconds("launch_timeout", self.launch_timeout, 60.0, 0.1, 3600.0)?,
+            idle_stop: match self.idle_stop {
+                None => None,
+                Some(v) => Some(seconds("idle_stop", Some(v), 0.0, 1.0, 30.0 * 86_400.0)?),
+            },
+            stop_timeout: seconds("stop_timeout", self.stop_timeout, 10.0, 0.1, 3600.0)?,
+            backoff: seconds("launch_backoff", self.launch_backoff, 5.0, 0.0, 3600.0)?,
+            stop_on_exit: self.stop_on_exit.unwrap_or(false),
+            hold_max,
+        }))
+    }
+}
+
+/// The program a launch runs: a path (relative ones taken from `dir`) that must be an
+/// executable file, or a bare name found in `PATH`. Returns what to run.
+fn find_program(program: &str, dir: &Path) -> Result<String, String> {
+    let runnable = |p: &Path| {
+        let meta = std::fs::metadata(p).ok().filter(|m| m.is_file());
+        #[cfg(unix)]
+        let meta = meta.filter(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0);
+        meta.is_some()
+    };
+    if program.contains('/') {
+        let path = Path::new(program);
+        let path = if path.is_relative() { dir.join(path) } else { path.to_path_buf() };
+        return if runnable(&path) {
+            Ok(path.display().to_string())
+        } else if path.exists() {
+            Err(format!("{} is not an executable file", path.display()))
+        } else {
+            Err(format!("{} does not exist", path.display()))
+        };
+    }
+    let found = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .any(|d| runnable(&d.join(program)));
+    if found {
+        Ok(program.to_string())
+    } else {
+        Err(format!("{program:?} is not an executable found in PATH"))
+    }
 }
 
 /// `state = "active" | "drain" | "disabled"` of a backend.
@@ -522,6 +692,8 @@ pub struct BackendConfig {
     pub max_sessions: Option<u64>,
     /// `max_conns`, the queue's bound and its timeout.
     pub max_conns: Option<(u32, usize, std::time::Duration)>,
+    /// How it is launched on demand, if it is.
+    pub launch: Option<LaunchSpec>,
 }
 
 /// A validation failure: the key it concerns and what is wrong.
@@ -547,6 +719,23 @@ fn seconds(
         Err(invalid(
             key,
             format!("must be between 1 and {max} seconds{max_said}"),
+        ))
+    }
+}
+
+/// `value` seconds (fractions allowed), refused unless between `min` and `max`.
+fn fractional_seconds(
+    key: &str,
+    value: f64,
+    min: f64,
+    max: f64,
+) -> Result<std::time::Duration, Invalid> {
+    if value.is_finite() && (min..=max).contains(&value) {
+        Ok(std::time::Duration::from_secs_f64(value))
+    } else {
+        Err(invalid(
+            key,
+            format!("must be between {min} and {max} seconds"),
         ))
     }
 }
@@ -615,7 +804,7 @@ impl FileConfig {
         let mut pools: Vec<PoolConfig> = Vec::with_capacity(self.pools.len());
         for (i, pool) in self.pools.into_iter().enumerate() {
             let key = format!("pool[{i}]");
-            let pool = pool.validate(&key)?;
+            let pool = pool.validate(&key, base)?;
             if let Some(first) = pools.iter().position(|p| p.name == pool.name) {
                 return Err(invalid(
                     format!("{key}.name"),
@@ -793,7 +982,7 @@ impl TlsFile {
 }
 
 impl PoolFile {
-    fn validate(self, key: &str) -> Result<PoolConfig, Invalid> {
+    fn validate(self, key: &str, base: &Path) -> Result<PoolConfig, Invalid> {
         if self.name.is_empty() || !self.name.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(invalid(
                 format!("{key}.name"),
@@ -844,7 +1033,7 @@ impl PoolFile {
         for (j, b) in self.backends.into_iter().enumerate() {
             let bkey = format!("{key}.backend[{j}]");
             check_weight(b.weight).map_err(|m| invalid(format!("{bkey}.weight"), m))?;
-            let name = b.name.unwrap_or_else(|| b.address.to_string());
+            let name = b.name.clone().unwrap_or_else(|| b.address.to_string());
             check_name(&name).map_err(|m| invalid(format!("{bkey}.name"), m))?;
             let id = BackendId::from_name(&name);
             if let Some(k) = backends.iter().position(|o| o.name == name) {
@@ -878,17 +1067,24 @@ impl PoolFile {
                     ));
                 }
             }
+                let queue_max = b.queue_max.unwrap_or(DEFAULT_QUEUE_MAX);
+            if b.max_conns.is_none() && b.launch.is_none() && b.queue_max.is_some() {
+                return Err(invalid(
+                    format!("{bkey}.queue_max"),
+                    "is only used with max_conns or launch",
+                ));
+            }
+            if !(1..=1_000_000).contains(&queue_max) {
+                return Err(invalid(
+                    format!("{bkey}.queue_max"),
+                    "must be between 1 and 1000000",
+                ));
+            }
             let max_conns = match b.max_conns {
                 None => {
-                    if let Some(k) = [
-                        ("queue_max", b.queue_max.is_some()),
-                        ("queue_timeout", b.queue_timeout.is_some()),
-                    ]
-                    .iter()
-                    .find(|(_, given)| *given)
-                    {
+                    if b.queue_timeout.is_some() {
                         return Err(invalid(
-                            format!("{bkey}.{}", k.0),
+                            format!("{bkey}.queue_timeout"),
                             "is only used with max_conns",
                         ));
                     }
@@ -901,23 +1097,16 @@ impl PoolFile {
                             "must be between 1 and 100000",
                         ));
                     }
-                    let queue_max = b.queue_max.unwrap_or(DEFAULT_QUEUE_MAX);
-                    if !(1..=1_000_000).contains(&queue_max) {
-                        return Err(invalid(
-                            format!("{bkey}.queue_max"),
-                            "must be between 1 and 1000000",
-                        ));
-                    }
-                    let timeout = b.queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT);
-                    if !(timeout.is_finite() && (0.001..=3600.0).contains(&timeout)) {
-                        return Err(invalid(
-                            format!("{bkey}.queue_timeout"),
-                            "must be between 0.001 and 3600 seconds",
-                        ));
-                    }
-                    Some((max, queue_max, std::time::Duration::from_secs_f64(timeout)))
+                    let timeout = fractional_seconds(
+                        &format!("{bkey}.queue_timeout"),
+                        b.queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT),
+                        0.001,
+                        3600.0,
+                    )?;
+                    Some((max, queue_max, timeout))
                 }
             };
+            let launch = b.launch_spec(&bkey, &self.name, &name, queue_max, base)?;
             backends.push(BackendConfig {
                 name,
                 address: b.address,
@@ -925,6 +1114,7 @@ impl PoolFile {
                 state: b.state.admin(),
                 max_sessions: b.max_sessions,
                 max_conns,
+                launch,
             });
         }
         let session = match (self.affinity, self.session) {
@@ -995,12 +1185,7 @@ impl HealthFile {
             3600,
             " (an hour)",
         )?;
-        if !(self.timeout.is_finite() && self.timeout > 0.0 && self.timeout <= 60.0) {
-            return Err(invalid(
-                format!("{key}.timeout"),
-                "must be more than 0 and at most 60 seconds",
-            ));
-        }
+        let timeout = fractional_seconds(&format!("{key}.timeout"), self.timeout, 0.001, 60.0)?;
         for (name, value) in [("rise", self.rise), ("fall", self.fall)] {
             if !(1..=100).contains(&value) {
                 return Err(invalid(
@@ -1049,7 +1234,7 @@ impl HealthFile {
         Ok(HealthPolicy {
             check,
             interval,
-            timeout: std::time::Duration::from_secs_f64(self.timeout),
+            timeout,
             thresholds: Thresholds {
                 rise: self.rise,
                 fall: self.fall,

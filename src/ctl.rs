@@ -169,8 +169,12 @@ pub fn run(admin: SocketAddr, token: Option<&str>, command: &Command) -> Result<
                 Command::Weight { .. } => "re-weighted",
                 _ => "now",
             };
+            let process = b
+                .process
+                .as_ref()
+                .map_or_else(String::new, |p| format!(" process {}", p.summary()));
             format!(
-                "{} {done}: {} weight {} {} health {} pins {} in flight {}\n",
+                "{} {done}: {} weight {} {} health {} pins {} in flight {}{process}\n",
                 b.name, b.address, b.weight, b.state, b.health, b.pins, b.in_flight
             )
         }
@@ -202,8 +206,9 @@ pub fn pools_table(pools: &Pools) -> String {
         "HEALTH",
         "PINS",
         "IN-FLIGHT",
+        "PROCESS",
     ];
-    let mut rows: Vec<[String; 8]> = vec![header.map(String::from)];
+    let mut rows: Vec<[String; 9]> = vec![header.map(String::from)];
     for p in &pools.pools {
         for b in &p.backends {
             rows.push([
@@ -215,15 +220,26 @@ pub fn pools_table(pools: &Pools) -> String {
                 b.health.clone(),
                 b.pins.to_string(),
                 b.in_flight.to_string(),
+                b.process.as_ref().map_or_else(|| "-".into(), |p| p.summary()),
             ]);
         }
     }
-    let widths: Vec<usize> = (0..8)
+    let widths: Vec<usize> = (0..9)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
+    // The process column only for a farm that launches images.
+    let columns = if pools
+        .pools
+        .iter()
+        .any(|p| p.backends.iter().any(|b| b.process.is_some()))
+    {
+        9
+    } else {
+        8
+    };
     let mut out = String::new();
     for row in rows {
-        let line: Vec<String> = row
+        let line: Vec<String> = row[..columns]
             .iter()
             .zip(&widths)
             .map(|(cell, w)| format!("{cell:<w$}"))

@@ -110,6 +110,19 @@ pub enum ProxyError {
         /// Seconds the client is asked to wait.
         retry_after: u64,
     },
+    /// The backend's image could not be had: its launch failed, a back-off after a failed
+    /// launch is running, or the launch already holds `queue_max` requests. A 503 with
+    /// `Retry-After`.
+    NotLaunched {
+        /// Backend name.
+        backend: Box<str>,
+        /// Why.
+        why: crate::core::launch::HoldRefusal,
+        /// What the launch said (its exit status or timeout), when it failed.
+        reason: Option<std::sync::Arc<str>>,
+        /// Seconds the client is asked to wait.
+        retry_after: u64,
+    },
     /// The chosen backend could not be reached or broke off.
     Upstream {
         /// Backend name.
@@ -136,7 +149,8 @@ impl ProxyError {
             ProxyError::Connect => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoBackend { .. }
             | ProxyError::PinnedDown { .. }
-            | ProxyError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::Busy { .. }
+            | ProxyError::NotLaunched { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream {
                 failure: UpstreamFailure::ResponseTimeout,
                 ..
@@ -160,6 +174,11 @@ impl ProxyError {
             ProxyError::Busy {
                 timed_out: true, ..
             } => "queue-timeout",
+            ProxyError::NotLaunched { why, .. } => match why {
+                crate::core::launch::HoldRefusal::Full => "launch-queue-full",
+                crate::core::launch::HoldRefusal::Backoff => "launch-backoff",
+                crate::core::launch::HoldRefusal::Failed => "launch-failed",
+            },
             ProxyError::Upstream { failure, .. } => failure.kind(),
             ProxyError::BadRequestBody => "bad-request-body",
             ProxyError::BadHost => "bad-host",
@@ -201,6 +220,24 @@ impl std::fmt::Display for ProxyError {
                 "backend {backend}, which holds this session, is unavailable; \
                  try again in {retry_after} s"
             ),
+            ProxyError::NotLaunched {
+                backend,
+                why,
+                reason,
+                retry_after,
+            } => {
+                use crate::core::launch::HoldRefusal;
+                let what = match why {
+                    HoldRefusal::Full => "is starting and holds as many requests as it may",
+                    HoldRefusal::Backoff => "could not be started a moment ago",
+                    HoldRefusal::Failed => "could not be started",
+                };
+                write!(f, "backend {backend} {what}")?;
+                if let Some(reason) = reason {
+                    write!(f, " ({reason})")?;
+                }
+                write!(f, "; try again in {retry_after} s")
+            }
             ProxyError::Upstream {
                 backend,
                 address,

@@ -36,6 +36,19 @@ enum Command {
         /// Where the balancer listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Start with every image stopped: tidegate launches each (as a child process) when
+        /// sessions need it, and stops it when its sessions are gone.
+        #[arg(long = "on-demand")]
+        on_demand: bool,
+    },
+    /// Run one Seaside-like demo image on its own (what `demo --on-demand` launches).
+    Image {
+        /// Where the image listens.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The name its pages show.
+        #[arg(long, default_value = "image")]
+        name: String,
     },
     /// Read and change a running farm through its admin API.
     Ctl {
@@ -117,16 +130,7 @@ impl RunArgs {
             let address = addr
                 .parse()
                 .map_err(|e| flag_error("--backend", format!("{spec:?}: {e}")))?;
-            backends.push(BackendFile {
-                address,
-                name,
-                weight: 1,
-                state: Default::default(),
-                max_sessions: None,
-                max_conns: None,
-                queue_max: None,
-                queue_timeout: None,
-            });
+            backends.push(BackendFile::at(address, name));
         }
         let mut pool = PoolFile {
             backends,
@@ -243,10 +247,18 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Demo { listen }) => {
+        Some(Command::Demo { listen, on_demand }) => {
             let _logs = init_logs(LogFormat::Text);
-            run(0, async move { demo(listen).await })
+            run(0, async move { demo(listen, on_demand).await })
         }
+        Some(Command::Image { listen, name }) => run(1, async move {
+            let image = Image::start(listen, ImageOptions::new(&name))
+                .await
+                .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            eprintln!("demo image {name} serving on {}", image.addr);
+            shutdown_signal().await;
+            Ok(())
+        }),
         None => {
             let config = match &cli.run.config {
                 Some(path) => Config::from_file(path),
@@ -352,17 +364,54 @@ async fn serve(config: Config, options: tidegate::server::Options) -> Result<(),
 const DEMO_CERT: &str = "certs/localhost.pem";
 const DEMO_KEY: &str = "certs/localhost.key";
 
-async fn demo(listen: SocketAddr) -> Result<(), String> {
+/// Sessions per image in `demo --on-demand`: few, so that a second image is launched after
+/// a couple of browsers.
+const ON_DEMAND_SESSIONS: u32 = 2;
+/// Seconds an idle on-demand demo image runs before it is stopped.
+const ON_DEMAND_IDLE_STOP: u32 = 20;
+/// Seconds a demo session lives without a click, on demand (so images go idle in minutes).
+const ON_DEMAND_SESSION_IDLE: u32 = 60;
+
+async fn demo(listen: SocketAddr, on_demand: bool) -> Result<(), String> {
+    let names = ["image-1", "image-2", "image-3"];
     let mut images = Vec::new();
-    for name in ["image-1", "image-2", "image-3"] {
-        let image = Image::start(
-            "127.0.0.1:0".parse().expect("address"),
-            ImageOptions::new(name),
-        )
-        .await
-        .map_err(|e| format!("cannot start demo image {name}: {e}"))?;
-        images.push(image);
-    }
+    let backends = if on_demand {
+        // Each image is this program in its image mode, launched when sessions need it.
+        let program = std::env::current_exe()
+            .map_err(|e| format!("cannot find this program to launch its images: {e}"))?;
+        let mut entries = String::new();
+        for name in names {
+            let address = free_port().map_err(|e| format!("no free port for {name}: {e}"))?;
+            entries.push_str(&format!(
+                "[[pool.backend]]\nname = \"{name}\"\naddress = \"{address}\"\n\
+                 launch = [{:?}, \"image\", \"--listen\", \"{{host}}:{{port}}\", \"--name\", \"{{name}}\"]\n\
+                 max_sessions = {ON_DEMAND_SESSIONS}\nidle_stop = {ON_DEMAND_IDLE_STOP}\nlaunch_timeout = 10\n\
+                 stop_timeout = 2\nstop_on_exit = true\n",
+                program.display().to_string()
+            ));
+        }
+        format!("[pool.session]\nidle_timeout = {ON_DEMAND_SESSION_IDLE}\n{entries}")
+    } else {
+        for name in names {
+            let image = Image::start(
+                "127.0.0.1:0".parse().expect("address"),
+                ImageOptions::new(name),
+            )
+            .await
+            .map_err(|e| format!("cannot start demo image {name}: {e}"))?;
+            images.push(image);
+        }
+        images
+            .iter()
+            .map(|i| {
+                format!(
+                    "[[pool.backend]]\nname = \"{}\"\naddress = \"{}\"\n",
+                    i.name(),
+                    i.addr
+                )
+            })
+            .collect()
+    };
     let secret = tidegate::demo::random_key(32);
     // With the development certificate in certs/ (run from the repository), an HTTPS
     // listener joins on port + 363 (8080 → 8443).
@@ -382,15 +431,7 @@ async fn demo(listen: SocketAddr) -> Result<(), String> {
     };
     let text = format!(
         "listen = [\"{listen}\"]\n{tls}[[pool]]\nname = \"demo\"\n\
-         [pool.affinity_cookie]\nsecret = \"{secret}\"\n{}",
-        images
-            .iter()
-            .map(|i| format!(
-                "[[pool.backend]]\nname = \"{}\"\naddress = \"{}\"\n",
-                i.name(),
-                i.addr
-            ))
-            .collect::<String>()
+         [pool.affinity_cookie]\nsecret = \"{secret}\"\n{backends}"
     );
     let config = Config::from_toml(&text, "demo").map_err(|e| e.to_string())?;
     // An admin token of its own, so that a newcomer can drain and add images at once.
@@ -411,8 +452,18 @@ async fn demo(listen: SocketAddr) -> Result<(), String> {
         ),
         token.0.display()
     );
+    let on_demand_note = if on_demand {
+        format!(
+            "\n  on demand: every image is stopped now. The first session launches image-1 (a\n  \
+             child process of this demo); each image takes {ON_DEMAND_SESSIONS} sessions, so a third browser (or\n  \
+             curl without cookies) launches image-2. An image whose sessions have all expired\n  \
+             ({ON_DEMAND_SESSION_IDLE} s without a click) is stopped {ON_DEMAND_IDLE_STOP} s later. Watch the log and the status page.\n"
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "\ntidegate demo: three Seaside-like images behind http://{listen}/app\n\
+        "\ntidegate demo: three Seaside-like images behind http://{listen}/app\n{on_demand_note}\
          \n  open it in a browser and click 'increment': every click stays on the same image.\n\
          \n  or with curl (the session key travels in the links, as in Seaside 3):\n\
          \n    curl -s http://{listen}/app | grep -o 'href=\"[^\"]*\"'\n\
@@ -494,4 +545,10 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+}
+
+/// A port nothing listens on now, for a demo image launched later (picked by binding port 0
+/// and letting it go).
+fn free_port() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }

@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry;
 use crate::core::affinity::AffinityTable;
 use crate::core::backend::AdminState;
 use crate::core::health::Health;
+use crate::core::launch::{HoldRefusal, LaunchFailure, ProcessState, ProcessStats};
 use crate::core::learn::LearnSource;
 use crate::core::pool::Decision;
 use crate::core::registry::Change;
@@ -212,6 +213,115 @@ impl Collector for Exposition {
                 counter(
                     &mut m,
                     &[("pool", &pool), ("backend", &backend), ("reason", reason)],
+                    load(n),
+                )?;
+            }
+        }
+
+        let launchable = || {
+            pools.iter().flat_map(|p| {
+                let set = p.backends();
+                set.all()
+                    .iter()
+                    .filter_map(|b| Some((p.name.clone(), b.name.clone(), b.process.clone()?)))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let mut m = e.encode_descriptor(
+            "tidegate_backend_process",
+            "1 for the state each launchable backend's process is in: stopped, launching, running, stopping",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pool, backend, p) in launchable() {
+            let current = p.state();
+            for state in ProcessState::ALL {
+                gauge(
+                    &mut m,
+                    &[("pool", &pool), ("backend", &backend), ("state", state.as_str())],
+                    i64::from(state == current),
+                )?;
+            }
+        }
+        let process_counters: [(&str, &str, fn(&ProcessStats) -> &AtomicU64); 3] = [
+            (
+                "tidegate_launches",
+                "Launches of a backend's process started by tidegate",
+                |s| &s.launches,
+            ),
+            (
+                "tidegate_idle_stops",
+                "Processes stopped after idle_stop with no session and no request",
+                |s| &s.idle_stops,
+            ),
+            (
+                "tidegate_process_exits",
+                "Processes that exited without tidegate asking (their backend marked down)",
+                |s| &s.exits,
+            ),
+        ];
+        for (name, help, field) in process_counters {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (pool, backend, p) in launchable() {
+                counter(&mut m, &[("pool", &pool), ("backend", &backend)], load(field(&p.stats)))?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_launch_failures",
+            "Launches that failed: spawn (could not run), exited (before its port accepted), timeout (launch_timeout)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pool, backend, p) in launchable() {
+            for (why, n) in LaunchFailure::ALL.iter().zip(&p.stats.failures) {
+                counter(
+                    &mut m,
+                    &[("pool", &pool), ("backend", &backend), ("reason", why.as_str())],
+                    load(n),
+                )?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_launch_duration_seconds",
+            "Time from a launch's start to its port accepting",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (pool, backend, p) in launchable() {
+            let (sum, count, buckets) = p.stats.launch_duration.snapshot();
+            m.encode_family(&[("pool", &*pool), ("backend", &*backend)])?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_launch_waiting",
+            "Requests waiting now for a backend's process to run",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pool, backend, p) in launchable() {
+            let n = p.holding.load(Ordering::Relaxed) as i64;
+            gauge(&mut m, &[("pool", &pool), ("backend", &backend)], n)?;
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_launch_waited",
+            "Requests that waited for a backend's process to be launched",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pool, backend, p) in launchable() {
+            counter(&mut m, &[("pool", &pool), ("backend", &backend)], load(&p.stats.held))?;
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_launch_refused",
+            "Requests answered 503 instead of waiting for a launch: full (queue_max held already), backoff (after a failed launch), failed (the launch they waited for)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pool, backend, p) in launchable() {
+            for (why, n) in HoldRefusal::ALL.iter().zip(&p.stats.refused) {
+                counter(
+                    &mut m,
+                    &[("pool", &pool), ("backend", &backend), ("reason", why.as_str())],
                     load(n),
                 )?;
             }

@@ -33,7 +33,7 @@ use crate::core::registry::Registry;
 use crate::core::session_id::{self, IdSource};
 use crate::core::stats::FrontStats;
 use crate::error::{ProxyError, UpstreamFailure};
-use crate::farm::health;
+use crate::farm::{health, launch};
 use crate::learn::{Learner, PageLearner, PageTap};
 use crate::upstream::{
     self, CountBytesIn, PeekError, RequestBody, SendError, ToBackend, Tunnel, UpBody, Upstream,
@@ -523,7 +523,8 @@ impl Proxy {
                     ProxyError::Upstream { .. }
                     | ProxyError::NoBackend { .. }
                     | ProxyError::PinnedDown { .. }
-                    | ProxyError::Busy { .. } => {
+                    | ProxyError::Busy { .. }
+                    | ProxyError::NotLaunched { .. } => {
                         tracing::warn!(client = %conn.peer, kind = e.kind(), "{e}")
                     }
                     _ => tracing::debug!(client = %conn.peer, kind = e.kind(), "{e}"),
@@ -728,6 +729,12 @@ impl Proxy {
             };
             trace.routed(&routing, view.id.map(|(id, _)| id));
             let backend = &routing.backend;
+            // An image started on demand: launched if stopped, waited for while launching.
+            if let Some(process) = &backend.process
+                && !process.is_running()
+            {
+                launch::ready(pool, backend, process).await?;
+            }
             let slot = match &backend.conns {
                 None => None,
                 Some(limit) => Some(wait_for_slot(limit, backend).await?),
@@ -894,7 +901,10 @@ fn refusal(e: &ProxyError) -> Response<ReplyBody> {
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    if let ProxyError::PinnedDown { retry_after, .. } | ProxyError::Busy { retry_after, .. } = e {
+    if let ProxyError::PinnedDown { retry_after, .. }
+    | ProxyError::Busy { retry_after, .. }
+    | ProxyError::NotLaunched { retry_after, .. } = e
+    {
         reply
             .headers_mut()
             .insert(http::header::RETRY_AFTER, HeaderValue::from(*retry_after));

@@ -142,6 +142,9 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
     let hangup = watch_hangup();
     let token = admin_token(config, &options)?;
     let registry = Arc::new(Registry::new(farm::topology(config)));
+    // Images left running by a tidegate before this one keep their sessions: adopted before
+    // the first request could launch them twice.
+    farm::launch::adopt_running(&registry).await;
     let upstream = Arc::new(upstream::Upstream::new(
         &config.upstream,
         config.client_timeout,
@@ -333,10 +336,12 @@ impl Running {
         self.shutdown().await;
     }
 
-    /// Stops accepting, lets requests in flight finish, and stops the sweepers.
+    /// Stops accepting, lets requests in flight finish, stops the sweepers, and stops the
+    /// images launched with `stop_on_exit`.
     pub async fn shutdown(mut self) {
         self.shutdown.fire();
         while self.tasks.join_next().await.is_some() {}
+        farm::launch::on_exit(&self.farm.registry).await;
     }
 }
 

@@ -27,7 +27,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
-use crate::core::backend::{AdminState, Backend};
+use crate::core::backend::{AdminState, Backend, Extras};
 use crate::core::pool::Pool;
 use crate::core::registry::ChangeError;
 use crate::farm::{Farm, ReloadError};
@@ -105,6 +105,54 @@ pub struct BackendView {
     pub pins: u64,
     /// Requests it is serving now.
     pub in_flight: i64,
+    /// Its process, when tidegate launches it on demand (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessView>,
+}
+
+/// A launchable backend's process as the API shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ProcessView {
+    /// `stopped`, `launching`, `running` or `stopping`.
+    pub state: String,
+    /// Its process id, when known.
+    pub pid: Option<u32>,
+    /// Seconds since its port accepted (running only).
+    pub uptime_seconds: Option<u64>,
+    /// Whether it was found running rather than launched by this tidegate.
+    pub adopted: bool,
+    /// Launches started by this tidegate.
+    pub launches: u64,
+    /// Requests waiting for it to run now.
+    pub waiting: usize,
+    /// Why its last launch failed, until one succeeds.
+    pub last_failure: Option<String>,
+}
+
+impl ProcessView {
+    pub(crate) fn of(p: &crate::core::launch::Process) -> Self {
+        use crate::core::launch::ProcessState;
+        let state = p.state();
+        ProcessView {
+            state: state.as_str().into(),
+            pid: p.pid(),
+            uptime_seconds: (state == ProcessState::Running)
+                .then(|| u64::from(crate::clock::unix_now().saturating_sub(p.since()))),
+            adopted: p.adopted(),
+            launches: p.stats.launches.load(std::sync::atomic::Ordering::Relaxed),
+            waiting: p.holding.load(std::sync::atomic::Ordering::Relaxed),
+            last_failure: p.last_failure().map(|f| f.to_string()),
+        }
+    }
+
+    /// A few words for a table cell: `running (pid 42, 3 min)`, `stopped`.
+    pub fn summary(&self) -> String {
+        match (self.pid, self.uptime_seconds) {
+            (Some(pid), Some(up)) => format!("{} (pid {pid}, {up} s)", self.state),
+            (Some(pid), None) => format!("{} (pid {pid})", self.state),
+            _ => self.state.clone(),
+        }
+    }
 }
 
 impl BackendView {
@@ -121,6 +169,7 @@ impl BackendView {
                 .in_flight
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .max(0),
+            process: b.process.as_deref().map(ProcessView::of),
         }
     }
 }
@@ -278,7 +327,7 @@ pub async fn answer(farm: &Arc<Farm>, token: &Token, req: Request<Incoming>) -> 
                 address,
                 new.weight,
                 AdminState::Active,
-                None,
+                Extras::default(),
             ) {
                 Ok(b) => {
                     tracing::info!(pool, backend = %b.name, address = %b.address, weight = b.weight(), "admin API: backend added");

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use http::HeaderValue;
 
 use crate::core::health::{Health, HealthCounter};
+use crate::core::launch::{Process, ProcessState};
 use crate::core::stats::BackendStats;
 
 /// Seed for every hash that must agree across instances and restarts.
@@ -98,6 +99,17 @@ pub struct Backend {
     /// The bound on concurrent requests and its queue, if any (shared with the backend it
     /// replaced when it moved address).
     pub conns: Option<Arc<ConnLimit>>,
+    /// Its process, when tidegate launches it on demand (`launch`).
+    pub process: Option<Arc<Process>>,
+}
+
+/// What a backend may have besides its name, address, weight and state.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// A bound on its concurrent requests (`max_conns`) and its queue.
+    pub conns: Option<ConnLimit>,
+    /// Its process, when tidegate launches it on demand.
+    pub process: Option<Process>,
 }
 
 /// A backend's bound on concurrent requests (`max_conns`) and the queue in front of it:
@@ -162,13 +174,15 @@ impl Backend {
             admin: AtomicU8::new(AdminState::Active as u8),
             max_sessions: AtomicU64::new(0),
             conns: None,
+            process: None,
         }
     }
 
-    /// The same backend serving at most `limit.max` requests at once.
-    pub fn with_conn_limit(self, limit: Option<ConnLimit>) -> Self {
+    /// The same backend with a bound on its requests or a process launched on demand.
+    pub fn with_extras(self, extras: Extras) -> Self {
         Backend {
-            conns: limit.map(Arc::new),
+            conns: extras.conns.map(Arc::new),
+            process: extras.process.map(Arc::new),
             ..self
         }
     }
@@ -186,6 +200,7 @@ impl Backend {
             admin: AtomicU8::new(self.admin() as u8),
             max_sessions: AtomicU64::new(self.max_sessions().unwrap_or(0)),
             conns: self.conns.clone(),
+            process: self.process.clone(),
         }
     }
 
@@ -267,6 +282,29 @@ impl Backend {
     #[inline]
     pub fn takes_new_sessions(&self) -> bool {
         self.admin() == AdminState::Active && self.health.get() != Health::Down
+    }
+
+    /// Whether its port may be expected to accept: always, unless it is launched on demand
+    /// and its process is not running.
+    #[inline]
+    pub fn is_running(&self) -> bool {
+        self.process.as_ref().is_none_or(|p| p.is_running())
+    }
+
+    /// Whether its process is being launched now.
+    #[inline]
+    pub fn is_launching(&self) -> bool {
+        self.process
+            .as_ref()
+            .is_some_and(|p| p.state() == ProcessState::Launching)
+    }
+
+    /// Whether a request may launch its process at `now`: launched on demand, stopped, past
+    /// any back-off, and not disabled.
+    #[inline]
+    pub fn may_launch(&self, now: u32) -> bool {
+        self.admin() != AdminState::Disabled
+            && self.process.as_ref().is_some_and(|p| p.may_launch(now))
     }
 
     /// Whether sessions already pinned here may still be served here.

@@ -148,6 +148,32 @@ impl HealthCounter {
         self.fall_if(streak, t)
     }
 
+    /// Its process died: down at once, whatever the streaks.
+    pub fn force_down(&self) -> Option<Transition> {
+        self.clear_streaks();
+        let now = self.get();
+        (now != Health::Down).then(|| self.move_to(now, Health::Down))?
+    }
+
+    /// Its process was (re)launched and its port accepted: up at once, streaks cleared.
+    pub fn launched(&self) -> Option<Transition> {
+        self.clear_streaks();
+        let now = self.get();
+        (now != Health::Up).then(|| self.move_to(now, Health::Up))?
+    }
+
+    /// Its process was stopped as asked: nothing is known of it until it runs again.
+    pub fn forget(&self) {
+        self.clear_streaks();
+        self.state.store(Health::Unknown as u8, Ordering::Relaxed);
+    }
+
+    fn clear_streaks(&self) {
+        self.passive_failures.store(0, Ordering::Relaxed);
+        self.check_failures.store(0, Ordering::Relaxed);
+        self.check_successes.store(0, Ordering::Relaxed);
+    }
+
     fn fall_if(&self, streak: u32, t: Thresholds) -> Option<Transition> {
         let now = self.get();
         if now != Health::Down && streak >= t.fall.max(1) {

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod balance;
 pub mod health;
 pub mod history;
+pub mod launch;
 pub mod learn;
 pub mod pool;
 pub mod registry;

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 
 use crate::core::affinity::{AffinityTable, PinKey, TableLimits};
 use crate::core::affinity_cookie::AffinityCookie;
-use crate::core::backend::{AffinityCookieValue, Backend, BackendId, BackendSet};
+use crate::core::backend::{AdminState, AffinityCookieValue, Backend, BackendId, BackendSet};
 use crate::core::balance::{self, Policy};
 use crate::core::health::HealthPolicy;
 use crate::core::route::HostMatch;
@@ -316,7 +316,13 @@ impl Pool {
                 Some(b) if usable(b) => {
                     return Ok(self.routing(set, b, Decision::Pinned, false, request));
                 }
+                // Its image died: with `fail` the session waits for that image, so the
+                // request launches it again (the session is gone from its memory, but the
+                // image says so itself and starts a new one there).
                 Some(b) if self.on_pinned_down == OnPinnedDown::Fail => {
+                    if b.may_launch(now) && !tried.contains(&b.id) {
+                        return Ok(self.routing(set, b, Decision::Pinned, false, request));
+                    }
                     return Err(Refusal::PinnedDown(b.clone()));
                 }
                 Some(_) => moved_from = Some(owner),
@@ -335,6 +341,7 @@ impl Pool {
             // browser holding its cookie.
             && (key.is_some()
                 || (b.takes_new_sessions()
+                    && b.is_running()
                     && b.has_room(|| session.table.pins_of(b.id))
                     && b.has_free_slot()))
         {
@@ -356,7 +363,7 @@ impl Pool {
             moved_from = Some(b.id);
         }
         let b = self
-            .pick_new(set, session, tried)
+            .pick_new(set, session, tried, now)
             .ok_or(Refusal::NoBackend)?;
         let decision = match moved_from {
             None => Decision::New,
@@ -380,6 +387,7 @@ impl Pool {
         set: &'s BackendSet,
         session: &SessionAffinity,
         tried: &[BackendId],
+        now: u32,
     ) -> Option<&'s Arc<Backend>> {
         // Not tried already for this request, and room under `max_sessions`.
         let open =
@@ -396,9 +404,19 @@ impl Pool {
                 }
             }
         };
-        // A backend with a free slot (under `max_conns`) first; when every one is busy, the
-        // policy's choice, where the request waits its turn.
-        pick(&|b| open(b) && b.has_free_slot()).or_else(|| pick(&open))
+        // A running backend with a free slot (under `max_conns`) first; when every one is
+        // busy, the policy's choice, where the request waits its turn; then an image being
+        // launched (the request waits for it with the others); and only when none of those
+        // has room, the next stopped image is launched, in the order the pool lists them, so
+        // a pool of images bounded by `max_sessions` runs as few as its sessions need.
+        pick(&|b| open(b) && b.is_running() && b.has_free_slot())
+            .or_else(|| pick(&|b| open(b) && b.is_running()))
+            .or_else(|| pick(&|b| open(b) && b.is_launching()))
+            .or_else(|| {
+                set.all().iter().find(|b| {
+                    b.admin() == AdminState::Active && b.may_launch(now) && open(b)
+                })
+            })
     }
 
     fn routing(
@@ -426,7 +444,6 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::backend::AdminState;
     use std::net::Ipv4Addr;
 
     fn backends() -> Vec<Backend> {
@@ -563,12 +580,15 @@ mod tests {
     #[test]
     fn new_sessions_prefer_a_backend_with_a_free_slot_and_take_turns_when_all_are_busy() {
         let limited = |name: &str, port: u16| {
-            Backend::new(name, format!("127.0.0.1:{port}").parse().unwrap(), 1).with_conn_limit(
-                Some(crate::core::backend::ConnLimit::new(
-                    1,
-                    8,
-                    std::time::Duration::from_secs(1),
-                )),
+            Backend::new(name, format!("127.0.0.1:{port}").parse().unwrap(), 1).with_extras(
+                crate::core::backend::Extras {
+                    conns: Some(crate::core::backend::ConnLimit::new(
+                        1,
+                        8,
+                        std::time::Duration::from_secs(1),
+                    )),
+                    process: None,
+                },
             )
         };
         let session = SessionAffinity::new(

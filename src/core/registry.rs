@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
-use crate::core::backend::{AdminState, Backend, BackendId, ConnLimit};
+use crate::core::backend::{AdminState, Backend, BackendId, Extras};
 use crate::core::pool::Pool;
 use crate::core::route::{Route, Router};
 
@@ -263,7 +263,7 @@ impl Registry {
         address: SocketAddr,
         weight: u32,
         state: AdminState,
-        limit: Option<ConnLimit>,
+        extras: Extras,
     ) -> Result<Arc<Backend>, ChangeError> {
         check_name(name).map_err(|message| ChangeError::Invalid {
             field: "name",
@@ -291,7 +291,7 @@ impl Registry {
                 }
             });
         }
-        let backend = Arc::new(Backend::new(name, address, weight).with_conn_limit(limit));
+        let backend = Arc::new(Backend::new(name, address, weight).with_extras(extras));
         backend.set_admin(state);
         let mut all = set.all().to_vec();
         all.push(backend.clone());
@@ -459,7 +459,7 @@ mod tests {
             "127.0.0.1:9003".parse().unwrap(),
             2,
             AdminState::Active,
-            None,
+            Extras::default(),
         )
         .unwrap();
         r.set_weight("app", "img2", 5).unwrap();
@@ -480,20 +480,20 @@ mod tests {
         let r = registry();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(
-            r.add_backend("nope", "x", addr, 1, AdminState::Active, None)
+            r.add_backend("nope", "x", addr, 1, AdminState::Active, Extras::default())
                 .unwrap_err(),
             ChangeError::UnknownPool("nope".into())
         );
         assert!(matches!(
-            r.add_backend("app", "img1", addr, 1, AdminState::Active, None),
+            r.add_backend("app", "img1", addr, 1, AdminState::Active, Extras::default()),
             Err(ChangeError::Exists { .. })
         ));
         assert!(matches!(
-            r.add_backend("app", "with space", addr, 1, AdminState::Active, None),
+            r.add_backend("app", "with space", addr, 1, AdminState::Active, Extras::default()),
             Err(ChangeError::Invalid { field: "name", .. })
         ));
         assert!(matches!(
-            r.add_backend("app", "x", addr, 0, AdminState::Active, None),
+            r.add_backend("app", "x", addr, 0, AdminState::Active, Extras::default()),
             Err(ChangeError::Invalid {
                 field: "weight",
                 ..
@@ -543,7 +543,7 @@ mod tests {
                             addr,
                             1,
                             AdminState::Active,
-                            None,
+                            Extras::default(),
                         )
                         .unwrap();
                     }

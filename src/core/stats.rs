@@ -26,19 +26,42 @@ pub const UPSTREAM_ERROR_KINDS: [&str; 6] = [
     "bad-reply",
 ];
 
-/// A cumulative histogram of durations with fixed buckets.
-#[derive(Debug, Default)]
+/// Upper bounds (seconds) of the launch duration histogram buckets: an image takes from a
+/// fraction of a second to minutes to open its port.
+pub const LAUNCH_BUCKETS: [f64; 12] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// A cumulative histogram of durations with fixed buckets (request durations by default).
+#[derive(Debug)]
 pub struct Histogram {
-    buckets: [AtomicU64; DURATION_BUCKETS.len()],
+    bounds: &'static [f64; 12],
+    buckets: [AtomicU64; 12],
     count: AtomicU64,
     sum_micros: AtomicU64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::with_bounds(&DURATION_BUCKETS)
+    }
+}
+
 impl Histogram {
+    /// A histogram with these bucket bounds.
+    pub fn with_bounds(bounds: &'static [f64; 12]) -> Self {
+        Histogram {
+            bounds,
+            buckets: Default::default(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        if let Some(i) = DURATION_BUCKETS.iter().position(|&b| secs <= b) {
+        if let Some(i) = self.bounds.iter().position(|&b| secs <= b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
@@ -50,7 +73,8 @@ impl Histogram {
     /// (not cumulative), as prometheus-client's encoder expects, and observations above the
     /// last bound appear only in `count`.
     pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let buckets = DURATION_BUCKETS
+        let buckets = self
+            .bounds
             .iter()
             .zip(&self.buckets)
             .map(|(&bound, n)| (bound, n.load(Ordering::Relaxed)))

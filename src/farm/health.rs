@@ -87,7 +87,9 @@ pub async fn probe(registry: Arc<Registry>, mut stop: Signal) {
             for backend in pool.backends().all() {
                 let key = (pool.name.clone(), backend.id);
                 seen.insert(key.clone());
-                if !pool.health.probes(backend.health.get()) {
+                // An image that is not running has nothing to check: its launch says when
+                // its port accepts.
+                if !pool.health.probes(backend.health.get()) || !backend.is_running() {
                     due.remove(&key);
                     continue;
                 }

@@ -3,6 +3,7 @@
 //! expires pins, settles drains and samples each pool's last quarter hour.
 
 pub mod health;
+pub mod launch;
 pub mod reload;
 
 use std::path::PathBuf;
@@ -107,6 +108,11 @@ impl Farm {
         *applied = reload::running_after(&applied, config);
         drop(applied);
         let mut changes = changes;
+        for (pool, backend) in std::mem::take(&mut changes.left) {
+            if let Some(process) = &backend.process {
+                launch::stop(&pool, &backend, process, "its backend left the configuration");
+            }
+        }
         changes.certificates = certificates(files).await;
         changes.log(reason);
         Ok(changes)
@@ -133,6 +139,9 @@ impl Farm {
         })?;
         let (pool, removal) = removal?;
         reload::close_unused(&self.registry, &self.upstream);
+        if let Some(process) = &removal.backend.process {
+            launch::stop(&pool, &removal.backend, process, "its backend was removed");
+        }
         tracing::info!(
             pool,
             backend = %removal.backend.name,
@@ -191,6 +200,7 @@ pub async fn housekeeping(registry: Arc<Registry>, upstream: Arc<Upstream>, mut 
                     }
                 }
             }
+            launch::look_after(pool);
             for b in pool.backends().all() {
                 if b.admin() == AdminState::Draining
                     && b.settle_drain(pool.table().map_or(0, |t| t.pins_of(b.id)))

@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use crate::config::{BackendConfig, Config, PoolConfig};
 use crate::core::affinity_cookie::AffinityCookie;
-use crate::core::backend::{AdminState, Backend, ConnLimit};
+use crate::core::backend::{AdminState, Backend, ConnLimit, Extras};
+use crate::core::launch::Process;
 use crate::core::pool::{Affinity, Pool, SessionAffinity};
 use crate::core::registry::{Change, ChangeError, Registry, Topology};
 use crate::upstream::Upstream;
@@ -41,13 +42,20 @@ pub fn build_pool(config: &PoolConfig) -> Pool {
 }
 
 fn new_backend(b: &BackendConfig) -> Backend {
-    let backend = Backend::new(&b.name, b.address, b.weight).with_conn_limit(
-        b.max_conns
-            .map(|(max, queue, timeout)| ConnLimit::new(max, queue, timeout)),
-    );
+    let backend = Backend::new(&b.name, b.address, b.weight).with_extras(extras(b));
     backend.set_admin(b.state);
     backend.set_max_sessions(b.max_sessions);
     backend
+}
+
+/// The bound and the process a backend of the file has.
+fn extras(b: &BackendConfig) -> Extras {
+    Extras {
+        conns: b
+            .max_conns
+            .map(|(max, queue, timeout)| ConnLimit::new(max, queue, timeout)),
+        process: b.launch.clone().map(Process::new),
+    }
 }
 
 /// The pools of a configuration and their routes.
@@ -85,6 +93,9 @@ pub struct Applied {
     /// `reloaded`, or why the certificates failed to load (the previous ones keep
     /// serving); absent without TLS.
     pub certificates: Option<String>,
+    /// Launchable backends that left the farm, whose images are to be stopped.
+    #[serde(skip)]
+    pub left: Vec<(String, Arc<Backend>)>,
 }
 
 impl Applied {
@@ -144,6 +155,11 @@ pub fn apply(registry: &Registry, upstream: &Upstream, old: &Config, new: &Confi
             if new.pools.iter().all(|p| p.name != *gone.name) {
                 out.pools_removed.push(gone.name.to_string());
                 out.pins_dropped += gone.table().map_or(0, |t| t.len());
+                for b in gone.backends().all() {
+                    if b.process.is_some() {
+                        out.left.push((gone.name.to_string(), b.clone()));
+                    }
+                }
             }
         }
         registry.replace(&changing, Topology::new(pools));
@@ -166,6 +182,9 @@ pub fn apply(registry: &Registry, upstream: &Upstream, old: &Config, new: &Confi
                 out.pins_dropped += removal.pins_dropped;
                 out.backends_removed
                     .push(format!("{}/{}", config.name, gone.name));
+                if removal.backend.process.is_some() {
+                    out.left.push((config.name.clone(), removal.backend));
+                }
             }
         }
     }
@@ -218,10 +237,7 @@ fn apply_backend(
     let live = match registry.backend(pool, &b.name) {
         Ok((_, live)) => live,
         Err(_) => {
-            let limit = b
-                .max_conns
-                .map(|(max, queue, timeout)| ConnLimit::new(max, queue, timeout));
-            match registry.add_backend(pool, &b.name, b.address, b.weight, b.state, limit) {
+            match registry.add_backend(pool, &b.name, b.address, b.weight, b.state, extras(b)) {
                 Ok(added) => {
                     added.set_max_sessions(b.max_sessions);
                     out.backends_added.push(label)
@@ -234,7 +250,13 @@ fn apply_backend(
     let mut changed = Vec::new();
     let (address_now, weight_now, state_now) = (live.address, live.weight(), live.admin());
     let address_changed = was.map_or(address_now != b.address, |w| w.address != b.address);
-    if address_changed && address_now != b.address {
+    let launchable = live.process.is_some() || b.launch.is_some();
+    if launchable && address_now != b.address {
+        // Its image listens on the old port: named at every reload until it is replaced.
+        out.not_applied.push(format!(
+            "{label}: address of a launchable backend (its image listens on {address_now}: remove and add the backend, or restart)"
+        ));
+    } else if address_changed && address_now != b.address {
         match registry.move_backend(pool, &b.name, b.address) {
             Ok(_) => changed.push(format!("address {address_now} → {}", b.address)),
             Err(e) => refused(e),
@@ -257,6 +279,18 @@ fn apply_backend(
         out.not_applied.push(format!(
             "{label}: max_conns, queue_max, queue_timeout (drain, remove and add the backend, or restart)"
         ));
+    }
+    match (&live.process, &b.launch) {
+        (Some(process), Some(spec)) => {
+            if *process.spec() != *spec {
+                process.set_spec(spec.clone());
+                changed.push("launch settings (from its next launch)".to_string());
+            }
+        }
+        (None, None) => {}
+        _ => out.not_applied.push(format!(
+            "{label}: launch added or removed (drain, remove and add the backend, or restart)"
+        )),
     }
     let max_now = live.max_sessions();
     let max_changed = was.map_or(max_now != b.max_sessions, |w| {

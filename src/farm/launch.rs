@@ -1,0 +1,586 @@
+//! The launcher: the images tidegate starts on demand. A request for a backend whose process
+//! is not running launches it (once, however many requests arrive meanwhile) and waits for
+//! its port to accept; a launched process that dies is reaped and its backend marked down;
+//! one idle for `idle_stop` is stopped; one found listening at start is adopted rather than
+//! started twice. When is decided by `core::launch`; this is the I/O: child processes,
+//! signals, ports and log files.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+use crate::clock;
+use crate::core::backend::Backend;
+use crate::core::launch::{HoldRefusal, LaunchFailure, LaunchSpec, Process, ProcessState};
+use crate::core::pool::Pool;
+use crate::core::registry::Registry;
+use crate::error::ProxyError;
+use crate::farm::health::note;
+
+/// Waits until `backend`'s process runs, launching it if it is stopped. Refused (a 503
+/// with `Retry-After`) when the launch fails, while a back-off after a failed one runs, or
+/// when the launch already holds `queue_max` requests.
+pub async fn ready(
+    pool: &Arc<Pool>,
+    backend: &Arc<Backend>,
+    process: &Arc<Process>,
+) -> Result<(), ProxyError> {
+    let mut changes = process.watch();
+    let mut held: Option<Hold<'_>> = None;
+    let mut saw_launch = false;
+    loop {
+        let now = clock::unix_now();
+        match process.state() {
+            ProcessState::Running => return Ok(()),
+            ProcessState::Stopped => {
+                // The launch this request waited for failed: it is told so, not launched again.
+                if saw_launch && process.last_failure().is_some() {
+                    return Err(refused(backend, process, HoldRefusal::Failed, now));
+                }
+                if process.begin_launch(now) {
+                    backend.health.forget();
+                    tokio::spawn(launch(pool.clone(), backend.clone(), process.clone()));
+                } else if process.state() == ProcessState::Stopped {
+                    return Err(refused(backend, process, HoldRefusal::Backoff, now));
+                }
+                continue;
+            }
+            ProcessState::Launching => saw_launch = true,
+            ProcessState::Stopping => {}
+        }
+        if held.is_none() {
+            held = Some(Hold::enter(process).ok_or_else(|| {
+                refused(backend, process, HoldRefusal::Full, clock::unix_now())
+            })?);
+            process.stats.held.fetch_add(1, Ordering::Relaxed);
+            // Looked at again now that it is counted: the change may have come meanwhile.
+            continue;
+        }
+        // The sender lives as long as the process: this ends only with a change.
+        let _ = changes.changed().await;
+    }
+}
+
+/// A request's place among those a launch holds, given back however the wait ends.
+struct Hold<'a>(&'a Process);
+
+impl<'a> Hold<'a> {
+    fn enter(process: &'a Process) -> Option<Self> {
+        let max = process.spec().hold_max;
+        if process.holding.fetch_add(1, Ordering::Relaxed) >= max {
+            process.holding.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Hold(process))
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.0.holding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn refused(backend: &Backend, process: &Process, why: HoldRefusal, now: u32) -> ProxyError {
+    process.stats.refused(why);
+    ProxyError::NotLaunched {
+        backend: backend.name.clone(),
+        why,
+        reason: match why {
+            HoldRefusal::Full => None,
+            _ => process.last_failure(),
+        },
+        retry_after: match why {
+            HoldRefusal::Full => process.spec().timeout.as_secs().max(1),
+            _ => process.retry_after(now),
+        },
+    }
+}
+
+/// How often a launch looks at the port at most, once the first quick looks found it
+/// closed.
+const PORT_POLL_MAX: Duration = Duration::from_millis(200);
+
+/// One launch, run as its own task so that no client leaving cancels it: adopts a process
+/// already listening, else starts the command and waits for its port, an early exit, or
+/// `launch_timeout`.
+async fn launch(pool: Arc<Pool>, backend: Arc<Backend>, process: Arc<Process>) {
+    let spec = process.spec();
+    let address = backend.address;
+    if accepts(address).await {
+        // Started by hand, or by a tidegate before this one.
+        let pid = tokio::task::spawn_blocking(move || listener_pid(address))
+            .await
+            .ok()
+            .flatten();
+        process.launched(pid, true, clock::unix_now());
+        note(
+            &pool,
+            &backend,
+            backend.health.launched(),
+            "its port was found open",
+        );
+        tracing::info!(pool = %pool.name, backend = %backend.name, pid, "image already running on its port: adopted");
+        return;
+    }
+    process.stats.launches.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let argv = spec.command_line(&backend.name, address);
+    let offset = std::fs::metadata(&spec.log).map_or(0, |m| m.len());
+    let mut child = match spawn(&spec, &argv) {
+        Ok(child) => child,
+        Err(e) => {
+            let detail = format!("cannot run {}: {e}", argv[0]);
+            return failed(&pool, &backend, &process, LaunchFailure::Spawn, &detail, "");
+        }
+    };
+    let pid = child.id();
+    process.spawned(pid);
+    tracing::info!(pool = %pool.name, backend = %backend.name, pid, command = ?argv, log = %spec.log.display(), "launching image");
+    let deadline = tokio::time::Instant::now() + spec.timeout;
+    let mut pause = Duration::from_millis(10);
+    let outcome = loop {
+        tokio::select! {
+            status = child.wait() => break Err((LaunchFailure::Exited, exit_text(status))),
+            _ = tokio::time::sleep_until(deadline) => break Err((
+                LaunchFailure::Timeout,
+                format!("its port did not accept within launch_timeout ({:?})", spec.timeout),
+            )),
+            _ = tokio::time::sleep(pause) => {
+                if accepts(address).await {
+                    break Ok(());
+                }
+                pause = (pause * 2).min(PORT_POLL_MAX);
+            }
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            let took = started.elapsed();
+            process.stats.launch_duration.observe(took);
+            process.launched(pid, false, clock::unix_now());
+            note(
+                &pool,
+                &backend,
+                backend.health.launched(),
+                "its process was launched and its port accepted",
+            );
+            tracing::info!(pool = %pool.name, backend = %backend.name, pid, seconds = format!("{:.2}", took.as_secs_f64()), "image launched: its port accepts");
+            tokio::spawn(reap(pool, backend, process, child, offset));
+        }
+        Err((why, detail)) => {
+            let output = tail(&spec.log, offset);
+            failed(&pool, &backend, &process, why, &detail, &output);
+            if why == LaunchFailure::Timeout {
+                // Told to go, then made to: it must not hold its port (or the machine).
+                if let Some(pid) = pid {
+                    terminate(pid, true);
+                }
+                let gone = tokio::time::timeout(spec.stop_timeout, child.wait()).await;
+                if gone.is_err() {
+                    if let Some(pid) = pid {
+                        terminate(pid, false);
+                    }
+                    let _ = child.wait().await;
+                }
+            }
+        }
+    }
+}
+
+fn spawn(spec: &LaunchSpec, argv: &[String]) -> std::io::Result<Child> {
+    let log = append_to(&spec.log)?;
+    let mut command = Command::new(&argv[0]);
+    command
+        .args(&argv[1..])
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C meant for tidegate does not reach it, and a stop
+        // reaches everything it started.
+        .process_group(0)
+        // It outlives tidegate unless told otherwise (it holds its users' sessions).
+        .kill_on_drop(false);
+    if let Some(dir) = &spec.dir {
+        command.current_dir(dir);
+    }
+    command.spawn()
+}
+
+/// The image's log file, opened for appending (created readable by its user and group).
+fn append_to(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
+    options.open(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot open launch_log {}: {e}", path.display()),
+        )
+    })
+}
+
+/// A failed launch: waiting requests answered, counted, logged with what the command wrote.
+fn failed(
+    pool: &Pool,
+    backend: &Backend,
+    process: &Process,
+    why: LaunchFailure,
+    detail: &str,
+    output: &str,
+) {
+    let spec = process.spec();
+    let precise = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let retry_at = u32::try_from((precise + spec.backoff).as_secs_f64().ceil() as u64)
+        .unwrap_or(u32::MAX);
+    process.stats.failed(why);
+    process.launch_failed(detail, retry_at, clock::unix_now());
+    note(pool, backend, backend.health.force_down(), detail);
+    tracing::error!(
+        pool = %pool.name,
+        backend = %backend.name,
+        reason = why.as_str(),
+        output,
+        log = %spec.log.display(),
+        "launch failed: {detail}; the requests that waited were answered 503; the next launch may be tried in {:?}",
+        spec.backoff
+    );
+}
+
+/// Waits for a launched process to end: a stop asked for, or a death, which marks its
+/// backend down so its sessions follow `on_pinned_down`; the next request launches it again.
+async fn reap(
+    pool: Arc<Pool>,
+    backend: Arc<Backend>,
+    process: Arc<Process>,
+    mut child: Child,
+    offset: u64,
+) {
+    let pid = child.id();
+    let status = exit_text(child.wait().await);
+    if process.exited(clock::unix_now()) {
+        process.stats.exits.fetch_add(1, Ordering::Relaxed);
+        let output = tail(&process.spec().log, offset);
+        tracing::error!(pool = %pool.name, backend = %backend.name, pid, output, "image exited unexpectedly ({status}); the next request for it launches it again");
+        note(&pool, &backend, backend.health.force_down(), "its process exited");
+    } else {
+        backend.health.forget();
+        tracing::info!(pool = %pool.name, backend = %backend.name, pid, "image stopped ({status})");
+    }
+}
+
+fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
+    match status {
+        Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            _ => format!("ended: {s}"),
+        },
+        Err(e) => format!("could not be waited for: {e}"),
+    }
+}
+
+/// At most this much of an image's log is read back for a failure report.
+const TAIL_BYTES: u64 = 4096;
+/// Lines of it shown.
+const TAIL_LINES: usize = 12;
+
+/// The last lines `path` gained past `offset` (what this launch wrote), on one line.
+fn tail(path: &Path, offset: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let from = offset.max(len.saturating_sub(TAIL_BYTES));
+    let mut bytes = Vec::new();
+    if file.seek(SeekFrom::Start(from)).is_err()
+        || file.take(TAIL_BYTES).read_to_end(&mut bytes).is_err()
+    {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(TAIL_LINES)..].join(" | ")
+}
+
+/// Whether something accepts connections at `address` now.
+async fn accepts(address: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(address)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Asks a process to stop: SIGTERM (`gently`) or SIGKILL, to its process group when it
+/// leads one (as every image tidegate starts does), else to it alone.
+fn terminate(pid: u32, gently: bool) {
+    use rustix::process::{Pid, Signal, getpgid, kill_process, kill_process_group};
+    let Some(p) = Pid::from_raw(pid as i32) else {
+        return;
+    };
+    let signal = if gently { Signal::TERM } else { Signal::KILL };
+    let _ = match getpgid(Some(p)) {
+        Ok(group) if group == p => kill_process_group(p, signal),
+        _ => kill_process(p, signal),
+    };
+}
+
+/// Whether the process `pid` still exists.
+fn alive(pid: u32) -> bool {
+    rustix::process::Pid::from_raw(pid as i32)
+        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+}
+
+/// Stops a running image (idle, removed, or tidegate exiting): SIGTERM, then SIGKILL after
+/// `stop_timeout`. Requests that come meanwhile wait and launch it anew. `None` when it is
+/// not running, or was adopted without its process id being found (nothing to signal).
+pub fn stop(
+    pool: &str,
+    backend: &Arc<Backend>,
+    process: &Arc<Process>,
+    why: &'static str,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let pid = process.pid()?;
+    if !process.begin_stop(clock::unix_now()) {
+        return None;
+    }
+    let spec = process.spec();
+    tracing::info!(pool, backend = %backend.name, pid, why, "stopping image");
+    let (pool, backend, process) = (pool.to_string(), backend.clone(), process.clone());
+    Some(tokio::spawn(async move {
+        // A child of this tidegate is reaped (and its state changed) by its reaper; an
+        // adopted one is watched here.
+        let gone = || process.state() != ProcessState::Stopping || !alive(pid);
+        terminate(pid, true);
+        let deadline = Instant::now() + spec.stop_timeout;
+        while !gone() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !gone() {
+            tracing::warn!(pool, backend = %backend.name, pid, "image did not stop within stop_timeout ({:?}): killed", spec.stop_timeout);
+            terminate(pid, false);
+            while !gone() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if process.adopted() && process.state() == ProcessState::Stopping {
+            process.exited(clock::unix_now());
+            backend.health.forget();
+            tracing::info!(pool, backend = %backend.name, pid, "image stopped");
+        }
+    }))
+}
+
+/// At start: every launchable backend whose port already accepts is adopted as running
+/// (started by a tidegate before this one, which left it running with its sessions).
+pub async fn adopt_running(registry: &Registry) {
+    let mut probes = tokio::task::JoinSet::new();
+    for pool in registry.topology().pools.iter() {
+        for backend in pool.backends().all() {
+            let Some(process) = backend.process.clone() else {
+                continue;
+            };
+            let (pool, backend) = (pool.clone(), backend.clone());
+            probes.spawn(async move {
+                if !accepts(backend.address).await {
+                    return;
+                }
+                let address = backend.address;
+                let pid = tokio::task::spawn_blocking(move || listener_pid(address))
+                    .await
+                    .ok()
+                    .flatten();
+                if process.adopt(pid, clock::unix_now()) {
+                    note(&pool, &backend, backend.health.launched(), "its port was found open");
+                    tracing::info!(pool = %pool.name, backend = %backend.name, pid, "image already running on its port: adopted");
+                }
+            });
+        }
+    }
+    while probes.join_next().await.is_some() {}
+}
+
+/// Once a second: stops the images idle for their `idle_stop`, and notices the death of
+/// adopted ones (not children of this tidegate, so not reaped by it).
+pub fn look_after(pool: &Arc<Pool>) {
+    let now = clock::unix_now();
+    for backend in pool.backends().all() {
+        let Some(process) = &backend.process else {
+            continue;
+        };
+        if !process.is_running() {
+            continue;
+        }
+        if process.adopted() {
+            let dead = match process.pid() {
+                Some(pid) => !alive(pid),
+                // Not found at adoption: it is gone when the checks say so.
+                None => backend.health.get() == crate::core::health::Health::Down,
+            };
+            if dead && process.exited(now) {
+                process.stats.exits.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(pool = %pool.name, backend = %backend.name, "adopted image is gone; the next request for it launches it again");
+                note(pool, backend, backend.health.force_down(), "its process exited");
+                continue;
+            }
+        }
+        let pins = pool.table().map_or(0, |t| t.pins_of(backend.id));
+        let in_flight = backend.stats.in_flight.load(Ordering::Relaxed);
+        let replies = backend.stats.replies_total();
+        if process.idle_expired(pins, in_flight, replies, now)
+            && stop(&pool.name, backend, process, "idle: no session and no request for idle_stop")
+                .is_some()
+        {
+            process.stats.idle_stops.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// When tidegate stops: the images with `stop_on_exit` are stopped (and waited for); the
+/// others keep running with their sessions, for the next tidegate to adopt.
+pub async fn on_exit(registry: &Registry) {
+    let mut stopping = Vec::new();
+    let mut left = 0;
+    for pool in registry.topology().pools.iter() {
+        for backend in pool.backends().all() {
+            let Some(process) = &backend.process else {
+                continue;
+            };
+            let state = process.state();
+            if state == ProcessState::Stopped {
+                continue;
+            }
+            if !process.spec().stop_on_exit {
+                left += 1;
+                continue;
+            }
+            match state {
+                ProcessState::Running => stopping.extend(stop(&pool.name, backend, process, "tidegate is stopping (stop_on_exit)")),
+                // Being launched: it has no reaper yet, so it is only told to go.
+                _ => {
+                    if let Some(pid) = process.pid() {
+                        terminate(pid, true);
+                    }
+                }
+            }
+        }
+    }
+    if left > 0 {
+        tracing::info!("leaving {left} image(s) running with their sessions (stop_on_exit = false): the next tidegate adopts them");
+    }
+    for handle in stopping {
+        let _ = handle.await;
+    }
+}
+
+/// The process listening on `address`'s port (on its address or on every address), found
+/// through `/proc`: the socket's inode in `/proc/net/tcp*`, then the process holding it.
+#[cfg(target_os = "linux")]
+fn listener_pid(address: SocketAddr) -> Option<u32> {
+    let inode = listening_inode(address)?;
+    let wanted = format!("socket:[{inode}]");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str()) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+fn listener_pid(_address: SocketAddr) -> Option<u32> {
+    None
+}
+
+/// The inode of the listening socket for `address` in `/proc/net/tcp` and `tcp6`.
+#[cfg(target_os = "linux")]
+fn listening_inode(address: SocketAddr) -> Option<u64> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    const LISTEN: &str = "0A";
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 10 || fields[3] != LISTEN {
+                continue;
+            }
+            let Some((ip, port)) = fields[1].split_once(':') else {
+                continue;
+            };
+            if u16::from_str_radix(port, 16).ok() != Some(address.port()) {
+                continue;
+            }
+            // The kernel prints each 32-bit word of the address as a number in its own byte
+            // order.
+            let words: Option<Vec<u32>> = (0..ip.len() / 8)
+                .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok())
+                .collect();
+            let bytes: Vec<u8> = words?.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            let listening: IpAddr = match bytes.len() {
+                4 => Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into(),
+                16 => {
+                    let v6 = Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?);
+                    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+                }
+                _ => continue,
+            };
+            if listening == address.ip() || listening.is_unspecified() {
+                return fields[9].parse().ok();
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_is_what_this_launch_wrote() {
+        let path = std::env::temp_dir().join(format!("tidegate-tail-{}.log", std::process::id()));
+        std::fs::write(&path, "old run\nboom\n").unwrap();
+        let offset = "old run\n".len() as u64;
+        assert_eq!(tail(&path, offset), "boom");
+        let many: String = (0..40).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&path, &many).unwrap();
+        let t = tail(&path, 0);
+        assert!(t.starts_with("line 28 | ") && t.ends_with("line 39"), "{t}");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_listener_of_a_port_is_found() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let found = tokio::task::spawn_blocking(move || listener_pid(address))
+            .await
+            .unwrap();
+        assert_eq!(found, Some(std::process::id()));
+    }
+}
