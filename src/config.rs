@@ -462,9 +462,16 @@ impl BackendFile {
             ));
         }
         for (i, arg) in argv.iter().enumerate() {
-            launch::check_placeholders(arg).map_err(|m| invalid(format!("{key}.launch[{i}]"), m))?;
+            launch::check_placeholders(arg)
+                .map_err(|m| invalid(format!("{key}.launch[{i}]"), m))?;
         }
-        let resolve = |p: &Path| if p.is_relative() { base.join(p) } else { p.to_path_buf() };
+        let resolve = |p: &Path| {
+            if p.is_relative() {
+                base.join(p)
+            } else {
+                p.to_path_buf()
+            }
+        };
         let dir = self.launch_dir.as_deref().map(resolve);
         if let Some(dir) = &dir
             && !dir.is_dir()
@@ -490,13 +497,20 @@ impl BackendFile {
         }
         let log = match &self.launch_log {
             Some(l) => {
-                launch::check_placeholders(l).map_err(|m| invalid(format!("{key}.launch_log"), m))?;
+                launch::check_placeholders(l)
+                    .map_err(|m| invalid(format!("{key}.launch_log"), m))?;
                 resolve(Path::new(&launch::expand(l, name, self.address)))
             }
             None => {
                 let safe = |s: &str| -> String {
                     s.chars()
-                        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+                        .map(|c| {
+                            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                                c
+                            } else {
+                                '_'
+                            }
+                        })
                         .collect()
                 };
                 std::env::temp_dir().join(format!("tidegate-{}-{}.log", safe(pool), safe(name)))
@@ -529,12 +543,17 @@ fn find_program(program: &str, dir: &Path) -> Result<String, String> {
     let runnable = |p: &Path| {
         let meta = std::fs::metadata(p).ok().filter(|m| m.is_file());
         #[cfg(unix)]
-        let meta = meta.filter(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0);
+        let meta =
+            meta.filter(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0);
         meta.is_some()
     };
     if program.contains('/') {
         let path = Path::new(program);
-        let path = if path.is_relative() { dir.join(path) } else { path.to_path_buf() };
+        let path = if path.is_relative() {
+            dir.join(path)
+        } else {
+            path.to_path_buf()
+        };
         return if runnable(&path) {
             Ok(path.display().to_string())
         } else if path.exists() {
@@ -1067,7 +1086,7 @@ impl PoolFile {
                     ));
                 }
             }
-                let queue_max = b.queue_max.unwrap_or(DEFAULT_QUEUE_MAX);
+            let queue_max = b.queue_max.unwrap_or(DEFAULT_QUEUE_MAX);
             if b.max_conns.is_none() && b.launch.is_none() && b.queue_max.is_some() {
                 return Err(invalid(
                     format!("{bkey}.queue_max"),
@@ -1622,6 +1641,65 @@ address = "127.0.0.1:9001"
             let err = load(&format!("{MINIMAL}{bad}\n")).unwrap_err();
             assert!(err.contains(&format!("backend[0].{key}")), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn launch_settings_are_read_with_their_defaults() {
+        let c = load(&format!(
+            "{MINIMAL}name = \"img1\"\nlaunch = [\"sh\", \"-c\", \"exec img --port {{port}} --name {{name}}\"]\n\
+             idle_stop = 30\nlaunch_env = {{ LANG = \"C\" }}\n"
+        ))
+        .unwrap();
+        let spec = c.pools[0].backends[0].launch.clone().unwrap();
+        assert_eq!(spec.argv[0], "sh", "a bare name is run through PATH");
+        assert_eq!(
+            spec.command_line("img1", "127.0.0.1:9001".parse().unwrap())[2],
+            "exec img --port 9001 --name img1"
+        );
+        assert_eq!(spec.env, [("LANG".to_string(), "C".to_string())]);
+        assert_eq!(spec.timeout, std::time::Duration::from_secs(60));
+        assert_eq!(spec.idle_stop, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(spec.stop_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(spec.backoff, std::time::Duration::from_secs(5));
+        assert_eq!(spec.hold_max, DEFAULT_QUEUE_MAX);
+        assert!(!spec.stop_on_exit);
+        assert!(
+            spec.log.ends_with("tidegate-app-img1.log"),
+            "{:?}",
+            spec.log
+        );
+    }
+
+    #[test]
+    fn a_launch_that_cannot_run_is_refused_naming_its_key_and_line() {
+        for (bad, key) in [
+            ("launch = []", "launch"),
+            ("launch = [\"/nonexistent/pharo\"]", "launch[0]"),
+            ("launch = [\"/etc/passwd\"]", "launch[0]"),
+            ("launch = [\"no-such-program-on-path\"]", "launch[0]"),
+            ("launch = [\"sh\", \"--port={{prot}}\"]", "launch[1]"),
+            (
+                "launch = [\"sh\"]\nlaunch_dir = \"/nonexistent\"",
+                "launch_dir",
+            ),
+            ("launch = [\"sh\"]\nlaunch_timeout = 0", "launch_timeout"),
+            ("launch = [\"sh\"]\nidle_stop = 0.5", "idle_stop"),
+            ("idle_stop = 10", "idle_stop"),
+            ("stop_on_exit = true", "stop_on_exit"),
+            ("launch_log = \"/tmp/x.log\"", "launch_log"),
+        ] {
+            let err = load(&format!("{MINIMAL}{bad}\n")).unwrap_err();
+            let name = key.split('[').next().unwrap();
+            let line = 6 + bad.lines().position(|l| l.starts_with(name)).unwrap();
+            assert!(
+                err.contains(&format!("backend[0].{key}`"))
+                    && err.contains(&format!("line {line}")),
+                "{bad}: {err}"
+            );
+        }
+        // queue_max bounds what a launch holds, without max_conns.
+        let c = load(&format!("{MINIMAL}launch = [\"sh\"]\nqueue_max = 8\n")).unwrap();
+        assert_eq!(c.pools[0].backends[0].launch.as_ref().unwrap().hold_max, 8);
     }
 
     #[test]

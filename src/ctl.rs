@@ -220,7 +220,9 @@ pub fn pools_table(pools: &Pools) -> String {
                 b.health.clone(),
                 b.pins.to_string(),
                 b.in_flight.to_string(),
-                b.process.as_ref().map_or_else(|| "-".into(), |p| p.summary()),
+                b.process
+                    .as_ref()
+                    .map_or_else(|| "-".into(), |p| p.summary()),
             ]);
         }
     }

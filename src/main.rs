@@ -210,9 +210,19 @@ fn main() -> ExitCode {
         Some(Command::Check { config }) => match check(&config) {
             Ok(c) => {
                 let backends: usize = c.pools.iter().map(|p| p.backends.len()).sum();
+                let launched = c
+                    .pools
+                    .iter()
+                    .flat_map(|p| &p.backends)
+                    .filter(|b| b.launch.is_some())
+                    .count();
+                let backends = match launched {
+                    0 => format!("{backends} backends"),
+                    n => format!("{backends} backends, {n} launched on demand"),
+                };
                 let tls = c.tls.as_ref().map_or(0, |t| t.listen.len());
                 println!(
-                    "{}: ok ({} pools, {backends} backends, {} listeners, {tls} TLS listeners)",
+                    "{}: ok ({} pools, {backends}, {} listeners, {tls} TLS listeners)",
                     config.display(),
                     c.pools.len(),
                     c.listen.len()

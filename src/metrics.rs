@@ -72,6 +72,8 @@ pub fn render(registry: &Registry) -> String {
 
 /// Reads one counter of a backend's stats.
 type StatsField = fn(&BackendStats) -> &AtomicU64;
+/// Reads one counter of a launchable backend's process.
+type ProcessField = fn(&ProcessStats) -> &AtomicU64;
 /// Reads one running total of a pool.
 type PoolField = fn(&crate::core::stats::PoolStats) -> u64;
 /// Reads one running total of a pool's table.
@@ -238,12 +240,16 @@ impl Collector for Exposition {
             for state in ProcessState::ALL {
                 gauge(
                     &mut m,
-                    &[("pool", &pool), ("backend", &backend), ("state", state.as_str())],
+                    &[
+                        ("pool", &pool),
+                        ("backend", &backend),
+                        ("state", state.as_str()),
+                    ],
                     i64::from(state == current),
                 )?;
             }
         }
-        let process_counters: [(&str, &str, fn(&ProcessStats) -> &AtomicU64); 3] = [
+        let process_counters: [(&str, &str, ProcessField); 3] = [
             (
                 "tidegate_launches",
                 "Launches of a backend's process started by tidegate",
@@ -263,7 +269,11 @@ impl Collector for Exposition {
         for (name, help, field) in process_counters {
             let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
             for (pool, backend, p) in launchable() {
-                counter(&mut m, &[("pool", &pool), ("backend", &backend)], load(field(&p.stats)))?;
+                counter(
+                    &mut m,
+                    &[("pool", &pool), ("backend", &backend)],
+                    load(field(&p.stats)),
+                )?;
             }
         }
         let mut m = e.encode_descriptor(
@@ -276,7 +286,11 @@ impl Collector for Exposition {
             for (why, n) in LaunchFailure::ALL.iter().zip(&p.stats.failures) {
                 counter(
                     &mut m,
-                    &[("pool", &pool), ("backend", &backend), ("reason", why.as_str())],
+                    &[
+                        ("pool", &pool),
+                        ("backend", &backend),
+                        ("reason", why.as_str()),
+                    ],
                     load(n),
                 )?;
             }
@@ -309,7 +323,11 @@ impl Collector for Exposition {
             MetricType::Counter,
         )?;
         for (pool, backend, p) in launchable() {
-            counter(&mut m, &[("pool", &pool), ("backend", &backend)], load(&p.stats.held))?;
+            counter(
+                &mut m,
+                &[("pool", &pool), ("backend", &backend)],
+                load(&p.stats.held),
+            )?;
         }
         let mut m = e.encode_descriptor(
             "tidegate_launch_refused",
@@ -321,7 +339,11 @@ impl Collector for Exposition {
             for (why, n) in HoldRefusal::ALL.iter().zip(&p.stats.refused) {
                 counter(
                     &mut m,
-                    &[("pool", &pool), ("backend", &backend), ("reason", why.as_str())],
+                    &[
+                        ("pool", &pool),
+                        ("backend", &backend),
+                        ("reason", why.as_str()),
+                    ],
                     load(n),
                 )?;
             }

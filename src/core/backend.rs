@@ -278,10 +278,16 @@ impl Backend {
                 .is_ok()
     }
 
-    /// Whether new sessions may be sent here.
+    /// Whether new sessions may be sent here: it is active and not down, or down only
+    /// because its process died and is stopped (a request launches it again).
     #[inline]
     pub fn takes_new_sessions(&self) -> bool {
-        self.admin() == AdminState::Active && self.health.get() != Health::Down
+        self.admin() == AdminState::Active
+            && (self.health.get() != Health::Down
+                || self
+                    .process
+                    .as_ref()
+                    .is_some_and(|p| p.state() == ProcessState::Stopped))
     }
 
     /// Whether its port may be expected to accept: always, unless it is launched on demand

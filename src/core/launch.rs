@@ -88,10 +88,7 @@ pub const PLACEHOLDERS: [&str; 3] = ["{port}", "{host}", "{name}"];
 impl LaunchSpec {
     /// The command line for the backend `name` at `address`.
     pub fn command_line(&self, name: &str, address: SocketAddr) -> Vec<String> {
-        self.argv
-            .iter()
-            .map(|a| expand(a, name, address))
-            .collect()
+        self.argv.iter().map(|a| expand(a, name, address)).collect()
     }
 }
 
@@ -176,7 +173,8 @@ impl HoldRefusal {
     }
 
     /// Every value, in label order.
-    pub const ALL: [HoldRefusal; 3] = [HoldRefusal::Full, HoldRefusal::Backoff, HoldRefusal::Failed];
+    pub const ALL: [HoldRefusal; 3] =
+        [HoldRefusal::Full, HoldRefusal::Backoff, HoldRefusal::Failed];
 }
 
 /// Counters of one launchable backend's process.
@@ -487,7 +485,10 @@ mod tests {
         let p = Process::new(spec());
         assert!(p.begin_launch(0));
         p.launched(None, false, 0);
-        assert!(!p.idle_expired(0, 0, 5, 100), "replies changed since the start");
+        assert!(
+            !p.idle_expired(0, 0, 5, 100),
+            "replies changed since the start"
+        );
         assert!(!p.idle_expired(0, 0, 5, 101), "idle from 101");
         assert!(!p.idle_expired(0, 0, 5, 110));
         assert!(p.idle_expired(0, 0, 5, 111));

@@ -413,9 +413,9 @@ impl Pool {
             .or_else(|| pick(&|b| open(b) && b.is_running()))
             .or_else(|| pick(&|b| open(b) && b.is_launching()))
             .or_else(|| {
-                set.all().iter().find(|b| {
-                    b.admin() == AdminState::Active && b.may_launch(now) && open(b)
-                })
+                set.all()
+                    .iter()
+                    .find(|b| b.admin() == AdminState::Active && b.may_launch(now) && open(b))
             })
     }
 
@@ -752,5 +752,120 @@ mod tests {
             );
         }
         assert!(p.table().is_none());
+    }
+
+    fn images(n: usize, on_pinned_down: OnPinnedDown) -> Pool {
+        use crate::core::backend::Extras;
+        use crate::core::launch::{LaunchSpec, Process};
+        let spec = LaunchSpec {
+            argv: vec!["/bin/img".into(), "{port}".into()],
+            dir: None,
+            env: Vec::new(),
+            log: "/tmp/img.log".into(),
+            timeout: std::time::Duration::from_secs(60),
+            idle_stop: None,
+            stop_timeout: std::time::Duration::from_secs(10),
+            backoff: std::time::Duration::from_secs(5),
+            stop_on_exit: false,
+            hold_max: 1024,
+        };
+        let backends = (1..=n)
+            .map(|i| {
+                let b = Backend::new(
+                    &format!("img{i}"),
+                    format!("127.0.0.1:900{i}").parse().unwrap(),
+                    1,
+                )
+                .with_extras(Extras {
+                    conns: None,
+                    process: Some(Process::new(spec.clone())),
+                });
+                b.set_max_sessions(Some(1));
+                b
+            })
+            .collect();
+        let session = SessionAffinity::new(
+            SessionNames::default(),
+            IdRules::default(),
+            TableLimits::default(),
+            65536,
+            32768,
+        );
+        Pool::new(
+            "farm",
+            Policy::RoundRobin,
+            Affinity::Session(Box::new(session)),
+            None,
+            backends,
+        )
+        .with_health(HealthPolicy::default(), on_pinned_down)
+    }
+
+    #[test]
+    fn running_images_with_room_come_first_then_the_one_launching_then_the_next_stopped() {
+        let p = images(3, OnPinnedDown::Redispatch);
+        let set = p.backends();
+        let [img1, img2, img3] = [0, 1, 2].map(|i| set.all()[i].clone());
+        let process = |b: &Backend| b.process.clone().unwrap();
+        let new = |now| {
+            p.route(&set, &view(None, None), now, &[])
+                .unwrap()
+                .backend
+                .id
+        };
+        // Nothing runs: the first stopped image, in the pool's order.
+        assert_eq!(new(10), img1.id);
+        assert!(process(&img1).begin_launch(10));
+        // While it launches, new sessions join it rather than launch another.
+        assert_eq!(new(10), img1.id);
+        process(&img1).launched(Some(1), false, 11);
+        assert_eq!(new(11), img1.id, "running with room");
+        p.table().unwrap().pin(PinKey::of("S1"), img1.id, 11);
+        // img1 is full (max_sessions = 1): the next stopped one, not img3.
+        assert_eq!(new(12), img2.id);
+        // A failed launch backs off: img3 is launched meanwhile.
+        assert!(process(&img2).begin_launch(12));
+        process(&img2).launch_failed("exited with status 3", 17, 12);
+        assert_eq!(new(13), img3.id);
+        assert!(process(&img3).begin_launch(13));
+        process(&img3).launched(None, false, 14);
+        p.table().unwrap().pin(PinKey::of("S3"), img3.id, 14);
+        assert!(
+            p.route(&set, &view(None, None), 15, &[]).is_err(),
+            "every running one full, the last one backing off"
+        );
+        assert_eq!(new(17), img2.id, "tried again after the back-off");
+        // Pinned sessions are never refused by max_sessions.
+        let pinned = p.route(&set, &view(Some("S1"), None), 18, &[]).unwrap();
+        assert_eq!(
+            (pinned.backend.id, pinned.decision),
+            (img1.id, Decision::Pinned)
+        );
+    }
+
+    #[test]
+    fn a_dead_images_sessions_relaunch_it_with_fail_and_move_with_redispatch() {
+        for mode in [OnPinnedDown::Fail, OnPinnedDown::Redispatch] {
+            let p = images(2, mode);
+            let set = p.backends();
+            let img1 = set.all()[0].clone();
+            let process = img1.process.clone().unwrap();
+            assert!(process.begin_launch(0));
+            process.launched(Some(1), false, 0);
+            p.table().unwrap().pin(PinKey::of("S1"), img1.id, 0);
+            // It dies.
+            assert!(process.exited(1));
+            img1.health.force_down();
+            let r = p.route(&set, &view(Some("S1"), None), 2, &[]).unwrap();
+            match mode {
+                OnPinnedDown::Fail => {
+                    assert_eq!((r.backend.id, r.decision), (img1.id, Decision::Pinned))
+                }
+                OnPinnedDown::Redispatch => {
+                    assert_eq!(r.decision, Decision::Redispatched);
+                    assert_ne!(r.backend.id, img1.id, "the stopped img2 is launched for it");
+                }
+            }
+        }
     }
 }

@@ -485,11 +485,25 @@ mod tests {
             ChangeError::UnknownPool("nope".into())
         );
         assert!(matches!(
-            r.add_backend("app", "img1", addr, 1, AdminState::Active, Extras::default()),
+            r.add_backend(
+                "app",
+                "img1",
+                addr,
+                1,
+                AdminState::Active,
+                Extras::default()
+            ),
             Err(ChangeError::Exists { .. })
         ));
         assert!(matches!(
-            r.add_backend("app", "with space", addr, 1, AdminState::Active, Extras::default()),
+            r.add_backend(
+                "app",
+                "with space",
+                addr,
+                1,
+                AdminState::Active,
+                Extras::default()
+            ),
             Err(ChangeError::Invalid { field: "name", .. })
         ));
         assert!(matches!(

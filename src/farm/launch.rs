@@ -54,9 +54,10 @@ pub async fn ready(
             ProcessState::Stopping => {}
         }
         if held.is_none() {
-            held = Some(Hold::enter(process).ok_or_else(|| {
-                refused(backend, process, HoldRefusal::Full, clock::unix_now())
-            })?);
+            held =
+                Some(Hold::enter(process).ok_or_else(|| {
+                    refused(backend, process, HoldRefusal::Full, clock::unix_now())
+                })?);
             process.stats.held.fetch_add(1, Ordering::Relaxed);
             // Looked at again now that it is counted: the change may have come meanwhile.
             continue;
@@ -240,8 +241,8 @@ fn failed(
     let precise = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let retry_at = u32::try_from((precise + spec.backoff).as_secs_f64().ceil() as u64)
-        .unwrap_or(u32::MAX);
+    let retry_at =
+        u32::try_from((precise + spec.backoff).as_secs_f64().ceil() as u64).unwrap_or(u32::MAX);
     process.stats.failed(why);
     process.launch_failed(detail, retry_at, clock::unix_now());
     note(pool, backend, backend.health.force_down(), detail);
@@ -271,7 +272,12 @@ async fn reap(
         process.stats.exits.fetch_add(1, Ordering::Relaxed);
         let output = tail(&process.spec().log, offset);
         tracing::error!(pool = %pool.name, backend = %backend.name, pid, output, "image exited unexpectedly ({status}); the next request for it launches it again");
-        note(&pool, &backend, backend.health.force_down(), "its process exited");
+        note(
+            &pool,
+            &backend,
+            backend.health.force_down(),
+            "its process exited",
+        );
     } else {
         backend.health.forget();
         tracing::info!(pool = %pool.name, backend = %backend.name, pid, "image stopped ({status})");
@@ -434,7 +440,12 @@ pub fn look_after(pool: &Arc<Pool>) {
             if dead && process.exited(now) {
                 process.stats.exits.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(pool = %pool.name, backend = %backend.name, "adopted image is gone; the next request for it launches it again");
-                note(pool, backend, backend.health.force_down(), "its process exited");
+                note(
+                    pool,
+                    backend,
+                    backend.health.force_down(),
+                    "its process exited",
+                );
                 continue;
             }
         }
@@ -442,8 +453,13 @@ pub fn look_after(pool: &Arc<Pool>) {
         let in_flight = backend.stats.in_flight.load(Ordering::Relaxed);
         let replies = backend.stats.replies_total();
         if process.idle_expired(pins, in_flight, replies, now)
-            && stop(&pool.name, backend, process, "idle: no session and no request for idle_stop")
-                .is_some()
+            && stop(
+                &pool.name,
+                backend,
+                process,
+                "idle: no session and no request for idle_stop",
+            )
+            .is_some()
         {
             process.stats.idle_stops.fetch_add(1, Ordering::Relaxed);
         }
@@ -469,7 +485,12 @@ pub async fn on_exit(registry: &Registry) {
                 continue;
             }
             match state {
-                ProcessState::Running => stopping.extend(stop(&pool.name, backend, process, "tidegate is stopping (stop_on_exit)")),
+                ProcessState::Running => stopping.extend(stop(
+                    &pool.name,
+                    backend,
+                    process,
+                    "tidegate is stopping (stop_on_exit)",
+                )),
                 // Being launched: it has no reaper yet, so it is only told to go.
                 _ => {
                     if let Some(pid) = process.pid() {
@@ -480,7 +501,9 @@ pub async fn on_exit(registry: &Registry) {
         }
     }
     if left > 0 {
-        tracing::info!("leaving {left} image(s) running with their sessions (stop_on_exit = false): the next tidegate adopts them");
+        tracing::info!(
+            "leaving {left} image(s) running with their sessions (stop_on_exit = false): the next tidegate adopts them"
+        );
     }
     for handle in stopping {
         let _ = handle.await;
@@ -494,7 +517,11 @@ fn listener_pid(address: SocketAddr) -> Option<u32> {
     let inode = listening_inode(address)?;
     let wanted = format!("socket:[{inode}]");
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {

@@ -110,7 +110,12 @@ impl Farm {
         let mut changes = changes;
         for (pool, backend) in std::mem::take(&mut changes.left) {
             if let Some(process) = &backend.process {
-                launch::stop(&pool, &backend, process, "its backend left the configuration");
+                launch::stop(
+                    &pool,
+                    &backend,
+                    process,
+                    "its backend left the configuration",
+                );
             }
         }
         changes.certificates = certificates(files).await;
