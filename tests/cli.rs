@@ -71,6 +71,13 @@ async fn check_refuses_bad_files_naming_the_key_and_line() {
             "pool[0].backend[1].name",
             7,
         ),
+        (
+            "missing-program.toml",
+            "[[pool]]\nname = \"app\"\n[[pool.backend]]\nname = \"image-1\"\naddress = \"127.0.0.1:9001\"\n\
+launch = [\"/opt/pharo/no-such-pharo\", \"--headless\", \"app.image\", \"{port}\"]\n",
+            "pool[0].backend[0].launch[0]",
+            6,
+        ),
     ];
     let dir = TempDir::new("bad");
     for (label, text, key, line) in cases {

@@ -414,7 +414,7 @@ impl Process {
             }
             s => s,
         };
-        u64::from(now.saturating_sub(since)) >= idle_stop.as_secs().max(1)
+        f64::from(now.saturating_sub(since)) >= idle_stop.as_secs_f64().ceil().max(1.0)
     }
 }
 

@@ -12,6 +12,7 @@ use crate::core::affinity_cookie::AffinityCookie;
 use crate::core::backend::{AdminState, AffinityCookieValue, Backend, BackendId, BackendSet};
 use crate::core::balance::{self, Policy};
 use crate::core::health::HealthPolicy;
+use crate::core::launch::ProcessState;
 use crate::core::route::HostMatch;
 use crate::core::session_id::{IdRules, IdSource, SessionNames};
 use crate::core::stats::PoolStats;
@@ -413,9 +414,19 @@ impl Pool {
             .or_else(|| pick(&|b| open(b) && b.is_running()))
             .or_else(|| pick(&|b| open(b) && b.is_launching()))
             .or_else(|| {
+                let stopped = |b: &Backend| {
+                    b.admin() == AdminState::Active
+                        && b.process
+                            .as_ref()
+                            .is_some_and(|p| p.state() == ProcessState::Stopped)
+                        && open(b)
+                };
+                // One that may be launched now; else one whose back-off after a failed launch
+                // runs, so that the client is told when to come back (503, Retry-After).
                 set.all()
                     .iter()
-                    .find(|b| b.admin() == AdminState::Active && b.may_launch(now) && open(b))
+                    .find(|b| stopped(b) && b.may_launch(now))
+                    .or_else(|| set.all().iter().find(|b| stopped(b)))
             })
     }
 
@@ -830,10 +841,12 @@ mod tests {
         assert!(process(&img3).begin_launch(13));
         process(&img3).launched(None, false, 14);
         p.table().unwrap().pin(PinKey::of("S3"), img3.id, 14);
-        assert!(
-            p.route(&set, &view(None, None), 15, &[]).is_err(),
-            "every running one full, the last one backing off"
+        assert_eq!(
+            new(15),
+            img2.id,
+            "every running one full, the last one backing off: it refuses with Retry-After"
         );
+        assert!(!img2.may_launch(15));
         assert_eq!(new(17), img2.id, "tried again after the back-off");
         // Pinned sessions are never refused by max_sessions.
         let pinned = p.route(&set, &view(Some("S1"), None), 18, &[]).unwrap();

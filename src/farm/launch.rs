@@ -43,6 +43,7 @@ pub async fn ready(
                     return Err(refused(backend, process, HoldRefusal::Failed, now));
                 }
                 if process.begin_launch(now) {
+                    saw_launch = true;
                     backend.health.forget();
                     tokio::spawn(launch(pool.clone(), backend.clone(), process.clone()));
                 } else if process.state() == ProcessState::Stopped {
@@ -175,13 +176,14 @@ async fn launch(pool: Arc<Pool>, backend: Arc<Backend>, process: Arc<Process>) {
             tokio::spawn(reap(pool, backend, process, child, offset));
         }
         Err((why, detail)) => {
+            // Told to go before the next launch may be tried, then made to: it must not
+            // hold its port (or the machine).
+            if let (LaunchFailure::Timeout, Some(pid)) = (why, pid) {
+                terminate(pid, true);
+            }
             let output = tail(&spec.log, offset);
             failed(&pool, &backend, &process, why, &detail, &output);
             if why == LaunchFailure::Timeout {
-                // Told to go, then made to: it must not hold its port (or the machine).
-                if let Some(pid) = pid {
-                    terminate(pid, true);
-                }
                 let gone = tokio::time::timeout(spec.stop_timeout, child.wait()).await;
                 if gone.is_err() {
                     if let Some(pid) = pid {
@@ -351,6 +353,9 @@ fn alive(pid: u32) -> bool {
         .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
 }
 
+/// How long a stop waits for a process after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
 /// Stops a running image (idle, removed, or tidegate exiting): SIGTERM, then SIGKILL after
 /// `stop_timeout`. Requests that come meanwhile wait and launch it anew. `None` when it is
 /// not running, or was adopted without its process id being found (nothing to signal).
@@ -379,7 +384,9 @@ pub fn stop(
         if !gone() {
             tracing::warn!(pool, backend = %backend.name, pid, "image did not stop within stop_timeout ({:?}): killed", spec.stop_timeout);
             terminate(pid, false);
-            while !gone() {
+            // SIGKILL cannot be refused, but a process stuck in the kernel dies late.
+            let deadline = Instant::now() + KILL_WAIT;
+            while !gone() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
