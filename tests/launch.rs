@@ -4,7 +4,8 @@
 //! what the command wrote, and backed off; an idle image stopped and launched again; new
 //! sessions filling the running images before the next is launched (`max_sessions`); one
 //! session's requests queued for its own image (`max_conns`); images left running adopted by
-//! the next tidegate; an image that dies reaped and launched again.
+//! the next tidegate; an image that dies reaped and launched again; and `tidegate demo
+//! --on-demand`, whose images are its children, launched as sessions arrive and stopped with it.
 //!
 //! Every command is launched through `sh`, which writes its process id to a file of the test
 //! before it `exec`s the image: an [`Images`] guard, declared before the [`Process`] (so
@@ -726,6 +727,110 @@ async fn an_image_that_dies_is_reaped_and_launched_again_by_the_next_request() {
         assert_eq!(pids.len(), 2, "{pids:?}");
         assert_eq!(v["pid"], pids[1], "{v}");
         assert_ne!(pids[0], pids[1]);
+    })
+    .await;
+}
+
+/// The processes whose parent is `pid` (from `/proc/*/stat`).
+fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| {
+                // `pid (comm) state ppid …`: the command name may hold spaces.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// `tidegate demo --on-demand`, killed with its images when dropped.
+struct Demo {
+    child: std::process::Child,
+    dir: TempDir,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let pid = self.child.id() as i32;
+        for image in children_of(pid) {
+            if let Some(p) = rustix::process::Pid::from_raw(image) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_on_demand_demo_launches_its_images_as_sessions_arrive_and_stops_them_on_exit() {
+    bounded("demo --on-demand", async {
+        let listen = free_addr();
+        let dir = TempDir::new("demo");
+        // Run outside the repository: no development certificate, no HTTPS listener.
+        let mut demo = Demo {
+            child: std::process::Command::new(BIN)
+                .args(["demo", "--on-demand", "--listen", &listen.to_string()])
+                .current_dir(dir.dir())
+                .env("RUST_LOG", "info")
+                .stdout(std::fs::File::create(dir.path("stdout")).unwrap())
+                .stderr(std::fs::File::create(dir.path("stderr")).unwrap())
+                .spawn()
+                .expect("the demo starts"),
+            dir,
+        };
+        let pid = demo.child.id() as i32;
+        let deadline = Instant::now() + SEEN_LIMIT;
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the demo does not listen: {}",
+                demo.dir.read("stderr")
+            );
+            tokio::time::sleep(POLL).await;
+        }
+        assert!(children_of(pid).is_empty(), "every image starts stopped");
+        let base = format!("http://{listen}");
+        let mut served = Vec::new();
+        for _ in 0..3 {
+            served.push(open(&base).await.1);
+        }
+        // Two sessions an image: the third launches the second image.
+        assert_eq!(served, ["image-1", "image-1", "image-2"]);
+        let images = children_of(pid);
+        assert_eq!(images.len(), 2, "{images:?}");
+        for image in &images {
+            let cmdline = std::fs::read_to_string(format!("/proc/{image}/cmdline")).unwrap();
+            assert!(cmdline.contains("image\0--listen"), "{cmdline:?}");
+        }
+        assert!(
+            demo.dir.read("stdout").contains("on demand"),
+            "{}",
+            demo.dir.read("stdout")
+        );
+        // SIGTERM: the demo's images have stop_on_exit.
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + SEEN_LIMIT;
+        while demo.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the demo did not stop");
+            tokio::time::sleep(POLL).await;
+        }
+        for image in images {
+            gone(image, Duration::from_secs(3)).await;
+        }
+        let log = demo.dir.read("stderr");
+        assert_eq!(log.matches("launching image").count(), 2, "{log}");
+        assert_eq!(log.matches("image stopped").count(), 2, "{log}");
     })
     .await;
 }
