@@ -465,12 +465,15 @@ impl BackendFile {
             launch::check_placeholders(arg)
                 .map_err(|m| invalid(format!("{key}.launch[{i}]"), m))?;
         }
+        // Absolute, so that the program, its directory and its log mean the same whatever
+        // directory tidegate (or the image, in `launch_dir`) runs in.
         let resolve = |p: &Path| {
-            if p.is_relative() {
+            let joined = if p.is_relative() {
                 base.join(p)
             } else {
                 p.to_path_buf()
-            }
+            };
+            std::path::absolute(&joined).unwrap_or(joined)
         };
         let dir = self.launch_dir.as_deref().map(resolve);
         if let Some(dir) = &dir
@@ -483,8 +486,11 @@ impl BackendFile {
         }
         let mut argv = argv.clone();
         let program = launch::expand(&argv[0], name, self.address);
-        argv[0] = find_program(&program, dir.as_deref().unwrap_or(base))
-            .map_err(|m| invalid(format!("{key}.launch[0]"), m))?;
+        argv[0] = find_program(
+            &program,
+            &dir.clone().unwrap_or_else(|| resolve(Path::new(""))),
+        )
+        .map_err(|m| invalid(format!("{key}.launch[0]"), m))?;
         let mut env = Vec::new();
         for (k, v) in self.launch_env.iter().flatten() {
             if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
@@ -497,9 +503,14 @@ impl BackendFile {
         }
         let log = match &self.launch_log {
             Some(l) => {
-                launch::check_placeholders(l)
-                    .map_err(|m| invalid(format!("{key}.launch_log"), m))?;
-                resolve(Path::new(&launch::expand(l, name, self.address)))
+                let log_key = format!("{key}.launch_log");
+                launch::check_placeholders(l).map_err(|m| invalid(&log_key, m))?;
+                let log = resolve(Path::new(&launch::expand(l, name, self.address)));
+                if let Some(parent) = log.parent() {
+                    crate::farm::launch::check_log_directory(parent)
+                        .map_err(|m| invalid(&log_key, m))?;
+                }
+                log
             }
             None => {
                 let safe = |s: &str| -> String {
@@ -513,7 +524,11 @@ impl BackendFile {
                         })
                         .collect()
                 };
-                std::env::temp_dir().join(format!("tidegate-{}-{}.log", safe(pool), safe(name)))
+                crate::farm::launch::default_log_directory().join(format!(
+                    "{}-{}.log",
+                    safe(pool),
+                    safe(name)
+                ))
             }
         };
         let seconds = |k: &str, value: Option<f64>, default: f64, min: f64, max: f64| {
@@ -1663,10 +1678,18 @@ address = "127.0.0.1:9001"
         assert_eq!(spec.backoff, std::time::Duration::from_secs(5));
         assert_eq!(spec.hold_max, DEFAULT_QUEUE_MAX);
         assert!(!spec.stop_on_exit);
+        assert_eq!(
+            spec.log,
+            crate::farm::launch::default_log_directory().join("app-img1.log")
+        );
+        // A log directory any user may write to is refused.
+        let err = load(&format!(
+            "{MINIMAL}launch = [\"sh\"]\nlaunch_log = \"/tmp/{{name}}.log\"\n"
+        ))
+        .unwrap_err();
         assert!(
-            spec.log.ends_with("tidegate-app-img1.log"),
-            "{:?}",
-            spec.log
+            err.contains("backend[0].launch_log") && err.contains("any user"),
+            "{err}"
         );
     }
 
@@ -1677,7 +1700,7 @@ address = "127.0.0.1:9001"
             ("launch = [\"/nonexistent/pharo\"]", "launch[0]"),
             ("launch = [\"/etc/passwd\"]", "launch[0]"),
             ("launch = [\"no-such-program-on-path\"]", "launch[0]"),
-            ("launch = [\"sh\", \"--port={{prot}}\"]", "launch[1]"),
+            ("launch = [\"sh\", \"--port={prot}\"]", "launch[1]"),
             (
                 "launch = [\"sh\"]\nlaunch_dir = \"/nonexistent\"",
                 "launch_dir",

@@ -118,8 +118,8 @@ pub enum ProxyError {
         backend: Box<str>,
         /// Why.
         why: crate::core::launch::HoldRefusal,
-        /// What the launch said (its exit status or timeout), when it failed.
-        reason: Option<std::sync::Arc<str>>,
+        /// How the launch failed, when it did (the details stay in the log).
+        reason: Option<crate::core::launch::LaunchFailure>,
         /// Seconds the client is asked to wait.
         retry_after: u64,
     },
@@ -234,7 +234,7 @@ impl std::fmt::Display for ProxyError {
                 };
                 write!(f, "backend {backend} {what}")?;
                 if let Some(reason) = reason {
-                    write!(f, " ({reason})")?;
+                    write!(f, ": {}", reason.told())?;
                 }
                 write!(f, "; try again in {retry_after} s")
             }

@@ -145,7 +145,7 @@ impl ProcessView {
         }
     }
 
-    /// A few words for a table cell: `running (pid 42, 3 min)`, `stopped`.
+    /// A few words for a table cell: `running (pid 42, 180 s)`, `stopped`.
     pub fn summary(&self) -> String {
         match (self.pid, self.uptime_seconds) {
             (Some(pid), Some(up)) => format!("{} (pid {pid}, {up} s)", self.state),

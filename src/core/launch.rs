@@ -92,28 +92,52 @@ impl LaunchSpec {
     }
 }
 
-/// `arg` with `{port}`, `{host}` and `{name}` replaced.
+/// `arg` with `{port}`, `{host}` and `{name}` replaced, and `{{` and `}}` written as `{`
+/// and `}` (a Smalltalk brace array in an argument).
 pub fn expand(arg: &str, name: &str, address: SocketAddr) -> String {
-    if !arg.contains('{') {
+    if !arg.contains(['{', '}']) {
         return arg.to_string();
     }
-    arg.replace("{port}", &address.port().to_string())
-        .replace("{host}", &address.ip().to_string())
-        .replace("{name}", name)
+    let mut out = String::with_capacity(arg.len() + 16);
+    let mut rest = arg;
+    while let Some(at) = rest.find(['{', '}']) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at..];
+        let (text, len) = if after.starts_with("{{") || after.starts_with("}}") {
+            (after[..1].to_string(), 2)
+        } else if after.starts_with("{port}") {
+            (address.port().to_string(), 6)
+        } else if after.starts_with("{host}") {
+            (address.ip().to_string(), 6)
+        } else if after.starts_with("{name}") {
+            (name.to_string(), 6)
+        } else {
+            // A lone `}`, or a `{` that `check_placeholders` refuses: kept as written.
+            (after[..1].to_string(), 1)
+        };
+        out.push_str(&text);
+        rest = &after[len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Refuses a `{…}` in `arg` that is not a known placeholder (a typo would reach the image
-/// as it is).
+/// as it is); `{{` stands for a `{`.
 pub fn check_placeholders(arg: &str) -> Result<(), String> {
     let mut rest = arg;
     while let Some(open) = rest.find('{') {
         let after = &rest[open..];
+        if let Some(skip) = after.strip_prefix("{{") {
+            rest = skip;
+            continue;
+        }
         match PLACEHOLDERS.iter().find(|p| after.starts_with(**p)) {
             Some(p) => rest = &after[p.len()..],
             None => {
                 let shown: String = after.chars().take_while(|&c| c != '}').collect();
                 return Err(format!(
-                    "unknown placeholder {shown}}} in {arg:?}; known: {}",
+                    "unknown placeholder {shown}}} in {arg:?}; known: {} (write {{{{ and }}}} for {{ and }})",
                     PLACEHOLDERS.join(" ")
                 ));
             }
@@ -140,6 +164,15 @@ impl LaunchFailure {
             LaunchFailure::Spawn => "spawn",
             LaunchFailure::Exited => "exited",
             LaunchFailure::Timeout => "timeout",
+        }
+    }
+
+    /// What a client refused for it is told: no path, status or output of the farm.
+    pub fn told(self) -> &'static str {
+        match self {
+            LaunchFailure::Spawn => "its program could not be run",
+            LaunchFailure::Exited => "it exited before its port opened",
+            LaunchFailure::Timeout => "its port did not open in time",
         }
     }
 
@@ -232,6 +265,8 @@ pub struct Process {
     /// The process id, 0 when unknown (stopped, or adopted without finding it).
     pid: AtomicU32,
     adopted: AtomicBool,
+    /// Its backend left the farm while it was being launched: stopped once it runs.
+    retired: AtomicBool,
     /// Unix seconds of the last change of state.
     since: AtomicU32,
     /// Unix seconds before which no launch is tried (after a failed one).
@@ -243,7 +278,7 @@ pub struct Process {
     /// Requests waiting for it now.
     pub holding: AtomicUsize,
     /// Why the last launch failed, for the requests that waited for it.
-    last_failure: Mutex<Option<Arc<str>>>,
+    last_failure: Mutex<Option<(LaunchFailure, Arc<str>)>>,
     changed: tokio::sync::watch::Sender<u64>,
     /// Counters.
     pub stats: ProcessStats,
@@ -257,6 +292,7 @@ impl Process {
             state: AtomicU8::new(ProcessState::Stopped as u8),
             pid: AtomicU32::new(0),
             adopted: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             since: AtomicU32::new(0),
             retry_at: AtomicU32::new(0),
             idle_since: AtomicU32::new(0),
@@ -316,8 +352,17 @@ impl Process {
         u64::from(self.retry_at.load(Ordering::Relaxed).saturating_sub(now)).max(1)
     }
 
-    /// Why the last launch failed.
+    /// Why the last launch failed, in full (exit status, timeout, spawn error).
     pub fn last_failure(&self) -> Option<Arc<str>> {
+        self.failure().map(|(_, detail)| detail)
+    }
+
+    /// What kind of failure the last launch had.
+    pub fn last_failure_kind(&self) -> Option<LaunchFailure> {
+        self.failure().map(|(kind, _)| kind)
+    }
+
+    fn failure(&self) -> Option<(LaunchFailure, Arc<str>)> {
         self.last_failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -370,13 +415,24 @@ impl Process {
         self.move_to(ProcessState::Stopped, ProcessState::Running, now)
     }
 
-    /// Launching → stopped: the launch failed for `why`; none is tried again until
-    /// `retry_at` (unix seconds). The waiting requests are told.
-    pub fn launch_failed(&self, why: &str, retry_at: u32, now: u32) {
-        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.into());
+    /// Launching → stopped: the launch failed (`why`, said in full in `detail`); none is
+    /// tried again until `retry_at` (unix seconds). The waiting requests are told.
+    pub fn launch_failed(&self, why: LaunchFailure, detail: &str, retry_at: u32, now: u32) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some((why, detail.into()));
         self.retry_at.store(retry_at, Ordering::Relaxed);
         self.pid.store(0, Ordering::Relaxed);
         self.move_to(ProcessState::Launching, ProcessState::Stopped, now);
+    }
+
+    /// Its backend left the farm while it was being launched: it is to be stopped as soon
+    /// as it runs.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether it was retired (see [`Process::retire`]).
+    pub fn retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     /// Running → stopping, for exactly one caller.
@@ -446,6 +502,15 @@ mod tests {
             ["/bin/img", "--port", "8083", "--name=img3@127.0.0.1"]
         );
         assert!(check_placeholders("--port={port}{name}").is_ok());
+        assert_eq!(
+            expand(
+                "Server startOn: {port}. {{1. 2}}",
+                "x",
+                "127.0.0.1:80".parse().unwrap()
+            ),
+            "Server startOn: 80. {1. 2}"
+        );
+        assert!(check_placeholders("{{1. 2}}").is_ok());
         let err = check_placeholders("--port={prot}").unwrap_err();
         assert!(err.contains("{prot}"), "{err}");
         assert!(check_placeholders("{").is_err());
@@ -457,7 +522,8 @@ mod tests {
         assert!(p.begin_launch(100));
         assert!(!p.begin_launch(100), "exactly one launch");
         assert_eq!(p.state(), ProcessState::Launching);
-        p.launch_failed("exited with status 3", 105, 101);
+        p.launch_failed(LaunchFailure::Exited, "exited with status 3", 105, 101);
+        assert_eq!(p.last_failure_kind(), Some(LaunchFailure::Exited));
         assert_eq!(p.state(), ProcessState::Stopped);
         assert_eq!(p.last_failure().as_deref(), Some("exited with status 3"));
         assert!(!p.may_launch(104) && !p.begin_launch(104));

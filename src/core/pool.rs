@@ -836,7 +836,12 @@ mod tests {
         assert_eq!(new(12), img2.id);
         // A failed launch backs off: img3 is launched meanwhile.
         assert!(process(&img2).begin_launch(12));
-        process(&img2).launch_failed("exited with status 3", 17, 12);
+        process(&img2).launch_failed(
+            crate::core::launch::LaunchFailure::Exited,
+            "exited with status 3",
+            17,
+            12,
+        );
         assert_eq!(new(13), img3.id);
         assert!(process(&img3).begin_launch(13));
         process(&img3).launched(None, false, 14);

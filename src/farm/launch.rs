@@ -6,7 +6,7 @@
 //! signals, ports and log files.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -95,7 +95,7 @@ fn refused(backend: &Backend, process: &Process, why: HoldRefusal, now: u32) -> 
         why,
         reason: match why {
             HoldRefusal::Full => None,
-            _ => process.last_failure(),
+            _ => process.last_failure_kind(),
         },
         retry_after: match why {
             HoldRefusal::Full => process.spec().timeout.as_secs().max(1),
@@ -173,6 +173,14 @@ async fn launch(pool: Arc<Pool>, backend: Arc<Backend>, process: Arc<Process>) {
                 "its process was launched and its port accepted",
             );
             tracing::info!(pool = %pool.name, backend = %backend.name, pid, seconds = format!("{:.2}", took.as_secs_f64()), "image launched: its port accepts");
+            if process.retired() {
+                stop(
+                    &pool.name,
+                    &backend,
+                    &process,
+                    "its backend left the farm while it was launched",
+                );
+            }
             tokio::spawn(reap(pool, backend, process, child, offset));
         }
         Err((why, detail)) => {
@@ -216,8 +224,19 @@ fn spawn(spec: &LaunchSpec, argv: &[String]) -> std::io::Result<Child> {
     command.spawn()
 }
 
-/// The image's log file, opened for appending (created readable by its user and group).
+/// The image's log file, opened for appending (created readable by its user and group),
+/// in a directory no other user may write to (created private if it is missing).
 fn append_to(path: &Path) -> std::io::Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder.create(dir)?;
+        }
+        check_log_directory(dir).map_err(std::io::Error::other)?;
+    }
     let mut options = std::fs::OpenOptions::new();
     options.create(true).append(true);
     #[cfg(unix)]
@@ -228,6 +247,47 @@ fn append_to(path: &Path) -> std::io::Result<std::fs::File> {
             format!("cannot open launch_log {}: {e}", path.display()),
         )
     })
+}
+
+/// Where images' logs go without `launch_log`: a directory of the user's own in the
+/// temporary directory (`tidegate-UID`), created private (0700) at the first launch.
+pub fn default_log_directory() -> PathBuf {
+    #[cfg(unix)]
+    let user = rustix::process::geteuid().as_raw();
+    #[cfg(not(unix))]
+    let user = 0;
+    std::env::temp_dir().join(format!("tidegate-{user}"))
+}
+
+/// Refuses a log directory other users may write to: a link planted there would send an
+/// image's output (and tidegate's appends) wherever its maker wants. A directory that does
+/// not exist yet is accepted (the launch creates it, private).
+pub fn check_log_directory(dir: &Path) -> Result<(), String> {
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if meta.mode() & 0o002 != 0 {
+            return Err(format!(
+                "{} may be written by any user (a link planted there could redirect the log): \
+                 choose a directory of tidegate's own",
+                dir.display()
+            ));
+        }
+        if meta.uid() != rustix::process::geteuid().as_raw() && meta.mode() & 0o020 != 0 {
+            return Err(format!(
+                "{} belongs to another user and its group may write to it: choose a directory \
+                 of tidegate's own",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A failed launch: waiting requests answered, counted, logged with what the command wrote.
@@ -246,7 +306,7 @@ fn failed(
     let retry_at =
         u32::try_from((precise + spec.backoff).as_secs_f64().ceil() as u64).unwrap_or(u32::MAX);
     process.stats.failed(why);
-    process.launch_failed(detail, retry_at, clock::unix_now());
+    process.launch_failed(why, detail, retry_at, clock::unix_now());
     note(pool, backend, backend.health.force_down(), detail);
     tracing::error!(
         pool = %pool.name,
@@ -365,12 +425,24 @@ pub fn stop(
     process: &Arc<Process>,
     why: &'static str,
 ) -> Option<tokio::task::JoinHandle<()>> {
+    match (process.state(), process.pid()) {
+        (ProcessState::Launching, _) => {
+            // Stopped by its launch as soon as its port accepts.
+            process.retire();
+            return None;
+        }
+        (ProcessState::Running, None) => {
+            tracing::warn!(pool = %pool, backend = %backend.name, why, "image adopted without finding its process id: tidegate cannot stop it; stop it by hand");
+            return None;
+        }
+        _ => {}
+    }
     let pid = process.pid()?;
     if !process.begin_stop(clock::unix_now()) {
         return None;
     }
     let spec = process.spec();
-    tracing::info!(pool, backend = %backend.name, pid, why, "stopping image");
+    tracing::info!(pool = %pool, backend = %backend.name, pid, why, "stopping image");
     let (pool, backend, process) = (pool.to_string(), backend.clone(), process.clone());
     Some(tokio::spawn(async move {
         // A child of this tidegate is reaped (and its state changed) by its reaper; an
@@ -382,7 +454,7 @@ pub fn stop(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if !gone() {
-            tracing::warn!(pool, backend = %backend.name, pid, "image did not stop within stop_timeout ({:?}): killed", spec.stop_timeout);
+            tracing::warn!(pool = %pool, backend = %backend.name, pid, "image did not stop within stop_timeout ({:?}): killed", spec.stop_timeout);
             terminate(pid, false);
             // SIGKILL cannot be refused, but a process stuck in the kernel dies late.
             let deadline = Instant::now() + KILL_WAIT;
@@ -393,7 +465,7 @@ pub fn stop(
         if process.adopted() && process.state() == ProcessState::Stopping {
             process.exited(clock::unix_now());
             backend.health.forget();
-            tracing::info!(pool, backend = %backend.name, pid, "image stopped");
+            tracing::info!(pool = %pool, backend = %backend.name, pid, "image stopped");
         }
     }))
 }

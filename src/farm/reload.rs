@@ -284,7 +284,10 @@ fn apply_backend(
         (Some(process), Some(spec)) => {
             if *process.spec() != *spec {
                 process.set_spec(spec.clone());
-                changed.push("launch settings (from its next launch)".to_string());
+                changed.push(
+                    "launch settings (the command from its next launch, the rest at once)"
+                        .to_string(),
+                );
             }
         }
         (None, None) => {}
