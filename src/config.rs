@@ -490,7 +490,10 @@ impl BackendFile {
             &program,
             &dir.clone().unwrap_or_else(|| resolve(Path::new(""))),
         )
-        .map_err(|m| invalid(format!("{key}.launch[0]"), m))?;
+        .map_err(|m| invalid(format!("{key}.launch[0]"), m))?
+        // Expanded again at each launch: braces in the path stay braces.
+        .replace('{', "{{")
+        .replace('}', "}}");
         let mut env = Vec::new();
         for (k, v) in self.launch_env.iter().flatten() {
             if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {

@@ -127,7 +127,15 @@ async fn launch(pool: Arc<Pool>, backend: Arc<Backend>, process: Arc<Process>) {
             backend.health.launched(),
             "its port was found open",
         );
-        tracing::info!(pool = %pool.name, backend = %backend.name, pid, "image already running on its port: adopted");
+        adopted(&pool.name, &backend.name, pid);
+        if process.retired() {
+            stop(
+                &pool.name,
+                &backend,
+                &process,
+                "its backend left the farm while it was launched",
+            );
+        }
         return;
     }
     process.stats.launches.fetch_add(1, Ordering::Relaxed);
@@ -279,7 +287,15 @@ pub fn check_log_directory(dir: &Path) -> Result<(), String> {
                 dir.display()
             ));
         }
-        if meta.uid() != rustix::process::geteuid().as_raw() && meta.mode() & 0o020 != 0 {
+        // Its owner may write there: tidegate's user, or root (who may anyway).
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(format!(
+                "{} belongs to another user: choose a directory of tidegate's own",
+                dir.display()
+            ));
+        }
+        if meta.uid() != me && meta.mode() & 0o020 != 0 {
             return Err(format!(
                 "{} belongs to another user and its group may write to it: choose a directory \
                  of tidegate's own",
@@ -490,13 +506,39 @@ pub async fn adopt_running(registry: &Registry) {
                     .ok()
                     .flatten();
                 if process.adopt(pid, clock::unix_now()) {
-                    note(&pool, &backend, backend.health.launched(), "its port was found open");
-                    tracing::info!(pool = %pool.name, backend = %backend.name, pid, "image already running on its port: adopted");
+                    note(
+                        &pool,
+                        &backend,
+                        backend.health.launched(),
+                        "its port was found open",
+                    );
+                    adopted(&pool.name, &backend.name, pid);
                 }
             });
         }
     }
     while probes.join_next().await.is_some() {}
+}
+
+/// Logs an adoption; one whose process id was not found cannot be stopped by tidegate,
+/// which is said once, here.
+fn adopted(pool: &str, backend: &str, pid: Option<u32>) {
+    match pid {
+        Some(pid) => {
+            tracing::info!(
+                pool,
+                backend,
+                pid,
+                "image already running on its port: adopted"
+            )
+        }
+        None => tracing::warn!(
+            pool,
+            backend,
+            "image already running on its port: adopted, but its process was not found \
+             (another user's, or no /proc): idle_stop, removal and stop_on_exit cannot stop it"
+        ),
+    }
 }
 
 /// Once a second: stops the images idle for their `idle_stop`, and notices the death of
@@ -531,7 +573,9 @@ pub fn look_after(pool: &Arc<Pool>) {
         let pins = pool.table().map_or(0, |t| t.pins_of(backend.id));
         let in_flight = backend.stats.in_flight.load(Ordering::Relaxed);
         let replies = backend.stats.replies_total();
-        if process.idle_expired(pins, in_flight, replies, now)
+        // One adopted without its process id cannot be stopped (said at its adoption).
+        if process.pid().is_some()
+            && process.idle_expired(pins, in_flight, replies, now)
             && stop(
                 &pool.name,
                 backend,
