@@ -928,6 +928,10 @@ impl FileConfig {
             }
             bound.push((key, a));
         }
+        if let AdminListen::Default(a) = admin {
+            bound.push(("admin (default)".to_string(), a));
+        }
+        check_backend_addresses(&pools, &bound)?;
         if self.workers > 1024 {
             return Err(invalid(
                 "workers",
@@ -1362,6 +1366,50 @@ impl SessionFile {
 /// Whether binding `a` after `b` fails: the same port, and the same address, or a wildcard
 /// address of the same family, or `[::]` (which on Linux takes IPv4 too). Port 0 asks for a
 /// free port and never clashes.
+/// Refuses a backend at one of tidegate's own listeners (its requests would come back to
+/// tidegate), and an image launched on demand whose address another backend shares (two
+/// launchers would start, adopt and stop the same image).
+fn check_backend_addresses(
+    pools: &[PoolConfig],
+    bound: &[(String, SocketAddr)],
+) -> Result<(), Invalid> {
+    let all: Vec<(String, &BackendConfig)> = pools
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            p.backends
+                .iter()
+                .enumerate()
+                .map(move |(j, b)| (format!("pool[{i}].backend[{j}]"), b))
+        })
+        .collect();
+    for (n, (key, b)) in all.iter().enumerate() {
+        if let Some((listener, _)) = bound.iter().find(|(_, l)| binds_overlap(b.address, *l)) {
+            return Err(invalid(
+                format!("{key}.address"),
+                format!(
+                    "{} is tidegate's own listener ({listener}): its requests would come back here",
+                    b.address
+                ),
+            ));
+        }
+        if let Some((other, _)) = all.iter().enumerate().find_map(|(m, (other, o))| {
+            (m < n && o.address == b.address && (b.launch.is_some() || o.launch.is_some()))
+                .then_some((other, o))
+        }) {
+            return Err(invalid(
+                format!("{key}.address"),
+                format!(
+                    "{} is also {other}'s address: an image launched on demand needs its port to \
+                     itself (two backends would start, adopt and stop the same image)",
+                    b.address
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
     let wildcard_covers = |w: SocketAddr, o: SocketAddr| {
         w.ip().is_unspecified() && (w.is_ipv6() || w.is_ipv4() == o.is_ipv4())
@@ -1723,6 +1771,24 @@ address = "127.0.0.1:9001"
                 "{bad}: {err}"
             );
         }
+        // An image's port is its own; a backend is never tidegate itself.
+        let shared = format!(
+            "{MINIMAL}launch = [\"sh\"]\n[[pool]]\nname = \"b\"\nhosts = [\"b.example\"]\n\
+             [[pool.backend]]\naddress = \"127.0.0.1:9001\"\n"
+        );
+        let err = load(&shared).unwrap_err();
+        assert!(
+            err.contains("pool[1].backend[0].address")
+                && err.contains("pool[0].backend[0]")
+                && err.contains("line 11"),
+            "{err}"
+        );
+        let own = "listen = [\"127.0.0.1:9001\"]\n[[pool]]\nname = \"app\"\n[[pool.backend]]\naddress = \"127.0.0.1:9001\"\n";
+        let err = load(own).unwrap_err();
+        assert!(
+            err.contains("pool[0].backend[0].address") && err.contains("own listener"),
+            "{err}"
+        );
         // queue_max bounds what a launch holds, without max_conns.
         let c = load(&format!("{MINIMAL}launch = [\"sh\"]\nqueue_max = 8\n")).unwrap();
         assert_eq!(c.pools[0].backends[0].launch.as_ref().unwrap().hold_max, 8);

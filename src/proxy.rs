@@ -27,13 +27,15 @@ use crate::clock;
 use crate::core::affinity::PinKey;
 use crate::core::backend::Backend;
 use crate::core::backend::{BackendId, BackendSet, ConnLimit};
+use crate::core::launch::HoldRefusal;
 use crate::core::learn::LearnSource;
 use crate::core::pool::{Affinity, Decision, Pool, Refusal, RequestView, Routing, SessionAffinity};
 use crate::core::registry::Registry;
 use crate::core::session_id::{self, IdSource};
 use crate::core::stats::FrontStats;
 use crate::error::{ProxyError, UpstreamFailure};
-use crate::farm::{health, launch};
+use crate::farm::health;
+use crate::farm::launch::{self, NotReady};
 use crate::learn::{Learner, PageLearner, PageTap};
 use crate::upstream::{
     self, CountBytesIn, PeekError, RequestBody, SendError, ToBackend, Tunnel, UpBody, Upstream,
@@ -633,7 +635,11 @@ impl Proxy {
                 client_upgrade,
                 backend,
                 self.tunnel_timeout,
-                (conn.clone(), trace.slot.take()),
+                (
+                    conn.clone(),
+                    trace.slot.take(),
+                    OpenTunnel::new(routing.backend.clone()),
+                ),
             ));
             strip_hop_by_hop(&mut head.headers, true);
             return Ok(Response::from_parts(
@@ -695,25 +701,31 @@ impl Proxy {
         let thresholds = pool.health.thresholds;
         // Backends that refused this request; empty (no allocation) unless one does.
         let mut tried: Vec<BackendId> = Vec::new();
-        let mut last_refusal: Option<(Routing, UpstreamFailure)> = None;
+        let mut last_refusal: Option<(Routing, Refused)> = None;
         loop {
             // The set is loaded for the decision only, never held across the connect.
             let routed = pool.route(&pool.backends(), &view, now, &tried);
-            if let Some((failed, failure)) = &last_refusal
+            if let Some((failed, refused)) = &last_refusal
                 && !matches!(routed, Err(Refusal::NoBackend))
             {
                 // Another outcome replaces the refused attempt: its decision is taken back
-                // (each request counts one), and its failure counted for its backend.
+                // (each request counts one), and a failure to connect counted for its
+                // backend.
                 pool.stats.undecide(failed.decision);
-                failed.backend.stats.upstream_error(failure.kind());
+                if let Refused::Connect(failure) = refused {
+                    failed.backend.stats.upstream_error(failure.kind());
+                }
             }
             let routing = match routed {
                 Ok(routing) => routing,
                 Err(Refusal::NoBackend) => {
-                    if let Some((routing, failure)) = last_refusal {
-                        // Nothing else to try: the client sees the last backend's failure.
+                    if let Some((routing, refused)) = last_refusal {
+                        // Nothing else to try: the client sees the last backend's refusal.
                         trace.routed(&routing, view.id.map(|(id, _)| id));
-                        return Err(refused_by(&routing.backend, failure));
+                        return Err(match refused {
+                            Refused::Connect(failure) => refused_by(&routing.backend, failure),
+                            Refused::Launch(e) => e,
+                        });
                     }
                     return Err(ProxyError::NoBackend {
                         pool: pool.name.clone(),
@@ -733,7 +745,34 @@ impl Proxy {
             if let Some(process) = &backend.process
                 && !process.is_running()
             {
-                launch::ready(pool, backend, process).await?;
+                match launch::ready(pool, backend, process).await {
+                    Ok(()) => {}
+                    Err(NotReady::Left) => {
+                        // Its backend left the farm while the request waited: routed again.
+                        trace.unroute();
+                        pool.stats.undecide(routing.decision);
+                        tried.push(backend.id);
+                        continue;
+                    }
+                    // A new session (or a client-IP one) whose image backs off after a failed
+                    // launch goes to another backend if one can take it.
+                    Err(NotReady::Refused(
+                        e @ ProxyError::NotLaunched {
+                            why: HoldRefusal::Backoff,
+                            ..
+                        },
+                    )) if matches!(
+                        routing.decision,
+                        Decision::New | Decision::Hashed | Decision::Redispatched
+                    ) =>
+                    {
+                        trace.unroute();
+                        tried.push(backend.id);
+                        last_refusal = Some((routing, Refused::Launch(e)));
+                        continue;
+                    }
+                    Err(NotReady::Refused(e)) => return Err(e),
+                }
             }
             let slot = match &backend.conns {
                 None => None,
@@ -775,11 +814,19 @@ impl Proxy {
                     let transition = backend.health.refused(thresholds);
                     health::note(pool, backend, transition, failure.as_str());
                     tried.push(backend.id);
-                    last_refusal = Some((routing, failure));
+                    last_refusal = Some((routing, Refused::Connect(failure)));
                 }
             }
         }
     }
+}
+
+/// Why a backend could not take a request, kept while another is tried.
+enum Refused {
+    /// It refused the connection (or did not accept it in time).
+    Connect(UpstreamFailure),
+    /// Its image backs off after a failed launch.
+    Launch(ProxyError),
 }
 
 /// A slot of `backend` (`max_conns`): at once if one is free, else in its queue, first come
@@ -1166,7 +1213,24 @@ fn is_html(headers: &HeaderMap) -> bool {
 /// starting with what the backend sent right after its `101` head.
 /// The tunnel holds what the connection held: the client's connection slot, and the
 /// backend's slot (`max_conns`), as the backend connection stays in use.
-type Held = (Arc<ClientConn>, Option<OwnedSemaphorePermit>);
+type Held = (Arc<ClientConn>, Option<OwnedSemaphorePermit>, OpenTunnel);
+
+/// An upgraded connection counted open at its backend while it lasts (a drain does not
+/// finish, and an idle image is not stopped, under it).
+struct OpenTunnel(Arc<Backend>);
+
+impl OpenTunnel {
+    fn new(backend: Arc<Backend>) -> Self {
+        backend.stats.tunnels.fetch_add(1, Ordering::Relaxed);
+        OpenTunnel(backend)
+    }
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.0.stats.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 async fn tunnel(client: OnUpgrade, backend: Tunnel, idle: Duration, _held: Held) {
     let Tunnel { stream, early } = backend;

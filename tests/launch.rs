@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::Value;
-use support::{BIN, HttpClient, Process, TempDir, client, free_addr, get};
+use support::{BIN, HttpClient, Process, TOKEN, TempDir, client, free_addr, get};
 
 /// The most any one test may take.
 const TEST_LIMIT: Duration = Duration::from_secs(45);
@@ -840,6 +840,133 @@ async fn the_on_demand_demo_launches_its_images_as_sessions_arrive_and_stops_the
         let log = demo.dir.read("stderr");
         assert_eq!(log.matches("launching image").count(), 2, "{log}");
         assert_eq!(log.matches("image stopped").count(), 2, "{log}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_removed_while_its_image_launches_has_it_stopped_and_its_request_goes_elsewhere()
+{
+    bounded("removed while launching", async {
+        let images = Images::new("retired");
+        let (a1, a2) = (free_addr(), free_addr());
+        // img1 takes a second to open its port; img2 opens it at once.
+        let slow = images.wrapped(&format!(
+            "sleep 1; exec {BIN} image --listen {{host}}:{{port}} --name {{name}}"
+        ));
+        let p = Process::start(&format!(
+            "[[pool]]\nname = \"app\"\n{}{}",
+            images.backend("img1", a1, &slow, "max_sessions = 1\nstop_timeout = 1"),
+            images.backend("img2", a2, &images.image_command(), "stop_timeout = 1"),
+        ))
+        .await;
+        let c = client();
+        let waiting = tokio::spawn({
+            let url = format!("{}/app", p.base());
+            let c = c.clone();
+            async move { get(&c, &url).await }
+        });
+        process_becomes(&p, &c, "img1", "launching").await;
+        let removed = p
+            .call(
+                http::Method::DELETE,
+                "/api/pools/app/backends/img1?force=true",
+                Some(TOKEN),
+                "",
+            )
+            .await;
+        assert_eq!(removed.status, StatusCode::OK, "{:?}", removed.text);
+        // The request that waited for img1 is routed again: img2 is launched for it.
+        let r = waiting.await.unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.image(), "img2");
+        // img1's image, once it runs, is stopped, and never launched again.
+        p.log_shows(
+            "its backend left the farm while it was launched",
+            1,
+            SEEN_LIMIT,
+        )
+        .await;
+        let first = images.pids()[0];
+        gone(first, Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(images.pids().len(), 2, "img1 once, img2 once");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ip_clients_of_an_image_that_cannot_start_go_to_another() {
+    bounded("client-ip back-off", async {
+        let images = Images::new("ip-backoff");
+        let (a1, a2) = (free_addr(), free_addr());
+        let p = Process::start(&format!(
+            "[[pool]]\nname = \"app\"\naffinity = \"client-ip\"\n{}{}",
+            images.backend("img1", a1, &images.wrapped("exit 3"), "launch_backoff = 30"),
+            images.backend("img2", a2, &images.image_command(), ""),
+        ))
+        .await;
+        let c = client();
+        // Every client address is 127.0.0.1 here: its image is either. The first request to
+        // img1 waits for its launch and is told it failed (503); after that, img1 backs off
+        // and the same client is served by img2.
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let r = get(&c, &format!("{}/app", p.base())).await;
+            statuses.push((r.status.as_u16(), r.image()));
+        }
+        // 127.0.0.1 hashes to img1 (names chosen so): its failed launch is its first answer.
+        assert_eq!(statuses[0].0, 503, "{statuses:?}");
+        assert_eq!(statuses[1..], [(200, "img2".into()), (200, "img2".into())]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_websocket_keeps_its_image_from_an_idle_stop() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded("websocket and idle_stop", async {
+        let images = Images::new("tunnel-idle");
+        let addr = free_addr();
+        // Client-IP: no pins, so only the open tunnel keeps the image busy.
+        let p = Process::start(&format!(
+            "[[pool]]\nname = \"app\"\naffinity = \"client-ip\"\n{}",
+            images.backend("img1", addr, &images.image_command(), "idle_stop = 1"),
+        ))
+        .await;
+        let c = client();
+        let mut stream = tokio::net::TcpStream::connect(p.base().trim_start_matches("http://"))
+            .await
+            .unwrap();
+        stream
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "{head:?}");
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        // Four idle_stops with nothing but the tunnel, which carries a message now and then.
+        for round in 0..8u8 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stream.write_all(&[round; 4]).await.unwrap();
+            let mut back = [0u8; 4];
+            stream.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, [round; 4]);
+        }
+        assert_eq!(process(&p, &c, "img1").await["state"], "running");
+        // Closed: idle from then on, and stopped.
+        drop(stream);
+        process_becomes(&p, &c, "img1", "stopped").await;
     })
     .await;
 }

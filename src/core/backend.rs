@@ -262,11 +262,13 @@ impl Backend {
             });
     }
 
-    /// A draining backend with no pin and nothing in flight becomes drained; `true` once,
+    /// A draining backend with no pin, nothing in flight and no upgraded connection open
+    /// becomes drained; `true` once,
     /// for the caller that made the change.
     pub fn settle_drain(&self, pins: u64) -> bool {
         pins == 0
             && self.stats.in_flight.load(Ordering::Relaxed) <= 0
+            && self.stats.tunnels.load(Ordering::Relaxed) <= 0
             && self
                 .admin
                 .compare_exchange(

@@ -265,8 +265,10 @@ pub struct Process {
     /// The process id, 0 when unknown (stopped, or adopted without finding it).
     pid: AtomicU32,
     adopted: AtomicBool,
-    /// Its backend left the farm while it was being launched: stopped once it runs.
+    /// Its backend left the farm: never launched again, stopped once it runs.
     retired: AtomicBool,
+    /// A launch that timed out is still ending its process: no launch until it is gone.
+    dying: AtomicBool,
     /// Unix seconds of the last change of state.
     since: AtomicU32,
     /// Unix seconds before which no launch is tried (after a failed one).
@@ -293,6 +295,7 @@ impl Process {
             pid: AtomicU32::new(0),
             adopted: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            dying: AtomicBool::new(false),
             since: AtomicU32::new(0),
             retry_at: AtomicU32::new(0),
             idle_since: AtomicU32::new(0),
@@ -341,10 +344,19 @@ impl Process {
         self.since.load(Ordering::Relaxed)
     }
 
-    /// Whether a launch may start at `now`: it is stopped and no back-off is running.
+    /// Whether a launch may start at `now`: it is stopped, no back-off runs, no timed-out
+    /// launch's process is still ending, and its backend is still in the farm.
     #[inline]
     pub fn may_launch(&self, now: u32) -> bool {
-        self.state() == ProcessState::Stopped && now >= self.retry_at.load(Ordering::Relaxed)
+        self.state() == ProcessState::Stopped
+            && now >= self.retry_at.load(Ordering::Relaxed)
+            && !self.dying.load(Ordering::Relaxed)
+            && !self.retired()
+    }
+
+    /// A timed-out launch's process is being ended (`true`), or is gone (`false`).
+    pub fn set_dying(&self, dying: bool) {
+        self.dying.store(dying, Ordering::Relaxed);
     }
 
     /// Seconds until the back-off lets a launch be tried again (at least 1).
@@ -415,6 +427,12 @@ impl Process {
         self.move_to(ProcessState::Stopped, ProcessState::Running, now)
     }
 
+    /// Launching → stopped without a launch: its backend left the farm before its command
+    /// was started.
+    pub fn abandon_launch(&self, now: u32) {
+        self.move_to(ProcessState::Launching, ProcessState::Stopped, now);
+    }
+
     /// Launching → stopped: the launch failed (`why`, said in full in `detail`); none is
     /// tried again until `retry_at` (unix seconds). The waiting requests are told.
     pub fn launch_failed(&self, why: LaunchFailure, detail: &str, retry_at: u32, now: u32) {
@@ -424,10 +442,11 @@ impl Process {
         self.move_to(ProcessState::Launching, ProcessState::Stopped, now);
     }
 
-    /// Its backend left the farm while it was being launched: it is to be stopped as soon
-    /// as it runs.
+    /// Its backend left the farm: it is never launched again, and stopped as soon as it
+    /// runs. Requests waiting for it are woken (they go elsewhere).
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
+        self.changed.send_modify(|n| *n += 1);
     }
 
     /// Whether it was retired (see [`Process::retire`]).
@@ -438,6 +457,11 @@ impl Process {
     /// Running → stopping, for exactly one caller.
     pub fn begin_stop(&self, now: u32) -> bool {
         self.move_to(ProcessState::Running, ProcessState::Stopping, now)
+    }
+
+    /// Stopping → running: an idle stop called off before any signal (a request came).
+    pub fn cancel_stop(&self, now: u32) -> bool {
+        self.move_to(ProcessState::Stopping, ProcessState::Running, now)
     }
 
     /// Running or stopping → stopped: the process is gone. `true` when tidegate had not

@@ -368,6 +368,11 @@ impl Pool {
             .ok_or(Refusal::NoBackend)?;
         let decision = match moved_from {
             None => Decision::New,
+            // Its own image again (launched anew after it died): no move.
+            Some(from) if from == b.id => {
+                moved_from = None;
+                Decision::Pinned
+            }
             Some(_) => {
                 // The session stays together on its new backend until the reply names the
                 // new one: its old id is pinned there (it was pinned before, so this never
@@ -390,9 +395,18 @@ impl Pool {
         tried: &[BackendId],
         now: u32,
     ) -> Option<&'s Arc<Backend>> {
-        // Not tried already for this request, and room under `max_sessions`.
-        let open =
-            |b: &Backend| !tried.contains(&b.id) && b.has_room(|| session.table.pins_of(b.id));
+        // Not tried already for this request, and room under `max_sessions` (the requests
+        // waiting for an image to run count as sessions to come: their pins are not learned
+        // until it answers).
+        let open = |b: &Backend| {
+            !tried.contains(&b.id)
+                && b.has_room(|| {
+                    session.table.pins_of(b.id)
+                        + b.process
+                            .as_ref()
+                            .map_or(0, |p| p.holding.load(Ordering::Relaxed) as u64)
+                })
+        };
         // One step of the shared cursor per decision: both passes start at the same place, so
         // a busy farm still spreads its new sessions in turn.
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
@@ -414,19 +428,18 @@ impl Pool {
             .or_else(|| pick(&|b| open(b) && b.is_running()))
             .or_else(|| pick(&|b| open(b) && b.is_launching()))
             .or_else(|| {
-                let stopped = |b: &Backend| {
+                let image = |b: &Backend, state| {
                     b.admin() == AdminState::Active
-                        && b.process
-                            .as_ref()
-                            .is_some_and(|p| p.state() == ProcessState::Stopped)
+                        && b.process.as_ref().is_some_and(|p| p.state() == state)
                         && open(b)
                 };
-                // One that may be launched now; else one whose back-off after a failed launch
-                // runs, so that the client is told when to come back (503, Retry-After).
-                set.all()
-                    .iter()
-                    .find(|b| stopped(b) && b.may_launch(now))
-                    .or_else(|| set.all().iter().find(|b| stopped(b)))
+                let first = |test: &dyn Fn(&Backend) -> bool| set.all().iter().find(|b| test(b));
+                // One that may be launched now; else one being stopped (the request waits
+                // and launches it again); else one whose back-off after a failed launch runs,
+                // so that the client is told when to come back (503, Retry-After).
+                first(&|b| image(b, ProcessState::Stopped) && b.may_launch(now))
+                    .or_else(|| first(&|b| image(b, ProcessState::Stopping)))
+                    .or_else(|| first(&|b| image(b, ProcessState::Stopped)))
             })
     }
 

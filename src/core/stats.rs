@@ -94,6 +94,8 @@ pub struct BackendStats {
     pub upstream_errors: [AtomicU64; UPSTREAM_ERROR_KINDS.len()],
     /// Requests being served right now.
     pub in_flight: AtomicI64,
+    /// Upgraded connections (WebSocket) open to it now.
+    pub tunnels: AtomicI64,
     /// Request body bytes sent to the backend.
     pub bytes_in: AtomicU64,
     /// Reply body bytes sent to clients.

@@ -22,19 +22,30 @@ use crate::core::registry::Registry;
 use crate::error::ProxyError;
 use crate::farm::health::note;
 
-/// Waits until `backend`'s process runs, launching it if it is stopped. Refused (a 503
-/// with `Retry-After`) when the launch fails, while a back-off after a failed one runs, or
-/// when the launch already holds `queue_max` requests.
+/// Why a request could not be held until its backend's image ran.
+pub enum NotReady {
+    /// A 503 with `Retry-After`: the launch failed, a back-off after a failed one runs, or
+    /// the launch already holds `queue_max` requests.
+    Refused(ProxyError),
+    /// The backend left the farm: the request is routed again.
+    Left,
+}
+
+/// Waits until `backend`'s process runs, launching it if it is stopped (see [`NotReady`]
+/// for when it does not).
 pub async fn ready(
     pool: &Arc<Pool>,
     backend: &Arc<Backend>,
     process: &Arc<Process>,
-) -> Result<(), ProxyError> {
+) -> Result<(), NotReady> {
     let mut changes = process.watch();
     let mut held: Option<Hold<'_>> = None;
     let mut saw_launch = false;
     loop {
         let now = clock::unix_now();
+        if process.retired() {
+            return Err(NotReady::Left);
+        }
         match process.state() {
             ProcessState::Running => return Ok(()),
             ProcessState::Stopped => {
@@ -47,6 +58,7 @@ pub async fn ready(
                     backend.health.forget();
                     tokio::spawn(launch(pool.clone(), backend.clone(), process.clone()));
                 } else if process.state() == ProcessState::Stopped {
+                    // A back-off runs, or a timed-out launch's process is still ending.
                     return Err(refused(backend, process, HoldRefusal::Backoff, now));
                 }
                 continue;
@@ -88,9 +100,9 @@ impl Drop for Hold<'_> {
     }
 }
 
-fn refused(backend: &Backend, process: &Process, why: HoldRefusal, now: u32) -> ProxyError {
+fn refused(backend: &Backend, process: &Process, why: HoldRefusal, now: u32) -> NotReady {
     process.stats.refused(why);
-    ProxyError::NotLaunched {
+    NotReady::Refused(ProxyError::NotLaunched {
         backend: backend.name.clone(),
         why,
         reason: match why {
@@ -101,7 +113,7 @@ fn refused(backend: &Backend, process: &Process, why: HoldRefusal, now: u32) -> 
             HoldRefusal::Full => process.spec().timeout.as_secs().max(1),
             _ => process.retry_after(now),
         },
-    }
+    })
 }
 
 /// How often a launch looks at the port at most, once the first quick looks found it
@@ -114,6 +126,11 @@ const PORT_POLL_MAX: Duration = Duration::from_millis(200);
 async fn launch(pool: Arc<Pool>, backend: Arc<Backend>, process: Arc<Process>) {
     let spec = process.spec();
     let address = backend.address;
+    if process.retired() {
+        // Its backend left the farm since this launch was asked for.
+        process.abandon_launch(clock::unix_now());
+        return;
+    }
     if accepts(address).await {
         // Started by hand, or by a tidegate before this one.
         let pid = tokio::task::spawn_blocking(move || listener_pid(address))
@@ -129,12 +146,7 @@ async fn launch(pool: Arc<Pool>, backend: Arc<Backend>, process: Arc<Process>) {
         );
         adopted(&pool.name, &backend.name, pid);
         if process.retired() {
-            stop(
-                &pool.name,
-                &backend,
-                &process,
-                "its backend left the farm while it was launched",
-            );
+            stop(&pool.name, &backend, &process, LEFT_WHILE_LAUNCHED);
         }
         return;
     }
@@ -182,31 +194,31 @@ async fn launch(pool: Arc<Pool>, backend: Arc<Backend>, process: Arc<Process>) {
             );
             tracing::info!(pool = %pool.name, backend = %backend.name, pid, seconds = format!("{:.2}", took.as_secs_f64()), "image launched: its port accepts");
             if process.retired() {
-                stop(
-                    &pool.name,
-                    &backend,
-                    &process,
-                    "its backend left the farm while it was launched",
-                );
+                stop(&pool.name, &backend, &process, LEFT_WHILE_LAUNCHED);
             }
             tokio::spawn(reap(pool, backend, process, child, offset));
         }
         Err((why, detail)) => {
-            // Told to go before the next launch may be tried, then made to: it must not
-            // hold its port (or the machine).
-            if let (LaunchFailure::Timeout, Some(pid)) = (why, pid) {
-                terminate(pid, true);
+            // Told to go, then made to: it must not hold its port (or the machine), and no
+            // launch is tried (nor its port adopted) until it is gone.
+            let timed_out = why == LaunchFailure::Timeout;
+            if timed_out {
+                process.set_dying(true);
+                if let Some(pid) = pid {
+                    terminate(pid, true);
+                }
             }
             let output = tail(&spec.log, offset);
             failed(&pool, &backend, &process, why, &detail, &output);
-            if why == LaunchFailure::Timeout {
+            if timed_out {
                 let gone = tokio::time::timeout(spec.stop_timeout, child.wait()).await;
                 if gone.is_err() {
                     if let Some(pid) = pid {
                         terminate(pid, false);
                     }
-                    let _ = child.wait().await;
+                    let _ = tokio::time::timeout(KILL_WAIT, child.wait()).await;
                 }
+                process.set_dying(false);
             }
         }
     }
@@ -411,14 +423,18 @@ async fn accepts(address: SocketAddr) -> bool {
 
 /// Asks a process to stop: SIGTERM (`gently`) or SIGKILL, to its process group when it
 /// leads one (as every image tidegate starts does), else to it alone.
+/// Never init, nor tidegate itself or its own group (an address of tidegate's own would
+/// find it listening).
 fn terminate(pid: u32, gently: bool) {
-    use rustix::process::{Pid, Signal, getpgid, kill_process, kill_process_group};
-    let Some(p) = Pid::from_raw(pid as i32) else {
+    use rustix::process::{Pid, Signal, getpgid, getpid, kill_process, kill_process_group};
+    let Some(p) = Pid::from_raw(pid as i32).filter(|p| p.as_raw_pid() > 1 && *p != getpid()) else {
         return;
     };
     let signal = if gently { Signal::TERM } else { Signal::KILL };
     let _ = match getpgid(Some(p)) {
-        Ok(group) if group == p => kill_process_group(p, signal),
+        Ok(group) if group == p && getpgid(None).ok() != Some(group) => {
+            kill_process_group(p, signal)
+        }
         _ => kill_process(p, signal),
     };
 }
@@ -432,28 +448,27 @@ fn alive(pid: u32) -> bool {
 /// How long a stop waits for a process after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
-/// Stops a running image (idle, removed, or tidegate exiting): SIGTERM, then SIGKILL after
-/// `stop_timeout`. Requests that come meanwhile wait and launch it anew. `None` when it is
-/// not running, or was adopted without its process id being found (nothing to signal).
+/// Why an image is stopped by the launch that started it.
+const LEFT_WHILE_LAUNCHED: &str = "its backend left the farm while it was launched";
+
+/// Stops a running image (idle, removed, or tidegate exiting): the requests in flight there
+/// are given up to `stop_timeout` to end, then SIGTERM, then SIGKILL after `stop_timeout`.
+/// Requests that come meanwhile wait and launch it anew (unless it was retired). `None`
+/// when it is not running, or was adopted without its process id being found (nothing to
+/// signal).
 pub fn stop(
     pool: &str,
     backend: &Arc<Backend>,
     process: &Arc<Process>,
     why: &'static str,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    match (process.state(), process.pid()) {
-        (ProcessState::Launching, _) => {
-            // Stopped by its launch as soon as its port accepts.
-            process.retire();
-            return None;
-        }
-        (ProcessState::Running, None) => {
-            tracing::warn!(pool = %pool, backend = %backend.name, why, "image adopted without finding its process id: tidegate cannot stop it; stop it by hand");
-            return None;
-        }
-        _ => {}
+    if process.state() != ProcessState::Running {
+        return None;
     }
-    let pid = process.pid()?;
+    let Some(pid) = process.pid() else {
+        tracing::warn!(pool = %pool, backend = %backend.name, why, "image adopted without finding its process id: tidegate cannot stop it; stop it by hand");
+        return None;
+    };
     if !process.begin_stop(clock::unix_now()) {
         return None;
     }
@@ -461,6 +476,18 @@ pub fn stop(
     tracing::info!(pool = %pool, backend = %backend.name, pid, why, "stopping image");
     let (pool, backend, process) = (pool.to_string(), backend.clone(), process.clone());
     Some(tokio::spawn(async move {
+        // Requests routed here before the stop began end first (those waiting for the
+        // image to run again are not counted: they wait for this stop).
+        let busy = || {
+            backend.stats.in_flight.load(Ordering::Relaxed)
+                + backend.stats.tunnels.load(Ordering::Relaxed)
+                - process.holding.load(Ordering::Relaxed) as i64
+                > 0
+        };
+        let deadline = Instant::now() + spec.stop_timeout;
+        while busy() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // A child of this tidegate is reaped (and its state changed) by its reaper; an
         // adopted one is watched here.
         let gone = || process.state() != ProcessState::Stopping || !alive(pid);
@@ -484,6 +511,14 @@ pub fn stop(
             tracing::info!(pool = %pool, backend = %backend.name, pid, "image stopped");
         }
     }))
+}
+
+/// A backend left the farm (removed through the API, or gone from the file at a reload):
+/// its image is never launched again, is stopped if it runs, and is stopped by its launch
+/// if it is being launched. Requests waiting for it are routed again.
+pub fn retire(pool: &str, backend: &Arc<Backend>, process: &Arc<Process>) {
+    process.retire();
+    stop(pool, backend, process, "its backend left the farm");
 }
 
 /// At start: every launchable backend whose port already accepts is adopted as running
@@ -571,7 +606,9 @@ pub fn look_after(pool: &Arc<Pool>) {
             }
         }
         let pins = pool.table().map_or(0, |t| t.pins_of(backend.id));
-        let in_flight = backend.stats.in_flight.load(Ordering::Relaxed);
+        // An open WebSocket keeps its image busy like a request in flight.
+        let in_flight = backend.stats.in_flight.load(Ordering::Relaxed)
+            + backend.stats.tunnels.load(Ordering::Relaxed);
         let replies = backend.stats.replies_total();
         // One adopted without its process id cannot be stopped (said at its adoption).
         if process.pid().is_some()
@@ -607,19 +644,27 @@ pub async fn on_exit(registry: &Registry) {
                 left += 1;
                 continue;
             }
-            match state {
-                ProcessState::Running => stopping.extend(stop(
+            if state == ProcessState::Running {
+                stopping.extend(stop(
                     &pool.name,
                     backend,
                     process,
                     "tidegate is stopping (stop_on_exit)",
-                )),
-                // Being launched: it has no reaper yet, so it is only told to go.
-                _ => {
-                    if let Some(pid) = process.pid() {
-                        terminate(pid, true);
+                ));
+            } else if let Some(pid) = process.pid() {
+                // Being launched, or already being stopped: its own task may not get to
+                // finish, so it is ended here.
+                let spec = process.spec();
+                stopping.push(tokio::spawn(async move {
+                    terminate(pid, true);
+                    let deadline = Instant::now() + spec.stop_timeout;
+                    while alive(pid) && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                }
+                    if alive(pid) {
+                        terminate(pid, false);
+                    }
+                }));
             }
         }
     }
@@ -637,6 +682,11 @@ pub async fn on_exit(registry: &Registry) {
 /// through `/proc`: the socket's inode in `/proc/net/tcp*`, then the process holding it.
 #[cfg(target_os = "linux")]
 fn listener_pid(address: SocketAddr) -> Option<u32> {
+    listener_pid_any(address).filter(|&pid| pid != std::process::id())
+}
+
+#[cfg(target_os = "linux")]
+fn listener_pid_any(address: SocketAddr) -> Option<u32> {
     let inode = listening_inode(address)?;
     let wanted = format!("socket:[{inode}]");
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
@@ -728,9 +778,10 @@ mod tests {
     async fn the_listener_of_a_port_is_found() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let found = tokio::task::spawn_blocking(move || listener_pid(address))
+        let found = tokio::task::spawn_blocking(move || listener_pid_any(address))
             .await
             .unwrap();
         assert_eq!(found, Some(std::process::id()));
+        assert_eq!(listener_pid(address), None, "never tidegate itself");
     }
 }

@@ -110,12 +110,7 @@ impl Farm {
         let mut changes = changes;
         for (pool, backend) in std::mem::take(&mut changes.left) {
             if let Some(process) = &backend.process {
-                launch::stop(
-                    &pool,
-                    &backend,
-                    process,
-                    "its backend left the configuration",
-                );
+                launch::retire(&pool, &backend, process);
             }
         }
         changes.certificates = certificates(files).await;
@@ -145,7 +140,7 @@ impl Farm {
         let (pool, removal) = removal?;
         reload::close_unused(&self.registry, &self.upstream);
         if let Some(process) = &removal.backend.process {
-            launch::stop(&pool, &removal.backend, process, "its backend was removed");
+            launch::retire(&pool, &removal.backend, process);
         }
         tracing::info!(
             pool,
