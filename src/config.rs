@@ -1363,9 +1363,6 @@ impl SessionFile {
     }
 }
 
-/// Whether binding `a` after `b` fails: the same port, and the same address, or a wildcard
-/// address of the same family, or `[::]` (which on Linux takes IPv4 too). Port 0 asks for a
-/// free port and never clashes.
 /// Refuses a backend at one of tidegate's own listeners (its requests would come back to
 /// tidegate), and an image launched on demand whose address another backend shares (two
 /// launchers would start, adopt and stop the same image).
@@ -1394,8 +1391,10 @@ fn check_backend_addresses(
             ));
         }
         if let Some((other, _)) = all.iter().enumerate().find_map(|(m, (other, o))| {
-            (m < n && o.address == b.address && (b.launch.is_some() || o.launch.is_some()))
-                .then_some((other, o))
+            (m < n
+                && binds_overlap(o.address, b.address)
+                && (b.launch.is_some() || o.launch.is_some()))
+            .then_some((other, o))
         }) {
             return Err(invalid(
                 format!("{key}.address"),
@@ -1410,6 +1409,9 @@ fn check_backend_addresses(
     Ok(())
 }
 
+/// Whether binding `a` after `b` fails: the same port, and the same address, or a wildcard
+/// address of the same family, or `[::]` (which on Linux takes IPv4 too). Port 0 asks for a
+/// free port and never clashes.
 fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
     let wildcard_covers = |w: SocketAddr, o: SocketAddr| {
         w.ip().is_unspecified() && (w.is_ipv6() || w.is_ipv4() == o.is_ipv4())

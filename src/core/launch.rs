@@ -459,11 +459,6 @@ impl Process {
         self.move_to(ProcessState::Running, ProcessState::Stopping, now)
     }
 
-    /// Stopping → running: an idle stop called off before any signal (a request came).
-    pub fn cancel_stop(&self, now: u32) -> bool {
-        self.move_to(ProcessState::Stopping, ProcessState::Running, now)
-    }
-
     /// Running or stopping → stopped: the process is gone. `true` when tidegate had not
     /// asked it to stop (it died).
     pub fn exited(&self, now: u32) -> bool {
