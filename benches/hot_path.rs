@@ -471,6 +471,45 @@ fn bytes_per_pin() {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// State file: 1M pins encoded for a write, and decoded and restored at a start
+
+fn state_file(c: &mut Criterion) {
+    use tidegate::core::snapshot::{Encoder, decode};
+    let n = 1_000_000;
+    let table = filled_table(n);
+    let encode = || {
+        let mut e = Encoder::new(T0, table.len());
+        e.pool("app", |visit| table.for_each_pin(visit));
+        e.finish()
+    };
+    let bytes = encode();
+    let mut g = c.benchmark_group("state_file");
+    g.sample_size(10);
+    g.bench_function("save 1M pins (encode)", |b| b.iter(|| black_box(encode())));
+    g.bench_function("load 1M pins (decode and restore)", |b| {
+        b.iter_batched(
+            || {
+                AffinityTable::new(TableLimits {
+                    idle_timeout: 1800,
+                    max_lifetime: 28800,
+                    max_pins: 1_100_000,
+                })
+            },
+            |fresh| {
+                let snapshot = decode(&bytes).expect("a good snapshot");
+                for (key, pin) in &snapshot.pools[0].pins {
+                    fresh.restore(*key, *pin, T0);
+                }
+                assert_eq!(fresh.len() as u64, n);
+                fresh
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
 fn main() {
     if let Ok(n) = std::env::var(RSS_CHILD) {
         rss_child(n.parse().expect("a pin count"));
@@ -486,5 +525,6 @@ fn main() {
     balancing(&mut c);
     scanner(&mut c);
     affinity(&mut c);
+    state_file(&mut c);
     c.final_summary();
 }

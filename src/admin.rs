@@ -47,7 +47,7 @@ impl Admin {
         started: Instant,
     ) -> Arc<Self> {
         Arc::new(Admin {
-            registry: metrics::registry(proxy.clone(), started),
+            registry: metrics::registry(proxy.clone(), farm.state.clone(), started),
             proxy,
             farm,
             token: api::Token::new(token),

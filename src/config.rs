@@ -28,6 +28,9 @@ pub const DEFAULT_QUEUE_MAX: usize = 1024;
 /// Seconds a request may wait for a backend's slot unless `queue_timeout` says otherwise.
 pub const DEFAULT_QUEUE_TIMEOUT: f64 = 10.0;
 
+/// Seconds between writes of the state file unless `state_interval` says otherwise.
+pub const DEFAULT_STATE_INTERVAL: u64 = 10;
+
 /// The default traffic listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
@@ -75,6 +78,11 @@ pub struct FileConfig {
     /// A file holding the admin API's bearer token (changes through the API need it).
     /// `--admin-token-file` or `TIDEGATE_ADMIN_TOKEN` give it too.
     pub admin_token_file: Option<PathBuf>,
+    /// A file the pins are written to (every `state_interval` and at shutdown) and read back
+    /// from at start, so that a restart keeps the sessions learned from pages.
+    pub state_file: Option<PathBuf>,
+    /// Seconds between writes of the state file (default [`DEFAULT_STATE_INTERVAL`]).
+    pub state_interval: Option<u64>,
     /// How tidegate talks to backends.
     pub upstream: UpstreamFile,
     /// The pools. A pool without `hosts` serves any host; the most specific route wins
@@ -644,6 +652,8 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// The admin API token file, if configured.
     pub admin_token_file: Option<PathBuf>,
+    /// The state file and the time between its writes, if configured.
+    pub state: Option<(PathBuf, std::time::Duration)>,
 }
 
 /// Validated TLS settings.
@@ -952,6 +962,28 @@ impl FileConfig {
             7 * MAX_TIMEOUT,
             " (a week)",
         )?;
+        let state = match (self.state_file, self.state_interval) {
+            (None, Some(_)) => {
+                return Err(invalid("state_interval", "is only used with state_file"));
+            }
+            (None, None) => None,
+            (Some(file), interval) => {
+                let interval = seconds(
+                    "state_interval",
+                    interval.unwrap_or(DEFAULT_STATE_INTERVAL),
+                    3600,
+                    " (an hour)",
+                )?;
+                let file = std::path::absolute(base.join(&file)).unwrap_or(file);
+                if file.is_dir() {
+                    return Err(invalid(
+                        "state_file",
+                        format!("{} is a directory", file.display()),
+                    ));
+                }
+                Some((file, interval))
+            }
+        };
         let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if !(1..=1_000_000).contains(&max_connections) {
             return Err(invalid("max_connections", "must be between 1 and 1000000"));
@@ -970,6 +1002,7 @@ impl FileConfig {
             admin_token_file: self
                 .admin_token_file
                 .map(|p| if p.is_relative() { base.join(p) } else { p }),
+            state,
         })
     }
 }

@@ -16,6 +16,8 @@
 //! | [`core::learn`] | reading session ids out of reply headers and page bodies |
 //! | [`core::pool`] | one pool's settings and the routing decision for a request (pinned, new, redispatched, refused) |
 //! | [`core::route`] | Host / path prefix → pool |
+//! | [`core::launch`] | a launchable backend's process as a state machine: command line, back-off, idle clock |
+//! | [`core::snapshot`] | the state file's format: every pool's pins, versioned and checksummed |
 //! | [`config`] | the TOML file and flags, validated into a `Config` |
 //! | [`error`] | config errors; request failures → status and text in one place |
 //! | [`proxy`] | the request path: route, identify, choose a backend that accepts the connection, forward, stream back; what a connection holds (its slot, its activity) |
@@ -23,7 +25,8 @@
 //! | [`upstream`] | pooled keep-alive client to backends; the peeked request body |
 //! | [`listener`] | accepting connections within the limit, HTTP/1.1 and h2c, client timeouts, graceful shutdown |
 //! | [`server`] | assembling a running balancer; SIGHUP; the open-files limit |
-//! | [`farm`] | what acts on backends: reload as a difference, the health prober, housekeeping (pins, drains, history) |
+//! | [`farm`] | what acts on backends: reload as a difference, the health prober, the launcher of images on demand ([`farm::launch`]), housekeeping (pins, drains, idle images, history) |
+//! | [`store`] | the state file: pins written periodically and at shutdown, read back at start |
 //! | [`tap`] | watching a body stream past (byte counts, the page learner) |
 //! | [`shutdown`] | the signal that stops listeners, sweepers and demo images |
 //! | [`demo`] | Seaside-like demo images (used by `tidegate demo` and the tests) |
@@ -52,6 +55,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;
+pub mod store;
 pub mod tap;
 pub mod tls;
 pub mod upstream;

@@ -95,6 +95,9 @@ struct RunArgs {
     /// `admin_token_file` and over TIDEGATE_ADMIN_TOKEN).
     #[arg(long = "admin-token-file")]
     admin_token_file: Option<PathBuf>,
+    /// A file the pins are kept in across restarts (wins over the file's `state_file`).
+    #[arg(long = "state-file")]
+    state_file: Option<PathBuf>,
     /// A backend, `ADDR` or `NAME=ADDR` (repeatable).
     #[arg(long)]
     backend: Vec<String>,
@@ -284,6 +287,7 @@ fn main() -> ExitCode {
             let options = tidegate::server::Options {
                 config_path: cli.run.config.clone(),
                 admin_token_file: cli.run.admin_token_file.clone(),
+                state_file: cli.run.state_file.clone(),
             };
             match config {
                 Ok(config) => {

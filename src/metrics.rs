@@ -24,6 +24,7 @@ use crate::core::stats::{
     BackendStats, CLIENT_ERROR_KINDS, TLS_ALPN, TLS_VERSIONS, UPSTREAM_ERROR_KINDS,
 };
 use crate::proxy::Proxy;
+use crate::store::state_file::{DROP_REASONS, StateFile, StateStats};
 
 /// The status classes, as labels.
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -44,6 +45,7 @@ const DECISIONS: [Decision; 5] = [
 /// Reads a running balancer's counters for Prometheus.
 pub struct Exposition {
     proxy: Arc<Proxy>,
+    state: Option<Arc<StateFile>>,
     started: Instant,
 }
 
@@ -53,10 +55,14 @@ impl std::fmt::Debug for Exposition {
     }
 }
 
-/// A registry holding the collector for `proxy`.
-pub fn registry(proxy: Arc<Proxy>, started: Instant) -> Registry {
+/// A registry holding the collector for `proxy` (and the state file, if one is kept).
+pub fn registry(proxy: Arc<Proxy>, state: Option<Arc<StateFile>>, started: Instant) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Exposition { proxy, started }));
+    registry.register_collector(Box::new(Exposition {
+        proxy,
+        state,
+        started,
+    }));
     registry
 }
 
@@ -72,6 +78,8 @@ pub fn render(registry: &Registry) -> String {
 
 /// Reads one counter of a backend's stats.
 type StatsField = fn(&BackendStats) -> &AtomicU64;
+/// Reads one figure of the state file.
+type StateField = fn(&StateStats) -> &AtomicU64;
 /// Reads one counter of a launchable backend's process.
 type ProcessField = fn(&ProcessStats) -> &AtomicU64;
 /// Reads one running total of a pool.
@@ -645,6 +653,57 @@ impl Collector for Exposition {
             MetricType::Counter,
         )?;
         counter(&mut m, &[], failures)?;
+
+        // The state file: families always described, series only when one is kept.
+        let state = self.state.as_deref();
+        let mut m = e.encode_descriptor(
+            "tidegate_state_saves",
+            "Writes of the state file, by outcome (ok, failed)",
+            None,
+            MetricType::Counter,
+        )?;
+        if let Some(s) = state {
+            counter(&mut m, &[("outcome", "ok")], load(&s.stats.saves_ok))?;
+            counter(
+                &mut m,
+                &[("outcome", "failed")],
+                load(&s.stats.saves_failed),
+            )?;
+        }
+        let state_gauges: [(&str, &str, StateField); 3] = [
+            (
+                "tidegate_state_pins_saved",
+                "Pins in the last write of the state file",
+                |s| &s.pins_saved,
+            ),
+            (
+                "tidegate_state_last_save_timestamp_seconds",
+                "Unix time of the last write of the state file",
+                |s| &s.last_save,
+            ),
+            (
+                "tidegate_state_pins_restored",
+                "Pins read back from the state file at start",
+                |s| &s.restored,
+            ),
+        ];
+        for (name, help, field) in state_gauges {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            if let Some(s) = state {
+                gauge(&mut m, &[], load(field(&s.stats)) as i64)?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_state_pins_dropped",
+            "Pins read back from the state file at start and dropped: expired, unknown-backend, unknown-pool, full",
+            None,
+            MetricType::Gauge,
+        )?;
+        if let Some(s) = state {
+            for (reason, n) in DROP_REASONS.iter().zip(&s.stats.dropped) {
+                gauge(&mut m, &[("reason", reason)], load(n) as i64)?;
+            }
+        }
 
         let mut m = e.encode_descriptor(
             "tidegate_connections_open",

@@ -20,6 +20,7 @@ use crate::listener;
 use crate::listener::TlsFront;
 use crate::proxy::Proxy;
 use crate::shutdown::{self, Signal, Trigger};
+use crate::store::state_file::StateFile;
 use crate::tls::{self, CertError, CertResolver, CertStore};
 use crate::upstream;
 use http::HeaderValue;
@@ -101,6 +102,8 @@ pub struct Options {
     /// `--admin-token-file`: wins over the file's `admin_token_file` and over
     /// `TIDEGATE_ADMIN_TOKEN`.
     pub admin_token_file: Option<PathBuf>,
+    /// `--state-file`: wins over the file's `state_file`.
+    pub state_file: Option<PathBuf>,
 }
 
 /// Binds every listener and starts serving (a configuration that came from no file).
@@ -142,6 +145,12 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
     let hangup = watch_hangup();
     let token = admin_token(config, &options)?;
     let registry = Arc::new(Registry::new(farm::topology(config)));
+    // The pins of the tidegate before this one, before the first request.
+    let state = state_file(config, &options);
+    if let Some(state) = &state {
+        let (state, registry) = (state.clone(), registry.clone());
+        let _ = tokio::task::spawn_blocking(move || state.restore(&registry)).await;
+    }
     // Images left running by a tidegate before this one keep their sessions: adopted before
     // the first request could launch them twice.
     farm::launch::adopt_running(&registry).await;
@@ -219,7 +228,11 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         config.clone(),
         options.config_path.clone(),
         reloader,
+        state.clone(),
     ));
+    if let Some(state) = state {
+        tasks.spawn(state.keep(registry.clone(), stop.clone()));
+    }
     if let Some(hangup) = hangup {
         tasks.spawn(reload_on_hangup(farm.clone(), hangup, stop.clone()));
     }
@@ -268,6 +281,20 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         shutdown,
         tasks,
     })
+}
+
+/// The state file: `--state-file`, else the file's `state_file`.
+fn state_file(config: &Config, options: &Options) -> Option<Arc<StateFile>> {
+    let interval = config.state.as_ref().map_or(
+        std::time::Duration::from_secs(crate::config::DEFAULT_STATE_INTERVAL),
+        |(_, i)| *i,
+    );
+    let path = options
+        .state_file
+        .as_ref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        .or_else(|| config.state.as_ref().map(|(p, _)| p.clone()))?;
+    Some(Arc::new(StateFile::new(path, interval)))
 }
 
 /// The SIGHUP stream, if the platform gives one.
@@ -336,11 +363,16 @@ impl Running {
         self.shutdown().await;
     }
 
-    /// Stops accepting, lets requests in flight finish, stops the sweepers, and stops the
-    /// images launched with `stop_on_exit`.
+    /// Stops accepting, lets requests in flight finish, stops the sweepers, writes the state
+    /// file, and stops the images launched with `stop_on_exit`.
     pub async fn shutdown(mut self) {
         self.shutdown.fire();
         while self.tasks.join_next().await.is_some() {}
+        if let Some(state) = self.farm.state.clone() {
+            let registry = self.farm.registry.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || state.save_logged(&registry, "shutdown")).await;
+        }
         farm::launch::on_exit(&self.farm.registry).await;
     }
 }

@@ -29,6 +29,16 @@ impl PinKey {
         let h = xxhash_rust::xxh3::xxh3_128_with_seed(id.as_bytes(), FIXED_SEED);
         PinKey([h as u64, (h >> 64) as u64])
     }
+
+    /// Its two halves, as the state file stores them.
+    pub fn parts(self) -> [u64; 2] {
+        self.0
+    }
+
+    /// The key stored as `parts`.
+    pub fn from_parts(parts: [u64; 2]) -> Self {
+        PinKey(parts)
+    }
 }
 
 impl Hash for PinKey {
@@ -172,6 +182,19 @@ pub struct Removed {
     pub expired: usize,
     /// Live pins dropped to keep the bound.
     pub evicted: usize,
+}
+
+/// What became of a pin read back from the state file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restored {
+    /// Put back.
+    Yes,
+    /// Expired by now (idle or too old).
+    Expired,
+    /// The table is at `max_pins`.
+    Full,
+    /// The session was pinned again since the start: that pin stays.
+    Present,
 }
 
 /// The concurrent session → backend table of one pool.
@@ -340,6 +363,49 @@ impl AffinityTable {
             PinOutcome::Refreshed => {}
         }
         outcome
+    }
+
+    /// Visits every pin (a shard at a time: requests wait at most for one shard).
+    pub fn for_each_pin(&self, mut visit: impl FnMut(PinKey, Pin)) {
+        for entry in self.map.iter() {
+            let slot = entry.value();
+            visit(
+                *entry.key(),
+                Pin {
+                    backend: slot.backend,
+                    created: slot.created,
+                    last_used: slot.last_used.load(Ordering::Relaxed),
+                },
+            );
+        }
+    }
+
+    /// Puts back a pin read from the state file, with its times, unless it has expired by
+    /// now, the table is full, or the key is pinned already (a pin learned since the start
+    /// wins).
+    pub fn restore(&self, key: PinKey, pin: Pin, now: u32) -> Restored {
+        let limits = self.limits();
+        if limits.expired(pin.created, pin.last_used, now) {
+            return Restored::Expired;
+        }
+        if self.len.load(Ordering::Relaxed) >= limits.max_pins {
+            return Restored::Full;
+        }
+        let mut added = false;
+        self.map.entry(key).or_insert_with(|| {
+            added = true;
+            Slot {
+                backend: pin.backend,
+                created: pin.created,
+                last_used: AtomicU32::new(pin.last_used),
+            }
+        });
+        if !added {
+            return Restored::Present;
+        }
+        self.len.fetch_add(1, Ordering::Relaxed);
+        self.counter(pin.backend).fetch_add(1, Ordering::Relaxed);
+        Restored::Yes
     }
 
     /// Removes the pin of `key`, if any.

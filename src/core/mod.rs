@@ -13,4 +13,5 @@ pub mod pool;
 pub mod registry;
 pub mod route;
 pub mod session_id;
+pub mod snapshot;
 pub mod stats;

@@ -17,6 +17,7 @@ use crate::core::affinity::Removed;
 use crate::core::backend::{AdminState, Backend};
 use crate::core::registry::{ChangeError, Registry};
 use crate::shutdown::Signal;
+use crate::store::state_file::StateFile;
 use crate::tls;
 use crate::upstream::Upstream;
 
@@ -33,6 +34,8 @@ pub struct Farm {
     config_path: Option<PathBuf>,
     applied: tokio::sync::Mutex<Config>,
     certificates: Option<Arc<tls::Reloader>>,
+    /// The state file the pins are kept in, if any.
+    pub state: Option<Arc<StateFile>>,
 }
 
 /// Why a reload changed nothing.
@@ -54,6 +57,7 @@ impl Farm {
         config: Config,
         config_path: Option<PathBuf>,
         certificates: Option<Arc<tls::Reloader>>,
+        state: Option<Arc<StateFile>>,
     ) -> Self {
         Farm {
             registry,
@@ -61,6 +65,7 @@ impl Farm {
             config_path,
             applied: tokio::sync::Mutex::new(config),
             certificates,
+            state,
         }
     }
 

@@ -370,6 +370,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "admin_token_file",
         old.admin_token_file != new.admin_token_file,
     );
+    differs("state_file, state_interval", old.state != new.state);
     differs(
         "tls.reload_check_interval",
         old.tls.as_ref().map(|t| t.reload_check_interval)

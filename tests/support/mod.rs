@@ -391,8 +391,19 @@ impl Drop for TempDir {
 
 /// A port free a moment ago on 127.0.0.1.
 pub fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address")
+    // The kernel may hand the same free port out again once it is let go: a port given out
+    // once in this test binary is never given out again (a listener and an admin listener,
+    // or a backend launched later and tidegate itself, would collide).
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local address");
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 // --- the real binary ------------------------------------------------------------------------
@@ -724,9 +735,23 @@ impl Process {
 
     /// Sends SIGHUP.
     pub fn hangup(&self) {
+        self.signal(rustix::process::Signal::HUP);
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
         let pid = self.child.id().expect("the process runs");
         let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP sent");
+        rustix::process::kill_process(pid, signal).expect("signal sent");
+    }
+
+    /// Sends SIGTERM and waits (bounded by [`START_LIMIT`]) for the process to exit; its
+    /// status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal(rustix::process::Signal::TERM);
+        tokio::time::timeout(START_LIMIT, self.child.wait())
+            .await
+            .expect("the process exits after SIGTERM")
+            .expect("its status")
     }
 
     /// Everything the process logged so far.

@@ -1,0 +1,3 @@
+//! What tidegate keeps beyond its process: the state file (pins across restarts).
+
+pub mod state_file;
