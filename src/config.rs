@@ -28,6 +28,9 @@ pub const DEFAULT_QUEUE_MAX: usize = 1024;
 /// Seconds a request may wait for a backend's slot unless `queue_timeout` says otherwise.
 pub const DEFAULT_QUEUE_TIMEOUT: f64 = 10.0;
 
+/// Seconds a stop lets requests in flight finish unless `shutdown_timeout` says otherwise.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: u64 = 10;
+
 /// Seconds between writes of the state file unless `state_interval` says otherwise.
 pub const DEFAULT_STATE_INTERVAL: u64 = 10;
 
@@ -83,6 +86,9 @@ pub struct FileConfig {
     pub state_file: Option<PathBuf>,
     /// Seconds between writes of the state file (default [`DEFAULT_STATE_INTERVAL`]).
     pub state_interval: Option<u64>,
+    /// Seconds a stopping tidegate lets requests in flight finish before it closes their
+    /// connections (default [`DEFAULT_SHUTDOWN_TIMEOUT`]).
+    pub shutdown_timeout: Option<u64>,
     /// How tidegate talks to backends.
     pub upstream: UpstreamFile,
     /// The pools. A pool without `hosts` serves any host; the most specific route wins
@@ -654,6 +660,8 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     /// The state file and the time between its writes, if configured.
     pub state: Option<(PathBuf, std::time::Duration)>,
+    /// How long a stop lets requests in flight finish.
+    pub shutdown_timeout: std::time::Duration,
 }
 
 /// Validated TLS settings.
@@ -1003,6 +1011,12 @@ impl FileConfig {
                 .admin_token_file
                 .map(|p| if p.is_relative() { base.join(p) } else { p }),
             state,
+            shutdown_timeout: seconds(
+                "shutdown_timeout",
+                self.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
+                3600,
+                " (an hour)",
+            )?,
         })
     }
 }

@@ -33,8 +33,6 @@ pub(crate) const CLIENT_TIMEOUT: Duration = Duration::from_secs(DEFAULT_CLIENT_T
 /// How often an HTTP/2 connection is pinged, and how long the answer may take.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(60);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long shutdown waits for requests in flight.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The protocol settings every HTTP connection shares (traffic, admin and redirect
 /// listeners); as built here, hyper tells HTTP/1.1 from h2c itself.
@@ -401,6 +399,7 @@ pub async fn serve(
     proxy: Arc<Proxy>,
     mut shutdown: Signal,
     tls: Option<TlsFront>,
+    drain: Duration,
 ) {
     let protocols = Arc::new(Protocols::new(proxy.client_timeout));
     let graceful = GracefulShutdown::new();
@@ -498,11 +497,13 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    if tokio::time::timeout(drain, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("shutdown: connections still open after {DRAIN_TIMEOUT:?}, closing them");
+        tracing::warn!(
+            "shutdown: requests still in flight after shutdown_timeout ({drain:?}): their connections are closed"
+        );
     }
 }
 

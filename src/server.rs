@@ -172,7 +172,13 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         let (listener, local) = bind(address).await?;
         tracing::info!(address = %local, "listening (HTTP/1.1, h2c)");
         addrs.push(local);
-        tasks.spawn(listener::serve(listener, proxy.clone(), stop.clone(), None));
+        tasks.spawn(listener::serve(
+            listener,
+            proxy.clone(),
+            stop.clone(),
+            None,
+            config.shutdown_timeout,
+        ));
     }
     let mut tls_addrs = Vec::new();
     let mut redirect_addrs = Vec::new();
@@ -198,6 +204,7 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
                 proxy.clone(),
                 stop.clone(),
                 Some(front.clone()),
+                config.shutdown_timeout,
             ));
         }
         let https_port = tls_addrs[0].port();

@@ -372,6 +372,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     );
     differs("state_file, state_interval", old.state != new.state);
     differs(
+        "shutdown_timeout",
+        old.shutdown_timeout != new.shutdown_timeout,
+    );
+    differs(
         "tls.reload_check_interval",
         old.tls.as_ref().map(|t| t.reload_check_interval)
             != new.tls.as_ref().map(|t| t.reload_check_interval),

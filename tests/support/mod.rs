@@ -746,7 +746,7 @@ impl Process {
 
     /// Sends SIGTERM and waits (bounded by [`START_LIMIT`]) for the process to exit; its
     /// status.
-    pub async fn terminate(mut self) -> std::process::ExitStatus {
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal(rustix::process::Signal::TERM);
         tokio::time::timeout(START_LIMIT, self.child.wait())
             .await
