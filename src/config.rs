@@ -1428,7 +1428,14 @@ fn check_backend_addresses(
         })
         .collect();
     for (n, (key, b)) in all.iter().enumerate() {
-        if let Some((listener, _)) = bound.iter().find(|(_, l)| binds_overlap(b.address, *l)) {
+        // The listener's own address, or a loopback one on the port of a wildcard listener (a
+        // wildcard listener does not make another machine's address tidegate's).
+        let own = |l: &SocketAddr| {
+            b.address.port() == l.port()
+                && (b.address.ip() == l.ip()
+                    || (l.ip().is_unspecified() && b.address.ip().is_loopback()))
+        };
+        if let Some((listener, _)) = bound.iter().find(|(_, l)| own(l)) {
             return Err(invalid(
                 format!("{key}.address"),
                 format!(
@@ -1838,6 +1845,14 @@ address = "127.0.0.1:9001"
             err.contains("pool[0].backend[0].address") && err.contains("own listener"),
             "{err}"
         );
+        // A wildcard listener makes loopback its own, not another machine's address.
+        let wildcard = |backend: &str| {
+            format!(
+                "listen = [\"0.0.0.0:9001\"]\n[[pool]]\nname = \"app\"\n[[pool.backend]]\naddress = \"{backend}\"\n"
+            )
+        };
+        assert!(load(&wildcard("127.0.0.1:9001")).is_err());
+        assert!(load(&wildcard("10.0.0.11:9001")).is_ok());
         // queue_max bounds what a launch holds, without max_conns.
         let c = load(&format!("{MINIMAL}launch = [\"sh\"]\nqueue_max = 8\n")).unwrap();
         assert_eq!(c.pools[0].backends[0].launch.as_ref().unwrap().hold_max, 8);

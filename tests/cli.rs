@@ -49,6 +49,13 @@ async fn check_accepts_a_good_file_and_says_ok() {
 }
 
 #[tokio::test]
+async fn the_example_configuration_passes_check() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
+    let out = run(&["check", "--config", file]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[tokio::test]
 async fn check_refuses_bad_files_naming_the_key_and_line() {
     let cases = [
         (
