@@ -83,7 +83,11 @@ pub enum SendError {
 
 /// How an exchange failed, as far as sending it again is concerned.
 enum Failed {
-    /// Nothing came back: on a reused connection, the backend may have closed it idle.
+    /// The request could not be written: on a reused connection, the backend closed it
+    /// idle, and has not seen the request.
+    Unsent,
+    /// The request was written and nothing came back: the backend may have acted on it (a
+    /// Seaside `_k` callback acts on GET) before it closed.
     Silent,
     /// Anything else.
     Final(SendError),
@@ -152,11 +156,15 @@ impl Upstream {
                     }
                     return Ok(Response::from_parts(parts, body));
                 }
-                // Sent again only when that cannot do anything twice (RFC 9110 §9.2.2).
-                Err(Failed::Silent) if conn.reused && bodyless && head.method.is_idempotent() => {
+                // Sent again only when the backend cannot have seen it: a reused connection
+                // it had closed refused the write. Once written, even an idempotent GET is not
+                // sent twice (a Seaside callback on GET would act twice).
+                Err(Failed::Unsent) if conn.reused && bodyless && head.method.is_idempotent() => {
                     conn = self.connect(addr).await.map_err(SendError::Upstream)?;
                 }
-                Err(Failed::Silent) => return Err(SendError::Upstream(UpstreamFailure::Reset)),
+                Err(Failed::Unsent | Failed::Silent) => {
+                    return Err(SendError::Upstream(UpstreamFailure::Reset));
+                }
                 Err(Failed::Final(e)) => return Err(e),
             }
         }
@@ -284,7 +292,7 @@ impl Conn {
             // One deadline for the head's write and the reply.
             let exchange = async {
                 if self.stream.write_all(&self.out).await.is_err() {
-                    return Err(Failed::Silent);
+                    return Err(Failed::Unsent);
                 }
                 self.read_head(to_head).await
             };
