@@ -187,6 +187,25 @@ impl ProxyError {
     }
 }
 
+impl ProxyError {
+    /// What the client is told: the log's text, but for a backend that failed, which the
+    /// client hears of without its name and address (those stay in the log).
+    pub fn public(&self) -> String {
+        match self {
+            ProxyError::Upstream { failure, .. } => {
+                let what = match failure {
+                    UpstreamFailure::Reset
+                    | UpstreamFailure::ResponseTimeout
+                    | UpstreamFailure::Invalid => "failed",
+                    _ => "could not be reached",
+                };
+                format!("the application server {what}: {}", failure.as_str())
+            }
+            _ => self.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for ProxyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

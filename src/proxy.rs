@@ -942,7 +942,7 @@ fn reply_to_client(
 
 /// The short text reply for a failure.
 fn refusal(e: &ProxyError) -> Response<ReplyBody> {
-    let mut reply = Response::new(ReplyBody::text(format!("tidegate: {e}\n")));
+    let mut reply = Response::new(ReplyBody::text(format!("tidegate: {}\n", e.public())));
     *reply.status_mut() = e.status();
     reply.headers_mut().insert(
         CONTENT_TYPE,
