@@ -19,6 +19,7 @@ use crate::core::pool::OnPinnedDown;
 use crate::core::registry::{check_name, check_weight};
 use crate::core::route::HostMatch;
 use crate::core::session_id::{IdRules, SessionNames};
+use crate::core::trust::{Network, TrustedProxies};
 use crate::error::ConfigError;
 use crate::tls::{CertFiles, MinVersion};
 
@@ -89,6 +90,9 @@ pub struct FileConfig {
     /// Seconds a stopping tidegate lets requests in flight finish before it closes their
     /// connections (default [`DEFAULT_SHUTDOWN_TIMEOUT`]).
     pub shutdown_timeout: Option<u64>,
+    /// Networks whose connections may speak for their clients (an L4 balancer, a CDN): their
+    /// `X-Forwarded-For`, `Forwarded` and `X-Real-IP` are kept. Anybody else's are replaced.
+    pub trusted_proxies: Vec<String>,
     /// How tidegate talks to backends.
     pub upstream: UpstreamFile,
     /// The pools. A pool without `hosts` serves any host; the most specific route wins
@@ -662,6 +666,8 @@ pub struct Config {
     pub state: Option<(PathBuf, std::time::Duration)>,
     /// How long a stop lets requests in flight finish.
     pub shutdown_timeout: std::time::Duration,
+    /// Peers whose forwarding fields are kept.
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// Validated TLS settings.
@@ -1017,6 +1023,15 @@ impl FileConfig {
                 3600,
                 " (an hour)",
             )?,
+            trusted_proxies: TrustedProxies(
+                self.trusted_proxies
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        Network::parse(n).map_err(|m| invalid(format!("trusted_proxies[{i}]"), m))
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
         })
     }
 }
@@ -1763,6 +1778,21 @@ address = "127.0.0.1:9001"
             let err = load(&format!("{MINIMAL}{bad}\n")).unwrap_err();
             assert!(err.contains(&format!("backend[0].{key}")), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn trusted_proxies_are_networks() {
+        let c = load(&format!(
+            "trusted_proxies = [\"10.0.0.0/8\", \"2001:db8::1\"]\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert!(c.trusted_proxies.trust("10.1.1.1".parse().unwrap()));
+        assert!(!c.trusted_proxies.trust("11.1.1.1".parse().unwrap()));
+        let err = load(&format!("trusted_proxies = [\"10.0.0.0/40\"]\n{MINIMAL}")).unwrap_err();
+        assert!(
+            err.contains("trusted_proxies[0]") && err.contains("line 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ use crate::core::pool::{Affinity, Decision, Pool, Refusal, RequestView, Routing,
 use crate::core::registry::Registry;
 use crate::core::session_id::{self, IdSource};
 use crate::core::stats::FrontStats;
+use crate::core::trust::TrustedProxies;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::farm::health;
 use crate::farm::launch::{self, NotReady};
@@ -45,6 +46,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -73,6 +76,8 @@ pub struct ClientConn {
     pub tls: bool,
     /// The HSTS header to add to replies (TLS only, when enabled).
     pub hsts: Option<HeaderValue>,
+    /// Whether the peer is a trusted proxy, whose forwarding fields are kept.
+    pub trusted: bool,
     /// Held while anything of the connection lives, an upgraded tunnel included.
     _lease: Lease,
 }
@@ -86,6 +91,7 @@ impl ClientConn {
                 .expect("an IP address is a valid header value"),
             tls: tls.is_some(),
             hsts: tls.flatten(),
+            trusted: lease.proxy.trusted_proxies.trust(peer.ip()),
             _lease: lease,
         }
     }
@@ -142,6 +148,8 @@ pub struct Proxy {
     pub client_timeout: Duration,
     /// Time an upgraded connection may carry nothing either way.
     tunnel_timeout: Duration,
+    /// Peers whose forwarding fields are kept (`trusted_proxies`).
+    trusted_proxies: TrustedProxies,
     /// Connection, TLS and client-error counters.
     pub front: FrontStats,
 }
@@ -497,7 +505,16 @@ impl Proxy {
             max_connections,
             client_timeout,
             tunnel_timeout,
+            trusted_proxies: TrustedProxies::default(),
             front: FrontStats::default(),
+        }
+    }
+
+    /// The same proxy keeping the forwarding fields of connections from these networks.
+    pub fn with_trusted_proxies(self, trusted_proxies: TrustedProxies) -> Self {
+        Proxy {
+            trusted_proxies,
+            ..self
         }
     }
 
@@ -1176,7 +1193,13 @@ fn rewrite_request_head(
             headers.insert(HOST, host);
         }
     }
-    let forwarded_for = if headers.contains_key(&X_FORWARDED_FOR) {
+    // Only a trusted proxy's word on who the client is reaches the backend; anybody else
+    // could claim any address.
+    if !conn.trusted {
+        headers.remove(&FORWARDED);
+        headers.remove(&X_REAL_IP);
+    }
+    let forwarded_for = if conn.trusted && headers.contains_key(&X_FORWARDED_FOR) {
         // Every prior hop, over however many lines the client sent, then this client.
         let mut joined = Vec::new();
         for prior in headers.get_all(&X_FORWARDED_FOR) {

@@ -158,13 +158,16 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         &config.upstream,
         config.client_timeout,
     ));
-    let proxy = Arc::new(Proxy::new(
-        registry.clone(),
-        upstream.clone(),
-        config.max_connections,
-        config.client_timeout,
-        config.tunnel_timeout,
-    ));
+    let proxy = Arc::new(
+        Proxy::new(
+            registry.clone(),
+            upstream.clone(),
+            config.max_connections,
+            config.client_timeout,
+            config.tunnel_timeout,
+        )
+        .with_trusted_proxies(config.trusted_proxies.clone()),
+    );
     let (shutdown, stop) = shutdown::channel();
     let mut tasks = JoinSet::new();
     let mut addrs = Vec::with_capacity(config.listen.len());

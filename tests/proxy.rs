@@ -287,7 +287,7 @@ fn assert_text_refusal(reply: &Reply, status: StatusCode) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forwarded_headers_name_the_client_host_and_proto() {
+async fn forwarded_headers_name_the_client_host_and_proto_and_only_trusted_proxies_add_hops() {
     bounded(async {
         let f = farm(1, Tracking::Links).await;
         let client = support::client();
@@ -309,36 +309,37 @@ async fn forwarded_headers_name_the_client_host_and_proto() {
         assert_eq!(echoed.one("x-forwarded-proto"), Some("http"));
         assert_eq!(echoed.one("x-forwarded-host"), Some("shop.example"));
 
-        let reply = send(
-            &client,
-            Method::GET,
-            &url,
-            &[("host", "shop.example"), ("x-forwarded-for", "10.0.0.1")],
-            Bytes::new(),
-        )
-        .await;
+        // A client's own claims of who it is are replaced with what tidegate saw.
+        let claims = [
+            ("host", "shop.example"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+            ("forwarded", "for=10.0.0.3"),
+            ("x-real-ip", "10.0.0.4"),
+        ];
+        let reply = send(&client, Method::GET, &url, &claims, Bytes::new()).await;
         let echoed = Echoed::of(&reply.body);
-        assert_eq!(echoed.one("x-forwarded-for"), Some("10.0.0.1, 127.0.0.1"));
+        assert_eq!(echoed.one("x-forwarded-for"), Some("127.0.0.1"));
+        assert_eq!(echoed.one("forwarded"), None);
+        assert_eq!(echoed.one("x-real-ip"), None);
         assert_eq!(echoed.one("host"), Some("shop.example"));
 
-        // Several X-Forwarded-For lines are one list: every hop is kept, in order.
-        let reply = send(
-            &client,
-            Method::GET,
-            &url,
-            &[
-                ("host", "shop.example"),
-                ("x-forwarded-for", "10.0.0.1"),
-                ("x-forwarded-for", "10.0.0.2"),
-            ],
-            Bytes::new(),
-        )
+        // Through a trusted proxy (here: loopback), every hop is kept, in order, over however
+        // many lines, and this one appended.
+        let trusted = balancer(&format!(
+            "trusted_proxies = [\"127.0.0.0/8\"]\nlisten = [\"127.0.0.1:0\"]\n[[pool]]\nname = \"app\"\n{}",
+            support::backend_entries(&f.images)
+        ))
         .await;
+        let url = format!("http://{}/echo?x=1", trusted.addrs()[0]);
+        let reply = send(&client, Method::GET, &url, &claims, Bytes::new()).await;
         let echoed = Echoed::of(&reply.body);
         assert_eq!(
             echoed.one("x-forwarded-for"),
             Some("10.0.0.1, 10.0.0.2, 127.0.0.1")
         );
+        assert_eq!(echoed.one("forwarded"), Some("for=10.0.0.3"));
+        assert_eq!(echoed.one("x-real-ip"), Some("10.0.0.4"));
     })
     .await;
 }

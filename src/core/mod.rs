@@ -15,3 +15,4 @@ pub mod route;
 pub mod session_id;
 pub mod snapshot;
 pub mod stats;
+pub mod trust;

@@ -376,6 +376,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         old.shutdown_timeout != new.shutdown_timeout,
     );
     differs(
+        "trusted_proxies",
+        old.trusted_proxies != new.trusted_proxies,
+    );
+    differs(
         "tls.reload_check_interval",
         old.tls.as_ref().map(|t| t.reload_check_interval)
             != new.tls.as_ref().map(|t| t.reload_check_interval),
