@@ -87,10 +87,12 @@ async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), StartErr
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// Loads and checks the certificates of a TLS configuration (what `tidegate check` and
-/// start-up both do): every bad file is an error naming it, an expired one a warning.
+/// start-up both do): every bad file is an error naming it, an expired certificate or a key
+/// other users may read a warning.
 pub fn load_certificates(tls: &TlsConfig) -> Result<CertStore, CertError> {
     let store = CertStore::load(&tls.certificates, &tls::provider())?;
     tls::warn_expired(&store);
+    tls::warn_readable_keys(&tls.certificates);
     Ok(store)
 }
 

@@ -313,6 +313,26 @@ pub fn warn_expired(store: &CertStore) {
     }
 }
 
+/// Warns of every private key file other users of the machine may read (it would let them
+/// impersonate the site).
+pub fn warn_readable_keys(files: &[CertFiles]) {
+    #[cfg(unix)]
+    for f in files {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(&f.key)
+            && meta.permissions().mode() & 0o004 != 0
+        {
+            tracing::warn!(
+                key = %f.key.display(),
+                mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "private key file is readable by other users of this machine: chmod o-r it (600, or 640 with a group of its own)"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = files;
+}
+
 /// The modification times of every file of `files`, to notice changes.
 pub fn stamps(files: &[CertFiles]) -> Vec<Option<SystemTime>> {
     files
@@ -360,6 +380,7 @@ impl Reloader {
         match loaded {
             Ok(Ok(store)) => {
                 warn_expired(&store);
+                warn_readable_keys(&files);
                 self.resolver.replace(store);
                 *self.files() = (files, stamps);
                 tracing::info!(reason, "certificates reloaded");

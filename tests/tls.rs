@@ -1215,6 +1215,52 @@ async fn check_refuses_bad_certificate_files_naming_the_file_and_the_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_key_other_users_may_read_is_a_warning_at_check() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = support::TempDir::new("key-mode");
+    let pki = Pki::new();
+    let leaf = pki.leaf(&["a.test"], 2020, 2090);
+    dir.write("a.pem", &leaf.cert);
+    dir.write("a.key", &leaf.key);
+    dir.write(
+        "tidegate.toml",
+        &config_text(
+            "",
+            &[("a.pem", "a.key")],
+            "",
+            "[[pool.backend]]\naddress = \"127.0.0.1:9\"\n",
+        ),
+    );
+    let check = async || {
+        let out = run(
+            BIN,
+            &[
+                "check".to_string(),
+                "--config".to_string(),
+                dir.arg("tidegate.toml"),
+            ],
+            b"",
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for (mode, warned) in [(0o644, true), (0o640, false), (0o600, false)] {
+        std::fs::set_permissions(dir.path("a.key"), std::fs::Permissions::from_mode(mode)).unwrap();
+        let stderr = check().await;
+        assert_eq!(
+            stderr.contains("readable by other users") && stderr.contains(&dir.arg("a.key")),
+            warned,
+            "mode {mode:o}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_certificate_is_a_warning_at_check_and_still_served() {
     let dir = support::TempDir::new("expired");
     let pki = Pki::new();

@@ -382,11 +382,19 @@ impl BackendSet {
     }
 
     /// The backend whose affinity cookie value is `value`.
+    ///
+    /// Every value is compared, each in time that does not depend on where it differs: how
+    /// long the answer takes tells a client nothing about how close a forged cookie came.
     pub fn by_affinity_cookie(&self, value: &str) -> Option<&Arc<Backend>> {
-        self.cookies
-            .iter()
-            .position(|c| c.as_ref().is_some_and(|c| &*c.value == value))
-            .map(|pos| &self.backends[pos])
+        let mut found = None;
+        for (pos, cookie) in self.cookies.iter().enumerate() {
+            if let Some(c) = cookie
+                && same_bytes(c.value.as_bytes(), value.as_bytes())
+            {
+                found = found.or(Some(pos));
+            }
+        }
+        found.map(|pos| &self.backends[pos])
     }
 
     /// The weighted round-robin order, as positions into [`BackendSet::all`].
@@ -403,6 +411,13 @@ impl BackendSet {
     pub fn is_empty(&self) -> bool {
         self.backends.is_empty()
     }
+}
+
+/// Whether `a` and `b` are equal, looking at every byte whatever the first difference (the
+/// lengths of affinity cookie values are public: they are all the same).
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && std::hint::black_box(a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
 }
 
 /// nginx's smooth weighted round-robin, unrolled once into a fixed order: weights 5,1,1 give
@@ -442,6 +457,13 @@ mod tests {
         assert_ne!(BackendId::from_name("web1"), BackendId::from_name("web2"));
         // Pinned value: ids must never change between releases, or persisted pins break.
         assert_eq!(BackendId::from_name("web1").to_string().len(), 8);
+    }
+
+    #[test]
+    fn cookie_values_compare_whole() {
+        assert!(same_bytes(b"abc", b"abc"));
+        assert!(!same_bytes(b"abc", b"abd") && !same_bytes(b"xbc", b"abc"));
+        assert!(!same_bytes(b"abc", b"abcd"));
     }
 
     #[test]
