@@ -14,11 +14,11 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::core::affinity::AffinityTable;
-use crate::core::backend::AdminState;
+use crate::core::backend::{AdminState, Backend};
 use crate::core::health::Health;
 use crate::core::launch::{HoldRefusal, LaunchFailure, ProcessState, ProcessStats};
 use crate::core::learn::LearnSource;
-use crate::core::pool::Decision;
+use crate::core::pool::{Decision, Pool};
 use crate::core::registry::Change;
 use crate::core::stats::{
     BackendStats, CLIENT_ERROR_KINDS, TLS_ALPN, TLS_VERSIONS, UPSTREAM_ERROR_KINDS,
@@ -86,6 +86,23 @@ type ProcessField = fn(&ProcessStats) -> &AtomicU64;
 type PoolField = fn(&crate::core::stats::PoolStats) -> u64;
 /// Reads one running total of a pool's table.
 type TableTotal = fn(&AffinityTable) -> u64;
+
+/// Every backend that has `part` (a bound, a process), with its pool's name and its own.
+fn backends_with<T>(
+    pools: &[Arc<Pool>],
+    part: impl Fn(&Backend) -> Option<Arc<T>>,
+) -> Vec<(Box<str>, Box<str>, Arc<T>)> {
+    pools
+        .iter()
+        .flat_map(|p| {
+            let set = p.backends();
+            set.all()
+                .iter()
+                .filter_map(|b| Some((p.name.clone(), b.name.clone(), part(b)?)))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
 
 /// One counter value with no exemplar.
 fn counter(
@@ -180,15 +197,7 @@ impl Collector for Exposition {
             }
         }
 
-        let limited = || {
-            pools.iter().flat_map(|p| {
-                let set = p.backends();
-                set.all()
-                    .iter()
-                    .filter_map(|b| Some((p.name.clone(), b.name.clone(), b.conns.clone()?)))
-                    .collect::<Vec<_>>()
-            })
-        };
+        let limited = || backends_with(pools, |b| b.conns.clone());
         let mut m = e.encode_descriptor(
             "tidegate_queue_waiting",
             "Requests waiting in a backend's queue now (backends with max_conns)",
@@ -228,15 +237,7 @@ impl Collector for Exposition {
             }
         }
 
-        let launchable = || {
-            pools.iter().flat_map(|p| {
-                let set = p.backends();
-                set.all()
-                    .iter()
-                    .filter_map(|b| Some((p.name.clone(), b.name.clone(), b.process.clone()?)))
-                    .collect::<Vec<_>>()
-            })
-        };
+        let launchable = || backends_with(pools, |b| b.process.clone());
         let mut m = e.encode_descriptor(
             "tidegate_backend_process",
             "1 for the state each launchable backend's process is in: stopped, launching, running, stopping",

@@ -133,18 +133,9 @@ async fn launch(pool: Arc<Pool>, backend: Arc<Backend>, process: Arc<Process>) {
     }
     if accepts(address).await {
         // Started by hand, or by a tidegate before this one.
-        let pid = tokio::task::spawn_blocking(move || listener_pid(address))
-            .await
-            .ok()
-            .flatten();
+        let pid = listener_of(address).await;
         process.launched(pid, true, clock::unix_now());
-        note(
-            &pool,
-            &backend,
-            backend.health.launched(),
-            "its port was found open",
-        );
-        adopted(&pool.name, &backend.name, pid);
+        adopted(&pool, &backend, pid);
         if process.retired() {
             stop(&pool.name, &backend, &process, LEFT_WHILE_LAUNCHED);
         }
@@ -535,19 +526,9 @@ pub async fn adopt_running(registry: &Registry) {
                 if !accepts(backend.address).await {
                     return;
                 }
-                let address = backend.address;
-                let pid = tokio::task::spawn_blocking(move || listener_pid(address))
-                    .await
-                    .ok()
-                    .flatten();
+                let pid = listener_of(backend.address).await;
                 if process.adopt(pid, clock::unix_now()) {
-                    note(
-                        &pool,
-                        &backend,
-                        backend.health.launched(),
-                        "its port was found open",
-                    );
-                    adopted(&pool.name, &backend.name, pid);
+                    adopted(&pool, &backend, pid);
                 }
             });
         }
@@ -555,9 +536,25 @@ pub async fn adopt_running(registry: &Registry) {
     while probes.join_next().await.is_some() {}
 }
 
-/// Logs an adoption; one whose process id was not found cannot be stopped by tidegate,
-/// which is said once, here.
-fn adopted(pool: &str, backend: &str, pid: Option<u32>) {
+/// The process listening on `address` (see [`listener_pid`]), looked up off the async
+/// threads.
+async fn listener_of(address: SocketAddr) -> Option<u32> {
+    tokio::task::spawn_blocking(move || listener_pid(address))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// An image found listening was taken as running: its backend is up, and it is logged; one
+/// whose process id was not found cannot be stopped by tidegate, which is said once, here.
+fn adopted(pool: &Pool, backend: &Backend, pid: Option<u32>) {
+    note(
+        pool,
+        backend,
+        backend.health.launched(),
+        "its port was found open",
+    );
+    let (pool, backend) = (&*pool.name, &*backend.name);
     match pid {
         Some(pid) => {
             tracing::info!(
