@@ -87,6 +87,10 @@ pub struct FileConfig {
     pub state_file: Option<PathBuf>,
     /// Seconds between writes of the state file (default [`DEFAULT_STATE_INTERVAL`]).
     pub state_interval: Option<u64>,
+    /// The Unix socket a new tidegate started with `--upgrade` (or `tidegate upgrade`)
+    /// reaches this one on, to take over its listeners and pins. Default: beside the state
+    /// file (its name plus `.sock`); without either, upgrades are off.
+    pub control_socket: Option<PathBuf>,
     /// Seconds a stopping tidegate lets requests in flight finish before it closes their
     /// connections (default [`DEFAULT_SHUTDOWN_TIMEOUT`]).
     pub shutdown_timeout: Option<u64>,
@@ -664,6 +668,9 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     /// The state file and the time between its writes, if configured.
     pub state: Option<(PathBuf, std::time::Duration)>,
+    /// The control socket upgrades go through, if configured (see [`Config::control_socket`]
+    /// for the default).
+    pub control_socket: Option<PathBuf>,
     /// How long a stop lets requests in flight finish.
     pub shutdown_timeout: std::time::Duration,
     /// Peers whose forwarding fields are kept.
@@ -808,7 +815,42 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
     }
 }
 
+/// The longest path a Unix socket address holds (`sun_path` less its terminating zero).
+const UNIX_PATH_MAX: usize = 107;
+
+/// Whether a control socket can be at `path`: short enough for a socket address, in a
+/// directory that exists, and not a directory itself.
+pub fn check_control_socket(path: &Path) -> Result<(), String> {
+    if path.as_os_str().len() > UNIX_PATH_MAX {
+        return Err(format!(
+            "{} is longer than the {UNIX_PATH_MAX} bytes a socket address holds: choose a shorter path",
+            path.display()
+        ));
+    }
+    if path.is_dir() {
+        return Err(format!("{} is a directory", path.display()));
+    }
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            Err(format!("the directory {} does not exist", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Config {
+    /// The control socket an upgrade goes through: `control_socket`, else the state file's
+    /// path plus `.sock` (`state` beside `state.sock`), else none.
+    pub fn control_socket(&self, state_file: Option<&Path>) -> Option<PathBuf> {
+        if let Some(path) = &self.control_socket {
+            return Some(path.clone());
+        }
+        let state = state_file.or(self.state.as_ref().map(|(p, _)| p.as_path()))?;
+        let mut name = state.as_os_str().to_owned();
+        name.push(".sock");
+        Some(PathBuf::from(name))
+    }
+
     /// Reads and validates a config file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -998,6 +1040,16 @@ impl FileConfig {
                 Some((file, interval))
             }
         };
+        let control_socket = match self.control_socket {
+            None => None,
+            Some(path) => {
+                let path = std::path::absolute(base.join(&path)).unwrap_or(path);
+                if let Err(why) = check_control_socket(&path) {
+                    return Err(invalid("control_socket", why));
+                }
+                Some(path)
+            }
+        };
         let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if !(1..=1_000_000).contains(&max_connections) {
             return Err(invalid("max_connections", "must be between 1 and 1000000"));
@@ -1017,6 +1069,7 @@ impl FileConfig {
                 .admin_token_file
                 .map(|p| if p.is_relative() { base.join(p) } else { p }),
             state,
+            control_socket,
             shutdown_timeout: seconds(
                 "shutdown_timeout",
                 self.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),

@@ -58,4 +58,5 @@ pub mod shutdown;
 pub mod store;
 pub mod tap;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;

@@ -61,6 +61,9 @@ struct Protocols {
     /// bytes already read, at no extra system call).
     any: auto::Builder<TokioExecutor>,
     client_timeout: Duration,
+    /// How long an idle HTTP/1 connection is kept after a handover, for its client's next
+    /// request (half the shutdown timeout).
+    linger: Duration,
 }
 
 /// What a connection speaks, as far as the listener knows.
@@ -74,7 +77,7 @@ enum Protocol {
 }
 
 impl Protocols {
-    fn new(client_timeout: Duration) -> Self {
+    fn new(client_timeout: Duration, linger: Duration) -> Self {
         let mut http1 = hyper::server::conn::http1::Builder::new();
         http1
             .timer(TokioTimer::new())
@@ -84,6 +87,7 @@ impl Protocols {
             http1,
             any: connection_builder(client_timeout),
             client_timeout,
+            linger,
         }
     }
 
@@ -111,6 +115,7 @@ impl Protocols {
         let conn = Arc::new(conn);
         if let Protocol::Http1 = protocol {
             let io = TokioIo::new(WriteBound::new(io, self.client_timeout, None));
+            let handing_over = proxy.clone();
             let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
             let connection = self.http1.serve_connection(io, service).with_upgrades();
             let _drain = watcher;
@@ -119,6 +124,17 @@ impl Protocols {
                 biased;
                 ended = connection.as_mut() => return Ok(ended?),
                 () = stop.wait() => {}
+            }
+            if handing_over.handing_over() {
+                // The client's next request gets a reply that closes the connection (the
+                // one after goes to the new tidegate); one that stays idle is closed after
+                // the linger.
+                let linger = tokio::time::sleep(self.linger);
+                tokio::select! {
+                    biased;
+                    ended = connection.as_mut() => return Ok(ended?),
+                    () = linger => {}
+                }
             }
             connection.as_mut().graceful_shutdown();
             return Ok(connection.await?);
@@ -401,7 +417,7 @@ pub async fn serve(
     tls: Option<TlsFront>,
     drain: Duration,
 ) {
-    let protocols = Arc::new(Protocols::new(proxy.client_timeout));
+    let protocols = Arc::new(Protocols::new(proxy.client_timeout, drain / 2));
     let graceful = GracefulShutdown::new();
     let mut warned: Option<Instant> = None;
     loop {

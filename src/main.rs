@@ -50,6 +50,19 @@ enum Command {
         #[arg(long, default_value = "image")]
         name: String,
     },
+    /// Replace the running tidegate with a new one started from the same program path and
+    /// arguments (after installing a new version, say): the new one takes over the
+    /// listening sockets and pins, the old one finishes its requests and exits. Exits 0
+    /// once the new one serves, 1 if it could not start (the old one keeps serving).
+    Upgrade {
+        /// The running tidegate's control socket.
+        #[arg(long = "control-socket", conflicts_with = "config")]
+        control_socket: Option<PathBuf>,
+        /// Find the control socket in this configuration file (`control_socket`, or beside
+        /// its `state_file`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Read and change a running farm through its admin API.
     Ctl {
         /// The admin listener of the running tidegate.
@@ -98,6 +111,14 @@ struct RunArgs {
     /// A file the pins are kept in across restarts (wins over the file's `state_file`).
     #[arg(long = "state-file")]
     state_file: Option<PathBuf>,
+    /// The Unix socket upgrades go through (wins over the file's `control_socket`).
+    #[arg(long = "control-socket")]
+    control_socket: Option<PathBuf>,
+    /// Take over the listening sockets and pins of the tidegate running on the control
+    /// socket, serve, then let it finish its requests and exit: an upgrade without a
+    /// refused connection. If this one cannot start, the running one keeps serving.
+    #[arg(long)]
+    upgrade: bool,
     /// A backend, `ADDR` or `NAME=ADDR` (repeatable).
     #[arg(long)]
     backend: Vec<String>,
@@ -237,6 +258,46 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Some(Command::Upgrade {
+            control_socket,
+            config,
+        }) => {
+            let path = match (control_socket, config) {
+                (Some(path), _) => path,
+                (None, Some(file)) => match Config::from_file(&file) {
+                    Ok(c) => match c.control_socket(None) {
+                        Some(path) => path,
+                        None => {
+                            eprintln!(
+                                "tidegate upgrade: {}",
+                                tidegate::upgrade::UpgradeError::NoControlSocket
+                            );
+                            return ExitCode::from(2);
+                        }
+                    },
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                (None, None) => {
+                    eprintln!("tidegate upgrade: give --control-socket PATH or --config FILE");
+                    return ExitCode::from(2);
+                }
+            };
+            match tidegate::upgrade::request_successor(&path) {
+                Ok(pid) => {
+                    println!(
+                        "upgraded: the new tidegate (pid {pid}) serves; the old one finishes its requests and exits"
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tidegate upgrade: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Ctl {
             admin,
             token_file,
@@ -284,15 +345,26 @@ fn main() -> ExitCode {
                 }
                 None => cli.run.to_config(),
             };
+            // What `tidegate upgrade` starts again: the program at the path it was started
+            // from (a package upgrade puts the new version there) with the same arguments.
+            let successor_command = std::env::current_exe()
+                .ok()
+                .map(|exe| (exe, std::env::args_os().skip(1).collect()));
             let options = tidegate::server::Options {
                 config_path: cli.run.config.clone(),
                 admin_token_file: cli.run.admin_token_file.clone(),
                 state_file: cli.run.state_file.clone(),
+                control_socket: cli.run.control_socket.clone(),
+                successor_command,
+                ..Default::default()
             };
+            let upgrade = cli.run.upgrade;
             match config {
                 Ok(config) => {
                     let _logs = init_logs(config.log_format);
-                    run(config.workers, async move { serve(config, options).await })
+                    run(config.workers, async move {
+                        serve(config, options, upgrade).await
+                    })
                 }
                 Err(e) => {
                     eprintln!("{e}");
@@ -365,12 +437,48 @@ fn run(workers: usize, main: impl std::future::Future<Output = Result<(), String
     }
 }
 
-async fn serve(config: Config, options: tidegate::server::Options) -> Result<(), String> {
+async fn serve(
+    config: Config,
+    mut options: tidegate::server::Options,
+    upgrade: bool,
+) -> Result<(), String> {
+    use tidegate::upgrade::{self, UpgradeError};
     #[cfg(unix)]
     tidegate::server::raise_open_files_limit(config.max_connections);
+    let takeover = if upgrade {
+        let path = options
+            .control_socket
+            .clone()
+            .or_else(|| config.control_socket(options.state_file.as_deref()))
+            .ok_or_else(|| format!("--upgrade: {}", UpgradeError::NoControlSocket))?;
+        let mut takeover = tokio::task::spawn_blocking(move || upgrade::take_over(&path))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("--upgrade: {e}"))?;
+        options.inherited = takeover.inherited.clone();
+        options.pins = Some(std::mem::take(&mut takeover.pins));
+        Some(takeover)
+    } else {
+        None
+    };
     let running = tidegate::server::start_with(&config, options)
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(takeover) = takeover {
+        let registry = running.registry();
+        let told = tokio::task::spawn_blocking(move || takeover.serving(registry))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = told {
+            // The running one gave up waiting and serves on: this one leaves it be.
+            running.abandon().await;
+            return Err(format!("--upgrade: {e}"));
+        }
+        if let Some(handoff) = running.handoff() {
+            handoff.open();
+        }
+    }
     running.run_until(shutdown_signal()).await;
     Ok(())
 }

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -152,6 +152,10 @@ pub struct Proxy {
     trusted_proxies: TrustedProxies,
     /// Connection, TLS and client-error counters.
     pub front: FrontStats,
+    /// Handing over to a new tidegate: every HTTP/1 reply closes its connection, so that
+    /// the client's next request opens one to the new process (closing an idle connection
+    /// instead could cross a request the client is sending on it).
+    handing_over: AtomicBool,
 }
 
 /// What the client receives: the backend's reply streamed (optionally through the page
@@ -507,7 +511,18 @@ impl Proxy {
             tunnel_timeout,
             trusted_proxies: TrustedProxies::default(),
             front: FrontStats::default(),
+            handing_over: AtomicBool::new(false),
         }
+    }
+
+    /// From now on every HTTP/1 reply closes its connection (a new tidegate took over).
+    pub fn hand_over(&self) {
+        self.handing_over.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a new tidegate took over.
+    pub fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Relaxed)
     }
 
     /// The same proxy keeping the forwarding fields of connections from these networks.
@@ -535,6 +550,7 @@ impl Proxy {
         conn: Arc<ClientConn>,
     ) -> Result<Response<ReplyBody>, std::convert::Infallible> {
         let mut trace = Trace::begin(&req);
+        let http1 = req.version() < http::Version::HTTP_2;
         let mut reply = match self.forward(req, &conn, &mut trace).await {
             Ok(reply) => reply,
             Err(e) => {
@@ -559,6 +575,11 @@ impl Proxy {
             reply
                 .headers_mut()
                 .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+        if http1 && self.handing_over() && reply.status() != StatusCode::SWITCHING_PROTOCOLS {
+            reply
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         trace.status = reply.status().as_u16();
         reply.body_mut().trace = Some(trace);

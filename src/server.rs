@@ -22,8 +22,11 @@ use crate::proxy::Proxy;
 use crate::shutdown::{self, Signal, Trigger};
 use crate::store::state_file::StateFile;
 use crate::tls::{self, CertError, CertResolver, CertStore};
+use crate::upgrade::{self, Handoff, Inherited, Kind, UpgradeError};
 use crate::upstream;
 use http::HeaderValue;
+use std::ffi::OsString;
+use std::os::fd::AsFd;
 use tokio_rustls::TlsAcceptor;
 
 /// A balancer that is serving.
@@ -34,6 +37,8 @@ pub struct Running {
     redirect_addrs: Vec<SocketAddr>,
     certificates: Option<Arc<CertResolver>>,
     farm: Arc<Farm>,
+    proxy: Arc<Proxy>,
+    handoff: Option<Arc<Handoff>>,
     shutdown: Trigger,
     tasks: JoinSet<()>,
 }
@@ -55,6 +60,9 @@ pub enum StartError {
     /// rustls refused the TLS settings.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The control socket cannot be set up.
+    #[error("{0}")]
+    Control(#[from] UpgradeError),
     /// The admin token file cannot be used.
     #[error("admin token file {}: {reason}", path.display())]
     Token {
@@ -65,7 +73,31 @@ pub enum StartError {
     },
 }
 
-async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+/// Binds a listener of `kind` at the configured `address`, or takes the one a process
+/// before this one handed over; a control socket remembers it for the next handover.
+async fn bind(
+    kind: Kind,
+    address: SocketAddr,
+    inherited: &Inherited,
+    handoff: Option<&Handoff>,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let fail = |source| StartError::Listen { address, source };
+    let (listener, local) = match inherited.tcp(kind, address) {
+        Some(listener) => {
+            let listener = TcpListener::from_std(listener).map_err(fail)?;
+            let local = listener.local_addr().map_err(fail)?;
+            (listener, local)
+        }
+        None => bind_new(address).await?,
+    };
+    if let Some(handoff) = handoff {
+        let fd = listener.as_fd().try_clone_to_owned().map_err(fail)?;
+        handoff.keep(kind, &address.to_string(), &local.to_string(), fd);
+    }
+    Ok((listener, local))
+}
+
+async fn bind_new(address: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let fail = |source| StartError::Listen { address, source };
     let socket = if address.is_ipv4() {
         TcpSocket::new_v4()
@@ -106,6 +138,15 @@ pub struct Options {
     pub admin_token_file: Option<PathBuf>,
     /// `--state-file`: wins over the file's `state_file`.
     pub state_file: Option<PathBuf>,
+    /// `--control-socket`: wins over the file's `control_socket`.
+    pub control_socket: Option<PathBuf>,
+    /// Listening sockets a process before this one handed over (`--upgrade`).
+    pub inherited: Arc<Inherited>,
+    /// Pins a process before this one handed over, in the state file's form: restored
+    /// instead of the state file's.
+    pub pins: Option<Vec<u8>>,
+    /// The program and arguments that start this tidegate again, for `tidegate upgrade`.
+    pub successor_command: Option<(PathBuf, Vec<OsString>)>,
 }
 
 /// Binds every listener and starts serving (a configuration that came from no file).
@@ -147,12 +188,39 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
     let hangup = watch_hangup();
     let token = admin_token(config, &options)?;
     let registry = Arc::new(Registry::new(farm::topology(config)));
-    // The pins of the tidegate before this one, before the first request.
+    // The pins of the tidegate before this one, before the first request: handed over by
+    // a running one, or read from the state file.
     let state = state_file(config, &options);
-    if let Some(state) = &state {
+    if let Some(pins) = options.pins.clone() {
+        let registry = registry.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            upgrade::merge(
+                &registry,
+                &pins,
+                "pins taken over from the running tidegate",
+            )
+        })
+        .await;
+    } else if let Some(state) = &state {
         let (state, registry) = (state.clone(), registry.clone());
         let _ = tokio::task::spawn_blocking(move || state.restore(&registry)).await;
     }
+    let inherited = options.inherited.clone();
+    let control = match options
+        .control_socket
+        .clone()
+        .or_else(|| config.control_socket(options.state_file.as_deref()))
+    {
+        Some(path) => Some(Handoff::bind(
+            &path,
+            registry.clone(),
+            &inherited,
+            options.successor_command.clone(),
+            options.pins.is_some(),
+        )?),
+        None => None,
+    };
+    let handoff = control.as_ref().map(|(h, _)| h.clone());
     // Images left running by a tidegate before this one keep their sessions: adopted before
     // the first request could launch them twice.
     farm::launch::adopt_running(&registry).await;
@@ -170,11 +238,61 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         )
         .with_trusted_proxies(config.trusted_proxies.clone()),
     );
+    // Everything that can fail comes before the first accept: a process taking over that
+    // fails here has accepted nothing, and the one it would replace serves on.
+    let tls = match &config.tls {
+        Some(tls) => {
+            // The files' times before they are read: a change from here on is seen by the
+            // check.
+            let stamps = tls::stamps(&tls.certificates);
+            let resolver = Arc::new(CertResolver::new(load_certificates(tls)?));
+            let front = TlsFront {
+                acceptor: TlsAcceptor::from(tls::server_config(resolver.clone(), tls.min_version)?),
+                hsts: tls
+                    .hsts
+                    .as_ref()
+                    .and_then(|h| HeaderValue::try_from(h.as_str()).ok()),
+            };
+            Some((tls, stamps, resolver, front))
+        }
+        None => None,
+    };
+    let handoff_ref = handoff.as_deref();
+    let mut plain = Vec::with_capacity(config.listen.len());
+    for &address in &config.listen {
+        plain.push(bind(Kind::Http, address, &inherited, handoff_ref).await?);
+    }
+    let (mut secure, mut redirects) = (Vec::new(), Vec::new());
+    if let Some((tls, ..)) = &tls {
+        for &address in &tls.listen {
+            secure.push(bind(Kind::Tls, address, &inherited, handoff_ref).await?);
+        }
+        for &address in &tls.redirect_http {
+            redirects.push(bind(Kind::Redirect, address, &inherited, handoff_ref).await?);
+        }
+    }
+    let admin_listener = match config.admin {
+        AdminListen::Off => None,
+        AdminListen::Configured(address) => {
+            Some(bind(Kind::Admin, address, &inherited, handoff_ref).await?)
+        }
+        AdminListen::Default(address) => {
+            match bind(Kind::Admin, address, &inherited, handoff_ref).await {
+                Ok(bound) => Some(bound),
+                Err(e) => {
+                    tracing::warn!(
+                        "{e}; running without the admin listener (set `admin` to choose another address)"
+                    );
+                    None
+                }
+            }
+        }
+    };
+
     let (shutdown, stop) = shutdown::channel();
     let mut tasks = JoinSet::new();
-    let mut addrs = Vec::with_capacity(config.listen.len());
-    for &address in &config.listen {
-        let (listener, local) = bind(address).await?;
+    let mut addrs = Vec::with_capacity(plain.len());
+    for (listener, local) in plain {
         tracing::info!(address = %local, "listening (HTTP/1.1, h2c)");
         addrs.push(local);
         tasks.spawn(listener::serve(
@@ -189,19 +307,8 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
     let mut redirect_addrs = Vec::new();
     let mut certificates = None;
     let mut reloader = None;
-    if let Some(tls) = &config.tls {
-        // The files' times before they are read: a change from here on is seen by the check.
-        let stamps = tls::stamps(&tls.certificates);
-        let resolver = Arc::new(CertResolver::new(load_certificates(tls)?));
-        let front = TlsFront {
-            acceptor: TlsAcceptor::from(tls::server_config(resolver.clone(), tls.min_version)?),
-            hsts: tls
-                .hsts
-                .as_ref()
-                .and_then(|h| HeaderValue::try_from(h.as_str()).ok()),
-        };
-        for &address in &tls.listen {
-            let (listener, local) = bind(address).await?;
+    if let Some((tls, stamps, resolver, front)) = tls {
+        for (listener, local) in secure {
             tracing::info!(address = %local, "listening (TLS: HTTP/1.1, h2)");
             tls_addrs.push(local);
             tasks.spawn(listener::serve(
@@ -213,8 +320,7 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
             ));
         }
         let https_port = tls_addrs[0].port();
-        for &address in &tls.redirect_http {
-            let (listener, local) = bind(address).await?;
+        for (listener, local) in redirects {
             tracing::info!(address = %local, "redirecting HTTP to HTTPS");
             redirect_addrs.push(local);
             tasks.spawn(listener::redirect_to_https(
@@ -254,18 +360,7 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         stop.clone(),
     ));
     tasks.spawn(farm::health::probe(registry.clone(), stop.clone()));
-    let admin_addr = match config.admin {
-        AdminListen::Off => None,
-        AdminListen::Configured(address) => Some(bind(address).await?),
-        AdminListen::Default(address) => match bind(address).await {
-            Ok(bound) => Some(bound),
-            Err(e) => {
-                tracing::warn!("{e}; running without the admin listener (set `admin` to choose another address)");
-                None
-            }
-        },
-    }
-    .map(|(listener, local)| {
+    let admin_addr = admin_listener.map(|(listener, local)| {
         tracing::info!(
             address = %local,
             api = if token.is_some() { "changes need the bearer token" } else { "read-only: no admin token configured" },
@@ -278,6 +373,10 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         ));
         local
     });
+    if let Some((handoff, listener)) = control {
+        tracing::info!(path = %handoff.path().display(), "control socket: upgrades with `tidegate upgrade` or `--upgrade`");
+        tasks.spawn(upgrade::serve(listener, handoff, stop.clone()));
+    }
     for pool in registry.topology().pools.iter() {
         for b in pool.backends().all() {
             tracing::info!(pool = %pool.name, backend = %b.name, address = %b.address, id = %b.id, state = b.admin().as_str(), "backend");
@@ -290,6 +389,8 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         redirect_addrs,
         certificates,
         farm,
+        proxy,
+        handoff,
         shutdown,
         tasks,
     })
@@ -368,18 +469,55 @@ impl Running {
         self.farm.registry.topology().pool(name).cloned()
     }
 
-    /// Runs until `signal` resolves, then shuts down gracefully.
+    /// The farm's registry.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.farm.registry.clone()
+    }
+
+    /// The control socket's side of upgrades, when there is a control socket.
+    pub fn handoff(&self) -> Option<&Arc<Handoff>> {
+        self.handoff.as_ref()
+    }
+
+    /// Runs until `signal` resolves or a new tidegate took over, then shuts down gracefully.
     pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
-        signal.await;
-        tracing::info!("shutting down");
+        let handoff = self.handoff.clone();
+        let handed_over = async {
+            match &handoff {
+                Some(h) => h.handed_over().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = signal => tracing::info!("shutting down"),
+            () = handed_over => {
+                tracing::info!("shutting down: a new tidegate took over");
+                self.proxy.hand_over();
+            }
+        }
         self.shutdown().await;
     }
 
-    /// Stops accepting, lets requests in flight finish, stops the sweepers, writes the state
-    /// file, and stops the images launched with `stop_on_exit`.
+    /// Stops serving without touching the state file or the images: an upgrade that the
+    /// running tidegate gave up on (it serves on, and they are its own).
+    pub async fn abandon(mut self) {
+        self.shutdown.fire();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Stops accepting, lets requests in flight finish, stops the sweepers, and then either
+    /// hands the pins to the tidegate that took over, or writes the state file and stops
+    /// the images launched with `stop_on_exit`.
     pub async fn shutdown(mut self) {
         self.shutdown.fire();
         while self.tasks.join_next().await.is_some() {}
+        if let Some(handoff) = self.handoff.clone()
+            && tokio::task::spawn_blocking(move || handoff.finish())
+                .await
+                .unwrap_or(false)
+        {
+            return;
+        }
         if let Some(state) = self.farm.state.clone() {
             let registry = self.farm.registry.clone();
             let _ =

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::clock;
 use crate::core::affinity::Restored;
 use crate::core::registry::Registry;
-use crate::core::snapshot::{self, Encoder};
+use crate::core::snapshot::{self, Encoder, Snapshot};
 use crate::shutdown::Signal;
 
 /// Why pins read back were dropped, in [`DROP_REASONS`] order.
@@ -86,41 +86,21 @@ impl StateFile {
             }
         };
         let now = clock::unix_now();
-        let topology = registry.topology();
-        let mut dropped = [0u64; 4];
-        let mut restored = 0u64;
-        for pool_pins in &snapshot.pools {
-            let pool = topology.pool(&pool_pins.pool);
-            let (Some(pool), Some(table)) = (pool, pool.and_then(|p| p.table())) else {
-                dropped[2] += pool_pins.pins.len() as u64;
-                continue;
-            };
-            let set = pool.backends();
-            for &(key, pin) in &pool_pins.pins {
-                if set.get(pin.backend).is_none() {
-                    dropped[1] += 1;
-                    continue;
-                }
-                match table.restore(key, pin, now) {
-                    Restored::Yes => restored += 1,
-                    Restored::Expired => dropped[0] += 1,
-                    Restored::Full => dropped[3] += 1,
-                    Restored::Present => {}
-                }
-            }
-        }
-        self.stats.restored.store(restored, Ordering::Relaxed);
-        for (counter, n) in self.stats.dropped.iter().zip(dropped) {
+        let counts = put_back(&snapshot, registry, now);
+        self.stats
+            .restored
+            .store(counts.restored, Ordering::Relaxed);
+        for (counter, n) in self.stats.dropped.iter().zip(counts.dropped) {
             counter.store(n, Ordering::Relaxed);
         }
         tracing::info!(
             file = %self.path.display(),
             written_seconds_ago = now.saturating_sub(snapshot.written_at),
-            restored,
-            expired = dropped[0],
-            of_backends_gone = dropped[1],
-            of_pools_gone = dropped[2],
-            over_max_pins = dropped[3],
+            restored = counts.restored,
+            expired = counts.dropped[0],
+            of_backends_gone = counts.dropped[1],
+            of_pools_gone = counts.dropped[2],
+            over_max_pins = counts.dropped[3],
             "pins restored from the state file"
         );
     }
@@ -128,21 +108,8 @@ impl StateFile {
     /// Writes every pool's pins (blocking: call it off the async threads). The number of
     /// pins written.
     pub fn save(&self, registry: &Registry) -> std::io::Result<usize> {
-        let topology = registry.topology();
-        let total: usize = topology
-            .pools
-            .iter()
-            .filter_map(|p| p.table())
-            .map(|t| t.len())
-            .sum();
-        let mut encoder = Encoder::new(clock::unix_now(), total);
-        for pool in topology.pools.iter() {
-            if let Some(table) = pool.table() {
-                encoder.pool(&pool.name, |visit| table.for_each_pin(visit));
-            }
-        }
-        let pins = encoder.pins() as usize;
-        write_atomically(&self.path, &encoder.finish())?;
+        let (bytes, pins) = encode(registry);
+        write_atomically(&self.path, &bytes)?;
         Ok(pins)
     }
 
@@ -188,6 +155,64 @@ impl StateFile {
                 tokio::task::spawn_blocking(move || state.save_logged(&registry, "interval")).await;
         }
     }
+}
+
+/// What putting pins back did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PutBack {
+    /// Pins now in their tables.
+    pub restored: u64,
+    /// Pins dropped, in [`DROP_REASONS`] order.
+    pub dropped: [u64; 4],
+}
+
+/// Every pool's pins in the state file's form, and how many there are: what the state file
+/// holds and what an upgrade hands to the next process.
+pub fn encode(registry: &Registry) -> (Vec<u8>, usize) {
+    let topology = registry.topology();
+    let total: usize = topology
+        .pools
+        .iter()
+        .filter_map(|p| p.table())
+        .map(|t| t.len())
+        .sum();
+    let mut encoder = Encoder::new(clock::unix_now(), total);
+    for pool in topology.pools.iter() {
+        if let Some(table) = pool.table() {
+            encoder.pool(&pool.name, |visit| table.for_each_pin(visit));
+        }
+    }
+    let pins = encoder.pins() as usize;
+    (encoder.finish(), pins)
+}
+
+/// Puts a snapshot's pins into the pools of the same name. Pins that expired, of backends
+/// or pools no longer configured, or beyond a table's bound are dropped and counted; a pin
+/// the table already holds stays as it is (the table's is the newer word).
+pub fn put_back(snapshot: &Snapshot, registry: &Registry, now: u32) -> PutBack {
+    let topology = registry.topology();
+    let mut counts = PutBack::default();
+    for pool_pins in &snapshot.pools {
+        let pool = topology.pool(&pool_pins.pool);
+        let (Some(pool), Some(table)) = (pool, pool.and_then(|p| p.table())) else {
+            counts.dropped[2] += pool_pins.pins.len() as u64;
+            continue;
+        };
+        let set = pool.backends();
+        for &(key, pin) in &pool_pins.pins {
+            if set.get(pin.backend).is_none() {
+                counts.dropped[1] += 1;
+                continue;
+            }
+            match table.restore(key, pin, now) {
+                Restored::Yes => counts.restored += 1,
+                Restored::Expired => counts.dropped[0] += 1,
+                Restored::Full => counts.dropped[3] += 1,
+                Restored::Present => {}
+            }
+        }
+    }
+    counts
 }
 
 /// Replaces `path` with `bytes` so that a reader (or a crash) sees the old file or the new

@@ -158,7 +158,7 @@ pub fn h2c_client() -> HttpClient {
         .build_http()
 }
 
-/// Sends one request.
+/// Sends one request; panics if it fails.
 pub async fn send(
     client: &HttpClient,
     method: Method,
@@ -166,6 +166,20 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Reply {
+    try_send(client, method, url, headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+/// Sends one request; what went wrong, if it did (no reply within 20 s, a connection
+/// refused or broken, a body cut short).
+pub async fn try_send(
+    client: &HttpClient,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<Reply, String> {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -173,15 +187,19 @@ pub async fn send(
     let req = req.body(Full::new(body.into())).unwrap();
     let reply = tokio::time::timeout(Duration::from_secs(20), client.request(req))
         .await
-        .expect("reply within 20 s")
-        .expect("request succeeds");
+        .map_err(|_| "no reply within 20 s".to_string())?
+        .map_err(|e| format!("request failed: {e:?}"))?;
     let (parts, body) = reply.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    Reply {
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok(Reply {
         status: parts.status,
         headers: parts.headers,
         body,
-    }
+    })
 }
 
 pub async fn get(client: &HttpClient, url: &str) -> Reply {
@@ -752,6 +770,21 @@ impl Process {
             .await
             .expect("the process exits after SIGTERM")
             .expect("its status")
+    }
+
+    /// Waits (bounded by `limit`) for the process to exit on its own; its status.
+    pub async fn exited_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("the process did not exit within {limit:?}:\n{}", self.log())
+            })
+            .expect("its status")
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the process runs")
     }
 
     /// Everything the process logged so far.

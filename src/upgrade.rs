@@ -1,0 +1,806 @@
+//! Upgrades without downtime: a new tidegate takes over the listening sockets and the pins of
+//! the running one, as HAProxy's `-x` and Pingora's graceful upgrade do.
+//!
+//! The running process listens on its control socket (`control_socket`, a Unix socket only
+//! its user may use). A new process started with `--upgrade` connects and asks for a
+//! handover; the running one sends every listening socket (`SCM_RIGHTS`: the very sockets,
+//! with their accept queues, so no connection is refused) and a snapshot of its pins. The
+//! new one starts serving on them and says it is ready; only then does the old one stop
+//! accepting, let its requests in flight finish (`shutdown_timeout`), and send the pins it
+//! learned meanwhile before it exits. A new process that fails to start (a bad config, a
+//! bad certificate) closes the connection instead: the old one never stopped serving.
+//!
+//! `tidegate upgrade` (what systemd's `ExecReload` runs) asks the running process to start
+//! its own successor — the binary at the path it was started from, with its own arguments
+//! and `--upgrade` — and answers with how that went.
+//!
+//! The wire: text lines, then the pins in the state file's form.
+//!
+//! ```text
+//! new → old   UPGRADE <pid>
+//! old → new   TIDEGATE-HANDOVER 1                      (the descriptors ride on this)
+//!             LISTENER <kind> <local address> <configured address or path>   (one per socket)
+//!             PINS <length>
+//!             <length bytes>
+//! new → old   READY
+//! old → new   PINS <length>                            (after its drain)
+//!             <length bytes>
+//! ```
+//!
+//! or `REFUSED <why>` instead of the handover. `SPAWN` asks for a successor and is answered
+//! `OK <pid>` or `FAILED <why>`.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use tokio::sync::watch;
+
+use crate::clock;
+use crate::core::launch::ProcessState;
+use crate::core::registry::Registry;
+use crate::core::snapshot;
+use crate::shutdown::Signal;
+use crate::store::state_file;
+
+/// The first line of a handover.
+const HANDOVER: &str = "TIDEGATE-HANDOVER 1";
+/// The most descriptors one handover carries (Linux takes at most 253 in one message).
+const MAX_SOCKETS: usize = 250;
+/// The longest line either side sends.
+const MAX_LINE: u64 = 8192;
+/// The largest snapshot of pins accepted (a million pins take about 40 MB).
+const MAX_PINS_BYTES: usize = 1 << 30;
+/// How long a connection to the control socket may take to say what it wants.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the old process waits for the new one to be serving.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a new process keeps asking while the old one is busy (an image launching).
+const BUSY_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// What a handed-over socket serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A plain traffic listener.
+    Http,
+    /// A TLS traffic listener.
+    Tls,
+    /// An HTTP→HTTPS redirect listener.
+    Redirect,
+    /// The admin listener.
+    Admin,
+    /// The control socket itself.
+    Control,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Http => "http",
+            Kind::Tls => "tls",
+            Kind::Redirect => "redirect",
+            Kind::Admin => "admin",
+            Kind::Control => "control",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "http" => Kind::Http,
+            "tls" => Kind::Tls,
+            "redirect" => Kind::Redirect,
+            "admin" => Kind::Admin,
+            "control" => Kind::Control,
+            _ => return None,
+        })
+    }
+}
+
+/// A listening socket and what it is: kept by the running process to hand over, received by
+/// the new one.
+#[derive(Debug)]
+struct Socket {
+    kind: Kind,
+    /// Its bound address (a path for the control socket), for the log.
+    local: String,
+    /// The address (or path) the configuration asked for: what a new process matches.
+    configured: String,
+    fd: OwnedFd,
+}
+
+/// Why an upgrade did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// No control socket is configured.
+    #[error(
+        "no control socket: set `control_socket` (or `state_file`, beside which it goes by default) or --control-socket"
+    )]
+    NoControlSocket,
+    /// Nothing answers on the control socket.
+    #[error(
+        "no tidegate answers on {}: {source} (is it running with this control socket? start without --upgrade otherwise)",
+        path.display()
+    )]
+    Unreachable {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The running process said no.
+    #[error("the running tidegate refused: {0}")]
+    Refused(String),
+    /// The conversation broke off or made no sense.
+    #[error("handover from the running tidegate failed: {0}")]
+    Protocol(String),
+    /// The control socket cannot be set up.
+    #[error("control socket {}: {reason}", path.display())]
+    Control {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn protocol(e: impl std::fmt::Display) -> UpgradeError {
+    UpgradeError::Protocol(e.to_string())
+}
+
+/// The sockets a new process received, taken one by one as it binds its listeners; what
+/// its configuration no longer has is closed when this is dropped.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    sockets: Mutex<Vec<Socket>>,
+}
+
+impl Inherited {
+    fn take(&self, kind: Kind, configured: &str) -> Option<OwnedFd> {
+        let mut sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        let at = sockets
+            .iter()
+            .position(|s| s.kind == kind && s.configured == configured)?;
+        let socket = sockets.swap_remove(at);
+        tracing::info!(kind = kind.as_str(), address = %socket.local, "listening socket taken over");
+        Some(socket.fd)
+    }
+
+    /// The TCP listener of `kind` the old process had for the configured `address`.
+    pub fn tcp(&self, kind: Kind, address: SocketAddr) -> Option<std::net::TcpListener> {
+        let listener = std::net::TcpListener::from(self.take(kind, &address.to_string())?);
+        match listener.set_nonblocking(true) {
+            Ok(()) => Some(listener),
+            Err(e) => {
+                tracing::warn!(%address, "a socket handed over cannot be used, binding anew: {e}");
+                None
+            }
+        }
+    }
+
+    fn control(&self, path: &Path) -> Option<UnixListener> {
+        let listener = UnixListener::from(self.take(Kind::Control, &path.to_string_lossy())?);
+        listener.set_nonblocking(true).ok()?;
+        Some(listener)
+    }
+
+    /// Logs the sockets nobody took (listeners the new configuration dropped).
+    pub fn log_unused(&self) {
+        for s in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            tracing::info!(kind = s.kind.as_str(), address = %s.local, "listener not in the new configuration: closed");
+        }
+    }
+}
+
+/// What a new process got from the old one.
+pub struct Takeover {
+    /// The listening sockets.
+    pub inherited: Arc<Inherited>,
+    /// The pins, in the state file's form.
+    pub pins: Vec<u8>,
+    conversation: BufReader<UnixStream>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Takeover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Takeover")
+            .field("inherited", &self.inherited)
+            .field("pins", &self.pins.len())
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Asks the tidegate on `path` for its sockets and pins (blocking). While it is busy (an
+/// image launching, another upgrade), asks again for a while.
+pub fn take_over(path: &Path) -> Result<Takeover, UpgradeError> {
+    let started = Instant::now();
+    loop {
+        match ask(path) {
+            Err(UpgradeError::Refused(why))
+                if why.starts_with("busy") && started.elapsed() < BUSY_RETRY_FOR =>
+            {
+                tracing::info!("the running tidegate is {why}; asking again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+fn ask(path: &Path) -> Result<Takeover, UpgradeError> {
+    let mut stream = UnixStream::connect(path).map_err(|source| UpgradeError::Unreachable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(READY_TIMEOUT))
+        .map_err(protocol)?;
+    writeln!(stream, "UPGRADE {}", std::process::id()).map_err(protocol)?;
+    // The descriptors come with the first bytes of the answer.
+    let mut first = vec![0u8; 64 * 1024];
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        &stream,
+        &mut [IoSliceMut::new(&mut first)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(protocol)?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    first.truncate(got.bytes);
+    let reader = std::io::Cursor::new(first).chain(stream.try_clone().map_err(protocol)?);
+    let mut reader = BufReader::new(reader);
+    let greeting = read_line(&mut reader)?;
+    if let Some(why) = greeting.strip_prefix("REFUSED ") {
+        return Err(UpgradeError::Refused(why.to_string()));
+    }
+    if greeting != HANDOVER {
+        return Err(protocol(format!("unexpected answer {greeting:?}")));
+    }
+    let mut fds = fds.into_iter();
+    let mut sockets = Vec::new();
+    let pins = loop {
+        let line = read_line(&mut reader)?;
+        if let Some(rest) = line.strip_prefix("LISTENER ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (Some(kind), Some(local), Some(configured)) = (
+                parts.next().and_then(Kind::parse),
+                parts.next(),
+                parts.next(),
+            ) else {
+                return Err(protocol(format!("bad listener line {line:?}")));
+            };
+            let fd = fds
+                .next()
+                .ok_or_else(|| protocol("fewer sockets than listeners"))?;
+            sockets.push(Socket {
+                kind,
+                local: local.to_string(),
+                configured: configured.to_string(),
+                fd,
+            });
+        } else if let Some(length) = line.strip_prefix("PINS ") {
+            break read_pins(&mut reader, length)?;
+        } else {
+            return Err(protocol(format!("unexpected line {line:?}")));
+        }
+    };
+    // The reader's buffer may hold bytes past the pins: there are none until READY is sent.
+    Ok(Takeover {
+        inherited: Arc::new(Inherited {
+            sockets: Mutex::new(sockets),
+        }),
+        pins,
+        conversation: BufReader::new(stream),
+        path: path.to_path_buf(),
+    })
+}
+
+fn read_line(reader: &mut impl BufRead) -> Result<String, UpgradeError> {
+    let mut line = String::new();
+    reader
+        .take(MAX_LINE)
+        .read_line(&mut line)
+        .map_err(protocol)?;
+    if !line.ends_with('\n') {
+        return Err(protocol("the other side hung up"));
+    }
+    line.pop();
+    Ok(line)
+}
+
+fn read_pins(reader: &mut impl Read, length: &str) -> Result<Vec<u8>, UpgradeError> {
+    let length: usize = length
+        .parse()
+        .ok()
+        .filter(|&n| n <= MAX_PINS_BYTES)
+        .ok_or_else(|| protocol(format!("bad pins length {length:?}")))?;
+    let mut pins = vec![0; length];
+    reader.read_exact(&mut pins).map_err(protocol)?;
+    Ok(pins)
+}
+
+/// Puts pins (in the state file's form) in their pools and logs what came of it.
+pub fn merge(registry: &Registry, bytes: &[u8], what: &str) {
+    match snapshot::decode(bytes) {
+        Ok(snapshot) => {
+            let counts = state_file::put_back(&snapshot, registry, clock::unix_now());
+            tracing::info!(
+                restored = counts.restored,
+                expired = counts.dropped[0],
+                of_backends_gone = counts.dropped[1],
+                of_pools_gone = counts.dropped[2],
+                over_max_pins = counts.dropped[3],
+                "{what}"
+            );
+        }
+        Err(e) => tracing::warn!("{what}: unreadable, ignored: {e}"),
+    }
+}
+
+impl Takeover {
+    /// Tells the old process this one serves: it stops accepting and finishes its requests.
+    /// The pins it learns meanwhile arrive when it is done, and are added to `registry`.
+    pub fn serving(self, registry: Arc<Registry>) -> Result<(), UpgradeError> {
+        self.inherited.log_unused();
+        let mut conversation = self.conversation;
+        conversation
+            .get_mut()
+            .write_all(b"READY\n")
+            .map_err(protocol)?;
+        tracing::info!(control = %self.path.display(), "serving: the previous tidegate stops accepting and finishes its requests");
+        std::thread::Builder::new()
+            .name("upgrade-pins".into())
+            .spawn(move || {
+                // No bound: the old process takes up to its shutdown_timeout.
+                let _ = conversation.get_ref().set_read_timeout(None);
+                let outcome = read_line(&mut conversation).and_then(|line| {
+                    let length = line
+                        .strip_prefix("PINS ")
+                        .ok_or_else(|| protocol(format!("unexpected line {line:?}")))?;
+                    read_pins(&mut conversation, length)
+                });
+                match outcome {
+                    Ok(pins) => merge(
+                        &registry,
+                        &pins,
+                        "pins the previous tidegate learned while it finished",
+                    ),
+                    Err(e) => tracing::warn!(
+                        "the previous tidegate ended without its last pins (those learned while it finished are lost): {e}"
+                    ),
+                }
+            })
+            .map_err(protocol)?;
+        Ok(())
+    }
+}
+
+/// The running process's side: the sockets it can hand over, and the successor once one
+/// took over.
+pub struct Handoff {
+    path: PathBuf,
+    registry: Arc<Registry>,
+    sockets: Mutex<Vec<Socket>>,
+    busy: AtomicBool,
+    successor: Mutex<Option<(u32, UnixStream)>>,
+    /// Who asked for a successor (`SPAWN`), to be told once it serves.
+    spawner: Mutex<Option<UnixStream>>,
+    handed_over: watch::Sender<bool>,
+    /// The program and arguments a successor is started with (`SPAWN`).
+    successor_command: Option<(PathBuf, Vec<OsString>)>,
+}
+
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handoff").field("path", &self.path).finish()
+    }
+}
+
+impl Handoff {
+    /// Binds the control socket at `path` (or takes over the old process's), only for this
+    /// user; a stale socket file nobody answers on is replaced. `command` is the program and
+    /// arguments a `SPAWN` starts (with `--upgrade` added).
+    pub fn bind(
+        path: &Path,
+        registry: Arc<Registry>,
+        inherited: &Inherited,
+        command: Option<(PathBuf, Vec<OsString>)>,
+        upgrading: bool,
+    ) -> Result<(Arc<Handoff>, tokio::net::UnixListener), UpgradeError> {
+        let fail = |reason: String| UpgradeError::Control {
+            path: path.to_path_buf(),
+            reason,
+        };
+        crate::config::check_control_socket(path).map_err(&fail)?;
+        let listener = match inherited.control(path) {
+            Some(l) => l,
+            None => {
+                if path.exists() {
+                    if UnixStream::connect(path).is_ok() {
+                        return Err(fail(
+                            "another tidegate answers on it: stop it, or start this one with --upgrade to take over".into(),
+                        ));
+                    }
+                    std::fs::remove_file(path)
+                        .map_err(|e| fail(format!("a stale socket cannot be removed: {e}")))?;
+                }
+                let listener = UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
+                // Whoever connects gets the listening sockets: this user only.
+                std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .map_err(|e| fail(e.to_string()))?;
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|e| fail(e.to_string()))?;
+                listener
+            }
+        };
+        let fd = listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| fail(e.to_string()))?;
+        let listener =
+            tokio::net::UnixListener::from_std(listener).map_err(|e| fail(e.to_string()))?;
+        let handoff = Arc::new(Handoff {
+            path: path.to_path_buf(),
+            registry,
+            sockets: Mutex::new(Vec::new()),
+            // A process taking over hands nothing on before it serves.
+            busy: AtomicBool::new(upgrading),
+            successor: Mutex::new(None),
+            spawner: Mutex::new(None),
+            handed_over: watch::channel(false).0,
+            successor_command: command,
+        });
+        handoff.keep(
+            Kind::Control,
+            &path.to_string_lossy(),
+            &path.to_string_lossy(),
+            fd,
+        );
+        Ok((handoff, listener))
+    }
+
+    /// Where the control socket is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Remembers a listening socket to hand over (its own descriptor of the same socket).
+    pub fn keep(&self, kind: Kind, configured: &str, local: &str, fd: OwnedFd) {
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Socket {
+                kind,
+                local: local.to_string(),
+                configured: configured.to_string(),
+                fd,
+            });
+    }
+
+    /// Takes upgrades from now on (a process that took over, once it serves).
+    pub fn open(&self) {
+        self.busy.store(false, Ordering::Release);
+    }
+
+    /// Resolves once a successor serves.
+    pub async fn handed_over(&self) {
+        let mut rx = self.handed_over.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// After the drain: sends the successor the pins (those learned while finishing
+    /// included). True when there was a successor: the state file and the images are its
+    /// business now.
+    pub fn finish(&self) -> bool {
+        let Some((pid, mut stream)) = self
+            .successor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return false;
+        };
+        let (pins, count) = state_file::encode(&self.registry);
+        let sent = writeln!(stream, "PINS {}", pins.len()).and_then(|()| stream.write_all(&pins));
+        match sent {
+            Ok(()) => tracing::info!(
+                successor = pid,
+                pins = count,
+                "upgrade done: pins handed over, exiting"
+            ),
+            Err(e) => tracing::warn!(
+                successor = pid,
+                "upgrade done, but the last pins could not be handed over: {e}"
+            ),
+        }
+        true
+    }
+
+    /// What holds an upgrade up now, if anything: another upgrade, or an image launching (its
+    /// process would be lost between the two tidegates).
+    fn busy_with(&self) -> Option<String> {
+        for pool in self.registry.topology().pools.iter() {
+            for b in pool.backends().all() {
+                if b.process
+                    .as_ref()
+                    .is_some_and(|p| p.state() == ProcessState::Launching)
+                {
+                    return Some(format!(
+                        "busy: image {} of pool {} is launching",
+                        b.name, pool.name
+                    ));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Serves the control socket until `stop` fires.
+pub async fn serve(listener: tokio::net::UnixListener, handoff: Arc<Handoff>, mut stop: Signal) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("control socket: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait() => return,
+        };
+        let handoff = handoff.clone();
+        tokio::spawn(async move {
+            let stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("control socket: {e}");
+                    return;
+                }
+            };
+            let request = {
+                let (stream, handoff) = (stream, handoff.clone());
+                tokio::task::spawn_blocking(move || request(&handoff, stream)).await
+            };
+            if let Ok(Some(spawn)) = request {
+                spawn_successor(&handoff, spawn).await;
+            }
+        });
+    }
+}
+
+/// A `SPAWN` request: the connection to answer on.
+struct Spawn(UnixStream);
+
+/// Reads and serves one request (blocking). A `SPAWN` is handed back to be served on the
+/// runtime.
+fn request(handoff: &Handoff, stream: UnixStream) -> Option<Spawn> {
+    if stream.set_nonblocking(false).is_err()
+        || stream.set_read_timeout(Some(REQUEST_TIMEOUT)).is_err()
+    {
+        return None;
+    }
+    // The socket file is this user's only; a process of another user that reached it anyway
+    // (root excepted) is refused.
+    let me = rustix::process::geteuid();
+    match rustix::net::sockopt::socket_peercred(&stream) {
+        Ok(peer) if peer.uid == me || peer.uid.is_root() => {}
+        _ => {
+            tracing::warn!("control socket: a process of another user was refused");
+            return None;
+        }
+    }
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let line = read_line(&mut reader).ok()?;
+    if let Some(pid) = line.strip_prefix("UPGRADE ") {
+        let pid: u32 = pid.parse().unwrap_or(0);
+        hand_over(handoff, stream, reader, pid);
+        None
+    } else if line == "SPAWN" {
+        Some(Spawn(stream))
+    } else {
+        let _ = (&stream).write_all(b"REFUSED unknown request\n");
+        None
+    }
+}
+
+/// Sends the sockets and pins to a new process and waits for it to serve.
+fn hand_over(
+    handoff: &Handoff,
+    mut stream: UnixStream,
+    mut reader: BufReader<UnixStream>,
+    pid: u32,
+) {
+    if handoff.busy.swap(true, Ordering::AcqRel) {
+        let _ = stream.write_all(b"REFUSED busy: another upgrade is under way\n");
+        return;
+    }
+    if let Some(why) = handoff.busy_with() {
+        let _ = writeln!(stream, "REFUSED {why}");
+        handoff.busy.store(false, Ordering::Release);
+        return;
+    }
+    tracing::info!(
+        successor = pid,
+        "upgrade: handing the listening sockets and pins over"
+    );
+    let outcome = send_sockets(handoff, &mut stream).and_then(|()| {
+        stream
+            .set_read_timeout(Some(READY_TIMEOUT))
+            .map_err(protocol)?;
+        let line = read_line(&mut reader)?;
+        if line == "READY" {
+            Ok(())
+        } else {
+            Err(protocol(format!("unexpected line {line:?}")))
+        }
+    });
+    match outcome {
+        Ok(()) => {
+            tracing::info!(
+                successor = pid,
+                "upgrade: the new tidegate serves; no longer accepting, finishing the requests in flight"
+            );
+            *handoff.successor.lock().unwrap_or_else(|e| e.into_inner()) = Some((pid, stream));
+            // Told before the shutdown begins: the process may end soon after.
+            if let Some(spawner) = handoff
+                .spawner
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+            {
+                let _ = (&spawner).write_all(format!("OK {pid}\n").as_bytes());
+            }
+            handoff.handed_over.send_replace(true);
+        }
+        Err(e) => {
+            tracing::warn!(
+                successor = pid,
+                "upgrade abandoned, still serving: the new tidegate did not start ({e}); its own log says why"
+            );
+            handoff.busy.store(false, Ordering::Release);
+        }
+    }
+}
+
+fn send_sockets(handoff: &Handoff, stream: &mut UnixStream) -> Result<(), UpgradeError> {
+    let sockets = handoff.sockets.lock().unwrap_or_else(|e| e.into_inner());
+    let mut head = format!("{HANDOVER}\n");
+    for s in sockets.iter().take(MAX_SOCKETS) {
+        head.push_str(&format!(
+            "LISTENER {} {} {}\n",
+            s.kind.as_str(),
+            s.local,
+            s.configured
+        ));
+    }
+    let (pins, count) = state_file::encode(&handoff.registry);
+    head.push_str(&format!("PINS {}\n", pins.len()));
+    let fds: Vec<BorrowedFd<'_>> = sockets
+        .iter()
+        .take(MAX_SOCKETS)
+        .map(|s| s.fd.as_fd())
+        .collect();
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(protocol("too many sockets for one message"));
+    }
+    let sent = rustix::net::sendmsg(
+        &*stream,
+        &[IoSlice::new(head.as_bytes())],
+        &mut control,
+        SendFlags::empty(),
+    )
+    .map_err(protocol)?;
+    stream
+        .write_all(&head.as_bytes()[sent..])
+        .and_then(|()| stream.write_all(&pins))
+        .map_err(protocol)?;
+    tracing::info!(
+        sockets = fds.len(),
+        pins = count,
+        "upgrade: sockets and pins sent"
+    );
+    Ok(())
+}
+
+/// Starts the successor (`SPAWN`). The requester is answered `OK <pid>` by the handover
+/// once the successor serves, or `FAILED <why>` here if it exits first or takes too long.
+async fn spawn_successor(handoff: &Arc<Handoff>, Spawn(stream): Spawn) {
+    let answer = |stream: UnixStream, why: String| {
+        let _ = (&stream).write_all(format!("FAILED {why}\n").as_bytes());
+    };
+    if handoff.busy.load(Ordering::Acquire) {
+        answer(stream, "busy: an upgrade is under way".into());
+        return;
+    }
+    let Some((program, args)) = &handoff.successor_command else {
+        answer(
+            stream,
+            "this tidegate cannot start its successor: start the new one with --upgrade".into(),
+        );
+        return;
+    };
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args.iter().filter(|a| a.as_os_str() != "--upgrade"))
+        .arg("--upgrade")
+        .stdin(std::process::Stdio::null());
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            answer(stream, format!("cannot start {}: {e}", program.display()));
+            return;
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    *handoff.spawner.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+    tracing::info!(successor = pid, program = %program.display(), "upgrade: successor started");
+    let failure = tokio::select! {
+        status = child.wait() => match status {
+            Ok(s) => format!("the new tidegate (pid {pid}) exited with {s} before it served; its log says why"),
+            Err(e) => format!("the new tidegate (pid {pid}): {e}"),
+        },
+        () = handoff.handed_over() => return,
+        () = tokio::time::sleep(READY_TIMEOUT + REQUEST_TIMEOUT) => {
+            format!("the new tidegate (pid {pid}) did not take over in time")
+        }
+    };
+    if let Some(stream) = handoff
+        .spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        answer(stream, failure);
+    }
+}
+
+/// `tidegate upgrade`: asks the tidegate on `path` to start its successor; its answer.
+pub fn request_successor(path: &Path) -> Result<u32, UpgradeError> {
+    let mut stream = UnixStream::connect(path).map_err(|source| UpgradeError::Unreachable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(READY_TIMEOUT + REQUEST_TIMEOUT * 2))
+        .map_err(protocol)?;
+    stream.write_all(b"SPAWN\n").map_err(protocol)?;
+    let line = read_line(&mut BufReader::new(stream))?;
+    if let Some(pid) = line.strip_prefix("OK ") {
+        return Ok(pid.parse().unwrap_or(0));
+    }
+    Err(UpgradeError::Refused(
+        line.strip_prefix("FAILED ")
+            .or(line.strip_prefix("REFUSED "))
+            .unwrap_or(&line)
+            .to_string(),
+    ))
+}

@@ -1,0 +1,401 @@
+//! Upgrades lose nothing: a new tidegate started with `--upgrade` (or by `tidegate upgrade`)
+//! takes over the running one's listening sockets and pins over its control socket; the old
+//! one finishes its requests, hands over the pins it learned meanwhile, and exits 0. No
+//! connection is refused and no session moves. A new one that cannot start leaves the old
+//! one serving. Sessions here travel only in page links (Seaside 3), the kind a restart
+//! without the pins would log out.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use support::{
+    HttpClient, Launch, Process, TempDir, backend_entries, client, exited, get, images, run,
+    stderr, stdout, try_send,
+};
+use tidegate::demo::Tracking;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TEST_LIMIT: Duration = Duration::from_secs(90);
+
+async fn bounded<F: std::future::Future<Output = ()>>(what: &str, body: F) {
+    tokio::time::timeout(TEST_LIMIT, body)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {TEST_LIMIT:?}"));
+}
+
+/// The configuration body: a state file (the control socket goes beside it) and one pool.
+fn body(state: &TempDir, backends: &str) -> String {
+    format!(
+        "state_file = {:?}\nshutdown_timeout = 10\n[[pool]]\nname = \"app\"\n{backends}",
+        state.arg("pins")
+    )
+}
+
+/// A session: the link of its last page, its image and its counter there.
+#[derive(Clone)]
+struct Session {
+    link: String,
+    image: String,
+    counter: u64,
+}
+
+/// Opens `n` sessions on `base`; each pin is learned from the first page's links.
+async fn sessions(base: &str, n: usize) -> Vec<Session> {
+    let c = client();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let first = get(&c, &format!("{base}/app")).await;
+        assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+        out.push(Session {
+            link: first.link().expect("a link"),
+            image: first.image(),
+            counter: first.counter(),
+        });
+    }
+    out
+}
+
+/// `tidegate --config FILE --upgrade` for the process `old`, on its addresses.
+async fn successor(old: &Process, label: &str) -> Process {
+    let new = Launch::new(label)
+        .arg("--config")
+        .arg(old.dir.arg("tidegate.toml"))
+        .arg("--upgrade")
+        .listening_on(old.listen, old.admin)
+        .start()
+        .await;
+    new.log_shows(
+        "serving: the previous tidegate stops accepting",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    new
+}
+
+/// What the clients saw.
+#[derive(Default)]
+struct Seen {
+    requests: AtomicUsize,
+    failures: std::sync::Mutex<Vec<String>>,
+}
+
+/// Clicks through `sessions` until `stop` (at most 4000 requests): each click must reach
+/// the session's image with its counter one up. `fresh` opens a new connection for every
+/// request; otherwise connections are kept alive.
+async fn click_until(
+    base: String,
+    mut sessions: Vec<Session>,
+    fresh: bool,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Seen>,
+) {
+    let kept: HttpClient = client();
+    for _ in 0..4000 {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        for s in &mut sessions {
+            let c = if fresh { client() } else { kept.clone() };
+            let url = format!("{base}{}", s.link);
+            seen.requests.fetch_add(1, Ordering::Relaxed);
+            let failure = match try_send(&c, Method::GET, &url, &[], "").await {
+                Err(e) => Some(e),
+                Ok(r) if r.status != StatusCode::OK => Some(format!("{}: {}", r.status, r.text())),
+                Ok(r) if (r.image(), r.counter()) != (s.image.clone(), s.counter + 1) => {
+                    Some(format!(
+                        "{}: the session moved or lost its state: {} counter {} (was {} counter {})",
+                        s.link,
+                        r.image(),
+                        r.counter(),
+                        s.image,
+                        s.counter
+                    ))
+                }
+                Ok(r) => {
+                    s.link = r.link().expect("a link");
+                    s.counter += 1;
+                    None
+                }
+            };
+            if let Some(f) = failure {
+                seen.failures.lock().unwrap().push(f);
+                return;
+            }
+            // Think time.
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_under_load_refuses_no_connection_and_moves_no_session() {
+    bounded("upgrade under load", async {
+        let imgs = images(3, Tracking::Links).await;
+        let state = TempDir::new("upgrade-load");
+        let mut old = Process::start(&body(&state, &backend_entries(&imgs))).await;
+        let base = old.base();
+        let all = sessions(&base, 12).await;
+        let (stop, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(Seen::default()));
+        let mut clients = Vec::new();
+        for (i, group) in all.chunks(3).enumerate() {
+            clients.push(tokio::spawn(click_until(
+                base.clone(),
+                group.to_vec(),
+                i % 2 == 0,
+                stop.clone(),
+                seen.clone(),
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let before = seen.requests.load(Ordering::Relaxed);
+        let new = successor(&old, "upgrade-load-new").await;
+        assert!(
+            old.exited_within(Duration::from_secs(20)).await.success(),
+            "the old tidegate exits 0 once its requests are done"
+        );
+        let handed_over = seen.requests.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+        for c in clients {
+            c.await.unwrap();
+        }
+        let failures = seen.failures.lock().unwrap().clone();
+        assert!(failures.is_empty(), "failed requests: {failures:#?}");
+        let total = seen.requests.load(Ordering::Relaxed);
+        assert!(
+            before > 50 && total > handed_over + 50,
+            "load ran before ({before}) and after ({handed_over} → {total}) the upgrade"
+        );
+        let log = new.log();
+        assert!(
+            log.contains("pins taken over from the running tidegate restored=12"),
+            "{log}"
+        );
+        assert!(
+            log.contains("decision=\"pinned\""),
+            "the new tidegate serves the sessions: {log}"
+        );
+    })
+    .await;
+}
+
+/// A backend whose first pages (no `_s`) take `delay` and name a session of their own in a
+/// link; later requests answer at once, with `x-image: slow`.
+async fn slow_first_page(delay: Duration) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                loop {
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let first_page = !String::from_utf8_lossy(&head[..end]).contains("_s=");
+                    head.drain(..end);
+                    if first_page {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let page = "<a href=\"/app?_s=SlowSession0001&amp;_k=a\">go</a>";
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nx-image: slow\r\ncontent-length: {}\r\n\r\n{page}",
+                        page.len()
+                    );
+                    if stream.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_the_old_process_learns_while_it_finishes_reach_the_new_one() {
+    bounded("pins learned while finishing", async {
+        let imgs = images(1, Tracking::Links).await;
+        let slow = slow_first_page(Duration::from_millis(1500)).await;
+        let state = TempDir::new("upgrade-late");
+        let backends = format!(
+            "[[pool.backend]]\nname = \"slow\"\naddress = \"{slow}\"\n{}",
+            backend_entries(&imgs)
+        );
+        let mut old = Process::start(&body(&state, &backends)).await;
+        // Round robin: the first new session goes to the first backend, `slow`.
+        let url = format!("{}/app", old.base());
+        let in_flight = tokio::spawn(async move { get(&client(), &url).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let new = successor(&old, "upgrade-late-new").await;
+        let first = in_flight.await.unwrap();
+        assert_eq!(first.image(), "slow", "answered by the old tidegate");
+        assert!(old.exited_within(Duration::from_secs(20)).await.success());
+        new.log_shows(
+            "pins the previous tidegate learned while it finished restored=1",
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+        let c = client();
+        for _ in 0..4 {
+            let r = get(&c, &format!("{}/app?_s=SlowSession0001&_k=b", new.base())).await;
+            assert_eq!(
+                r.image(),
+                "slow",
+                "the session learned by the old one stays"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_cannot_start_leaves_the_old_one_serving() {
+    bounded("failed upgrade", async {
+        let imgs = images(2, Tracking::Links).await;
+        let state = TempDir::new("upgrade-fail");
+        let mut old = Process::start(&body(&state, &backend_entries(&imgs))).await;
+        let kept = sessions(&old.base(), 4).await;
+        // The same farm, with a certificate file that holds none.
+        let bad = old.dir.path("bad.pem");
+        std::fs::write(&bad, "not a certificate\n").unwrap();
+        let config = std::fs::read_to_string(old.dir.path("tidegate.toml")).unwrap();
+        let tls_listen = support::free_addr();
+        let broken = config.replacen(
+            "[[pool]]",
+            &format!(
+                "listen_tls = [\"{tls_listen}\"]\n[tls]\n[[tls.certificate]]\ncert = {bad:?}\nkey = {bad:?}\n[[pool]]"
+            ),
+            1,
+        );
+        old.dir.write("broken.toml", &broken);
+        let out = run(&["--config", &old.dir.arg("broken.toml"), "--upgrade"]).await;
+        assert!(!out.status.success(), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("bad.pem"),
+            "the new process says why it did not start: {}",
+            stderr(&out)
+        );
+        old.log_shows("upgrade abandoned, still serving", 1, Duration::from_secs(5))
+            .await;
+        // The old one never stopped: the sessions go on there, and a good upgrade follows.
+        let c = client();
+        for s in &kept {
+            let r = get(&c, &format!("{}{}", old.base(), s.link)).await;
+            assert_eq!((r.image(), r.counter()), (s.image.clone(), s.counter + 1));
+        }
+        let new = successor(&old, "upgrade-fail-new").await;
+        assert!(old.exited_within(Duration::from_secs(20)).await.success());
+        for s in &kept {
+            let r = get(&c, &format!("{}{}", new.base(), s.link)).await;
+            assert_eq!(r.image(), s.image, "pins survive the failed attempt and the upgrade");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_with_nothing_to_take_over_says_so() {
+    bounded("nothing to upgrade", async {
+        let imgs = images(1, Tracking::Links).await;
+        let state = TempDir::new("upgrade-none");
+        let launch = Launch::new("upgrade-none");
+        let config = launch.file(
+            "tidegate.toml",
+            &format!(
+                "listen = [\"{}\"]\nadmin = \"off\"\n{}",
+                support::free_addr(),
+                body(&state, &backend_entries(&imgs))
+            ),
+        );
+        let out = run(&["--config", &config, "--upgrade"]).await;
+        exited(&out, 1, "--upgrade with no tidegate running");
+        let said = stderr(&out);
+        assert!(said.contains("no tidegate answers on"), "{said}");
+        // Without a state file or control_socket there is no control socket at all.
+        let plain = launch.file(
+            "plain.toml",
+            &format!(
+                "listen = [\"{}\"]\nadmin = \"off\"\n[[pool]]\nname = \"app\"\n{}",
+                support::free_addr(),
+                backend_entries(&imgs)
+            ),
+        );
+        let out = run(&["--config", &plain, "--upgrade"]).await;
+        exited(&out, 1, "--upgrade without a control socket");
+        let said = stderr(&out);
+        assert!(said.contains("no control socket"), "{said}");
+        let out = run(&["upgrade", "--config", &plain]).await;
+        exited(&out, 2, "tidegate upgrade without a control socket");
+        let said = stderr(&out);
+        assert!(said.contains("no control socket"), "{said}");
+    })
+    .await;
+}
+
+/// Ends the process `pid` (a successor the test did not start itself) when dropped.
+struct Reaped(u32);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tidegate_upgrade_starts_the_successor_and_waits_until_it_serves() {
+    bounded("tidegate upgrade", async {
+        let imgs = images(2, Tracking::Links).await;
+        let state = TempDir::new("upgrade-command");
+        let mut old = Process::start(&body(&state, &backend_entries(&imgs))).await;
+        let kept = sessions(&old.base(), 4).await;
+        let out = run(&["upgrade", "--config", &old.dir.arg("tidegate.toml")]).await;
+        let said = stdout(&out);
+        assert!(out.status.success(), "{said}{}", stderr(&out));
+        let pid: u32 = said
+            .split("(pid ")
+            .nth(1)
+            .and_then(|s| s.split(')').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the new pid in {said:?}"));
+        let _successor = Reaped(pid);
+        assert_ne!(pid, old.pid());
+        assert!(old.exited_within(Duration::from_secs(20)).await.success());
+        let c = client();
+        for s in &kept {
+            let r = get(&c, &format!("{}{}", old.base(), s.link)).await;
+            assert_eq!(
+                (r.image(), r.counter()),
+                (s.image.clone(), s.counter + 1),
+                "served by the successor with the pins"
+            );
+        }
+        // The successor takes upgrades in its turn.
+        let out = run(&["upgrade", "--config", &old.dir.arg("tidegate.toml")]).await;
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+        if let Some(next) = stdout(&out)
+            .split("(pid ")
+            .nth(1)
+            .and_then(|s| s.split(')').next())
+            .and_then(|p| p.parse().ok())
+        {
+            let _next = Reaped(next);
+            let r = get(&c, &format!("{}{}", old.base(), kept[0].link)).await;
+            assert_eq!(r.status, StatusCode::OK);
+        }
+    })
+    .await;
+}
