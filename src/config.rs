@@ -40,6 +40,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
 /// Client connections served at once unless `max_connections` says otherwise.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Streams one HTTP/2 connection may have open at once unless `http2_max_streams` says
+/// otherwise (HAProxy's default too; nginx's is 128).
+pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 100;
 
 /// The longest backend timeout accepted, in seconds: a day.
 const MAX_TIMEOUT: u64 = 86_400;
@@ -72,6 +75,12 @@ pub struct FileConfig {
     /// Client connections served at once over all traffic listeners (default
     /// [`DEFAULT_MAX_CONNECTIONS`]); more wait in the kernel's accept queue.
     pub max_connections: Option<usize>,
+    /// Streams one HTTP/2 connection may have open at once (default
+    /// [`DEFAULT_HTTP2_MAX_STREAMS`]).
+    pub http2_max_streams: Option<u32>,
+    /// HTTP/2 requests in flight at once over all connections (default: `max_connections`);
+    /// more are answered 503 at once.
+    pub http2_max_requests: Option<usize>,
     /// Seconds a client has to send a request head (and, for a form post without a session
     /// id in its head, the start of its body), and may stay silent in the middle of a
     /// request body (default [`DEFAULT_CLIENT_TIMEOUT`]).
@@ -656,6 +665,10 @@ pub struct Config {
     pub workers: usize,
     /// Client connections served at once.
     pub max_connections: usize,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_streams: u32,
+    /// HTTP/2 requests in flight at once over all connections.
+    pub http2_max_requests: usize,
     /// Time a client has for a request head, and may stay silent within a body.
     pub client_timeout: std::time::Duration,
     /// Time an upgraded connection may carry nothing either way.
@@ -1054,6 +1067,17 @@ impl FileConfig {
         if !(1..=1_000_000).contains(&max_connections) {
             return Err(invalid("max_connections", "must be between 1 and 1000000"));
         }
+        let http2_max_streams = self.http2_max_streams.unwrap_or(DEFAULT_HTTP2_MAX_STREAMS);
+        if !(1..=1000).contains(&http2_max_streams) {
+            return Err(invalid("http2_max_streams", "must be between 1 and 1000"));
+        }
+        let http2_max_requests = self.http2_max_requests.unwrap_or(max_connections);
+        if !(1..=10_000_000).contains(&http2_max_requests) {
+            return Err(invalid(
+                "http2_max_requests",
+                "must be between 1 and 10000000",
+            ));
+        }
         Ok(Config {
             listen,
             tls,
@@ -1061,6 +1085,8 @@ impl FileConfig {
             log_format: self.log_format,
             workers,
             max_connections,
+            http2_max_streams,
+            http2_max_requests,
             client_timeout,
             tunnel_timeout,
             upstream,

@@ -47,6 +47,7 @@ pub(crate) fn connection_builder(client_timeout: Duration) -> auto::Builder<Toki
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(crate::config::DEFAULT_HTTP2_MAX_STREAMS)
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
     builder
@@ -77,15 +78,17 @@ enum Protocol {
 }
 
 impl Protocols {
-    fn new(client_timeout: Duration, linger: Duration) -> Self {
+    fn new(client_timeout: Duration, linger: Duration, max_streams: u32) -> Self {
         let mut http1 = hyper::server::conn::http1::Builder::new();
         http1
             .timer(TokioTimer::new())
             .header_read_timeout(client_timeout)
             .keep_alive(true);
+        let mut any = connection_builder(client_timeout);
+        any.http2().max_concurrent_streams(max_streams);
         Protocols {
             http1,
-            any: connection_builder(client_timeout),
+            any,
             client_timeout,
             linger,
         }
@@ -145,10 +148,26 @@ impl Protocols {
         let io = WriteBound::new(io, self.client_timeout, Some(activity.clone()));
         let io = TokioIo::new(io);
         let touched = activity.clone();
+        let (peer, stall_stats) = (conn.peer, proxy.clone());
         let service = service_fn(move |req| {
-            let in_flight = touched.enter();
+            // Over `http2_max_requests` in flight, a stream is refused at once (an HTTP/1
+            // connection, one request at a time, is bounded by `max_connections`).
+            let slot = match req.version() {
+                http::Version::HTTP_2 => Some(proxy.http2_slots.clone().try_acquire_owned()),
+                _ => None,
+            };
             let (proxy, conn) = (proxy.clone(), conn.clone());
+            let touched = touched.clone();
             async move {
+                let slot = match slot {
+                    Some(Ok(slot)) => Some(slot),
+                    Some(Err(_)) => {
+                        proxy.front.client_error("too-many-requests");
+                        return Ok(crate::proxy::overloaded());
+                    }
+                    None => None,
+                };
+                let in_flight = touched.enter(slot);
                 let mut reply = proxy.serve(req, conn).await?;
                 reply.body_mut().hold(in_flight);
                 Ok::<_, std::convert::Infallible>(reply)
@@ -161,6 +180,11 @@ impl Protocols {
         let quiet = tokio::time::sleep(self.client_timeout);
         let mut quiet = std::pin::pin!(quiet);
         let mut closing = false;
+        // A stream that takes none of its reply for a whole period: GOAWAY; still so a
+        // period later, the connection is dropped.
+        let period = self.client_timeout;
+        let mut watch = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut stalled = false;
         loop {
             tokio::select! {
                 biased;
@@ -168,6 +192,18 @@ impl Protocols {
                 () = stopping.as_mut(), if !closing => {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
+                }
+                _ = watch.tick() => {
+                    if activity.stalled() {
+                        if stalled {
+                            return Ok(());
+                        }
+                        stalled = true;
+                        stall_stats.front.client_error("stalled-stream");
+                        tracing::debug!(client = %peer, "a stream took none of its reply for client_timeout: closing the connection");
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
                 }
                 () = quiet.as_mut() => {
                     let idle = activity.quiet_for();
@@ -417,7 +453,11 @@ pub async fn serve(
     tls: Option<TlsFront>,
     drain: Duration,
 ) {
-    let protocols = Arc::new(Protocols::new(proxy.client_timeout, drain / 2));
+    let protocols = Arc::new(Protocols::new(
+        proxy.client_timeout,
+        drain / 2,
+        proxy.http2_max_streams,
+    ));
     let graceful = GracefulShutdown::new();
     let mut warned: Option<Instant> = None;
     loop {

@@ -444,7 +444,7 @@ async fn serve(
 ) -> Result<(), String> {
     use tidegate::upgrade::{self, UpgradeError};
     #[cfg(unix)]
-    tidegate::server::raise_open_files_limit(config.max_connections);
+    tidegate::server::raise_open_files_limit(&config);
     let takeover = if upgrade {
         let path = options
             .control_socket

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -156,6 +156,27 @@ pub struct Proxy {
     /// the client's next request opens one to the new process (closing an idle connection
     /// instead could cross a request the client is sending on it).
     handing_over: AtomicBool,
+    /// One permit per HTTP/2 request in flight, over all connections
+    /// (`http2_max_requests`); HTTP/1 connections carry one request each, bounded by
+    /// `max_connections`.
+    pub http2_slots: Arc<Semaphore>,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_streams: u32,
+}
+
+/// The answer to an HTTP/2 request beyond `http2_max_requests`.
+pub fn overloaded() -> Response<ReplyBody> {
+    let mut reply = Response::new(ReplyBody::text(
+        "tidegate: too many requests in flight; try again\n".to_string(),
+    ));
+    *reply.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = reply.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    reply
 }
 
 /// What the client receives: the backend's reply streamed (optionally through the page
@@ -172,11 +193,21 @@ pub struct ReplyBody {
 /// waiting on their backend (for the reply head, or for more of the body while the client
 /// is taking it). A connection whose requests all wait on the client — replies it does not
 /// take, as an HTTP/2 peer that never opens its flow-control window — is quiet.
+///
+/// It also finds a stream that takes none of its reply while others move (a peer that
+/// keeps one stream trickling and the rest at a zero window would otherwise hold their
+/// backend connections for ever): the connection's watch advances an epoch every
+/// `client_timeout`, and each reply waiting on the client is counted under the epoch it
+/// last moved in. A count left under the epoch before the current one is a stream that
+/// has not moved for a whole period.
 pub struct Activity {
     since: Instant,
     /// Milliseconds after `since`.
     last: AtomicU64,
     waiting: AtomicUsize,
+    epoch: AtomicU32,
+    /// Replies waiting on the client, by the parity of the epoch they last moved in.
+    on_client: [AtomicUsize; 2],
 }
 
 impl Activity {
@@ -186,17 +217,33 @@ impl Activity {
             since: Instant::now(),
             last: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
+            epoch: AtomicU32::new(0),
+            on_client: [AtomicUsize::new(0), AtomicUsize::new(0)],
         })
     }
 
-    /// A request starts, waiting on its backend for the reply head.
-    pub fn enter(self: &Arc<Self>) -> InFlight {
+    /// A request starts, waiting on its backend for the reply head; `slot` is its share of
+    /// `http2_max_requests`, held until the reply is done.
+    pub fn enter(self: &Arc<Self>, slot: Option<OwnedSemaphorePermit>) -> InFlight {
         self.touch();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         InFlight {
             activity: self.clone(),
             waiting: true,
+            epoch: 0,
+            _slot: slot,
         }
+    }
+
+    /// Called once per period by the connection's watch: whether a reply waiting on the
+    /// client has not moved for a whole period (else a new period begins).
+    pub fn stalled(&self) -> bool {
+        let now = self.epoch.load(Ordering::Relaxed);
+        if self.on_client[(now.wrapping_sub(1) & 1) as usize].load(Ordering::Relaxed) > 0 {
+            return true;
+        }
+        self.epoch.store(now.wrapping_add(1), Ordering::Relaxed);
+        false
     }
 
     /// Something moved on the connection.
@@ -220,8 +267,12 @@ impl Activity {
 /// A request in flight on its connection, until its reply body is done (or dropped).
 pub struct InFlight {
     activity: Arc<Activity>,
-    /// Counted among the requests waiting on their backend.
+    /// Counted among the requests waiting on their backend (else among the replies waiting
+    /// on the client, under `epoch`).
     waiting: bool,
+    /// The epoch it last moved in, while it waits on the client.
+    epoch: u32,
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl InFlight {
@@ -229,26 +280,37 @@ impl InFlight {
     /// (`false`).
     #[inline]
     fn wait_on_backend(&mut self, waiting: bool) {
-        if !waiting {
-            self.activity.touch();
-        }
-        if waiting == self.waiting {
+        let a = &self.activity;
+        if waiting {
+            if !self.waiting {
+                self.waiting = true;
+                a.on_client[(self.epoch & 1) as usize].fetch_sub(1, Ordering::Relaxed);
+                a.waiting.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         }
-        self.waiting = waiting;
-        if waiting {
-            self.activity.waiting.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.activity.waiting.fetch_sub(1, Ordering::Release);
+        a.touch();
+        let now = a.epoch.load(Ordering::Relaxed);
+        if self.waiting {
+            self.waiting = false;
+            a.on_client[(now & 1) as usize].fetch_add(1, Ordering::Relaxed);
+            a.waiting.fetch_sub(1, Ordering::Release);
+        } else if now != self.epoch {
+            a.on_client[(self.epoch & 1) as usize].fetch_sub(1, Ordering::Relaxed);
+            a.on_client[(now & 1) as usize].fetch_add(1, Ordering::Relaxed);
         }
+        self.epoch = now;
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.activity.touch();
+        let a = &self.activity;
+        a.touch();
         if self.waiting {
-            self.activity.waiting.fetch_sub(1, Ordering::Release);
+            a.waiting.fetch_sub(1, Ordering::Release);
+        } else {
+            a.on_client[(self.epoch & 1) as usize].fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -512,6 +574,18 @@ impl Proxy {
             trusted_proxies: TrustedProxies::default(),
             front: FrontStats::default(),
             handing_over: AtomicBool::new(false),
+            http2_slots: Arc::new(Semaphore::new(crate::config::DEFAULT_MAX_CONNECTIONS)),
+            http2_max_streams: crate::config::DEFAULT_HTTP2_MAX_STREAMS,
+        }
+    }
+
+    /// The same proxy with at most `max_streams` streams per HTTP/2 connection and
+    /// `max_requests` HTTP/2 requests in flight at once.
+    pub fn with_http2_limits(self, max_streams: u32, max_requests: usize) -> Self {
+        Proxy {
+            http2_slots: Arc::new(Semaphore::new(max_requests)),
+            http2_max_streams: max_streams,
+            ..self
         }
     }
 

@@ -236,7 +236,8 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
             config.client_timeout,
             config.tunnel_timeout,
         )
-        .with_trusted_proxies(config.trusted_proxies.clone()),
+        .with_trusted_proxies(config.trusted_proxies.clone())
+        .with_http2_limits(config.http2_max_streams, config.http2_max_requests),
     );
     // Everything that can fail comes before the first accept: a process taking over that
     // fails here has accepted nothing, and the one it would replace serves on.
@@ -530,12 +531,43 @@ impl Running {
 /// Descriptors tidegate needs beyond its connections: listeners, log, certificates, epoll.
 const SPARE_FILES: u64 = 64;
 
+/// The descriptors a configuration may need at its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileBudget {
+    /// Client connections (`max_connections`).
+    pub clients: u64,
+    /// Backend connections of requests in flight: one per HTTP/1 connection, and up to
+    /// `http2_max_requests` for HTTP/2's streams.
+    pub in_flight: u64,
+    /// Idle backend connections kept for reuse (`max_idle_per_backend` per backend).
+    pub idle: u64,
+}
+
+impl FileBudget {
+    /// What `config` may take.
+    pub fn of(config: &Config) -> FileBudget {
+        let backends: usize = config.pools.iter().map(|p| p.backends.len()).sum();
+        FileBudget {
+            clients: config.max_connections as u64,
+            in_flight: (config.max_connections + config.http2_max_requests) as u64,
+            idle: (backends * config.upstream.max_idle_per_backend) as u64,
+        }
+    }
+
+    /// All of it, with the descriptors beyond connections.
+    pub fn total(&self) -> u64 {
+        self.clients + self.in_flight + self.idle + SPARE_FILES
+    }
+}
+
 /// Raises the soft limit on open files to the hard one, as Go's runtime does at start: a
 /// client connection and its backend connection take a descriptor each, and the soft default
 /// of many systems (1024) would stop tidegate at a few hundred clients. Says what it did,
-/// and warns when even the hard limit is short of `max_connections`.
+/// and warns when even the hard limit is short of what `config` may need at its limits
+/// ([`FileBudget`]).
 #[cfg(unix)]
-pub fn raise_open_files_limit(max_connections: usize) {
+pub fn raise_open_files_limit(config: &Config) {
+    let budget = FileBudget::of(config);
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     let Some(soft) = limit.current else {
@@ -562,15 +594,19 @@ pub fn raise_open_files_limit(max_connections: usize) {
             Err(e) => tracing::warn!("cannot raise the open files limit from {soft}: {e}"),
         }
     }
-    // Each client connection takes one descriptor, and one more while it has a backend
-    // connection: short of one per connection, max_connections cannot be reached at all.
-    if usable < max_connections as u64 + SPARE_FILES {
+    if usable < budget.total() {
         tracing::warn!(
-            "open files limit {usable} is short of max_connections = {max_connections} \
-             (each connection takes one descriptor, two while a request is at its backend): \
-             raise it (LimitNOFILE=, ulimit -n) or lower max_connections; connections beyond \
-             about {} may not be accepted",
-            usable.saturating_sub(SPARE_FILES) / 2
+            "open files limit {usable} is short of the {} descriptors tidegate may need at its \
+             limits: {} client connections (max_connections), {} backend connections of \
+             requests in flight (one per HTTP/1 connection, up to http2_max_requests for \
+             HTTP/2), {} idle backend connections (max_idle_per_backend per backend), and {} \
+             more; raise it (LimitNOFILE=, ulimit -n) or lower those limits, else connections \
+             may be refused under load",
+            budget.total(),
+            budget.clients,
+            budget.in_flight,
+            budget.idle,
+            SPARE_FILES
         );
     }
 }

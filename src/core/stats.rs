@@ -216,13 +216,18 @@ impl PoolStats {
 }
 
 /// Client-side failure kinds counted by the front, in [`CLIENT_ERROR_KINDS`] order.
-pub const CLIENT_ERROR_KINDS: [&str; 6] = [
+pub const CLIENT_ERROR_KINDS: [&str; 8] = [
     "no-route",
     "bad-request-body",
     "bad-host",
     "request-timeout",
     "connect-method",
     "tls-handshake",
+    // An HTTP/2 stream refused: `http2_max_requests` were in flight.
+    "too-many-requests",
+    // An HTTP/2 connection closed: one of its streams took none of its reply for
+    // `client_timeout`.
+    "stalled-stream",
 ];
 
 /// TLS versions counted, in index order.
