@@ -526,7 +526,14 @@ async fn with_on_pinned_down_fail_a_dead_backends_sessions_get_503_and_come_back
         let r = get(&c, &format!("{}/app?_s={}&_k=x", p.base(), victim.key)).await;
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
         assert!(r.header("retry-after").parse::<u64>().is_ok_and(|s| s >= 1));
-        assert!(r.text().contains("image-2"), "{}", r.text());
+        // The body names neither the backend nor its address; the log line does.
+        assert!(
+            !r.text().contains("image-2") && !r.text().contains(&address.port().to_string()),
+            "{}",
+            r.text()
+        );
+        p.log_shows("backend image-2, which holds this session", 1, SEEN_LIMIT)
+            .await;
         for s in sessions.iter().filter(|s| s.image != "image-2") {
             assert_eq!(click(&c, &p.base(), s, 1).await, (StatusCode::OK, s.image.clone()));
         }
@@ -956,6 +963,13 @@ async fn a_full_or_slow_queue_answers_503_with_retry_after_and_the_slot_bound_ho
         assert_eq!(out[1].0, StatusCode::OK, "the queued request is served after the first");
         assert_eq!(out[2].0, StatusCode::SERVICE_UNAVAILABLE, "{}", out[2].2);
         assert!(out[2].2.contains("queue is full") && out[2].1 == "5", "{:?}", out[2]);
+        assert!(
+            !out[2].2.contains("slow") && !out[2].2.contains(&slow.addr.port().to_string()),
+            "the body names no backend: {:?}",
+            out[2]
+        );
+        p.log_shows("backend slow is busy (its queue is full)", 1, SEEN_LIMIT)
+            .await;
         // A queue whose timeout passes before a slot frees.
         let replies = [send("/impatient", 0), send("/impatient", 250)];
         let first = replies.into_iter().map(|r| async { r.await.unwrap() });
@@ -966,6 +980,7 @@ async fn a_full_or_slow_queue_answers_503_with_retry_after_and_the_slot_bound_ho
         assert_eq!(got[0].0, StatusCode::OK);
         assert_eq!(got[1].0, StatusCode::SERVICE_UNAVAILABLE, "{}", got[1].2);
         assert!(got[1].2.contains("queue timeout") && got[1].1 == "1", "{:?}", got[1]);
+        assert!(!got[1].2.contains("slow"), "{:?}", got[1]);
         assert_eq!(slow.peak.load(Ordering::SeqCst), 1, "never two at once");
         let m = p.metrics(&client()).await;
         assert_eq!(
