@@ -384,8 +384,80 @@ pub struct AffinityCookieFile {
     /// Cookie name.
     #[serde(default = "default_cookie_name")]
     pub name: String,
-    /// HMAC secret, at least 16 bytes.
-    pub secret: String,
+    /// HMAC secret, at least 16 bytes: the same as `secrets = [secret]`.
+    pub secret: Option<String>,
+    /// HMAC secrets, each at least 16 bytes: the first signs, every one verifies.
+    pub secrets: Option<Vec<String>>,
+}
+
+/// Most secrets `[pool.affinity_cookie]` may list: a cookie a request carries is compared
+/// with each backend's value under each of them.
+pub const MAX_COOKIE_SECRETS: usize = 8;
+
+impl AffinityCookieFile {
+    fn validate(self, key: &str) -> Result<AffinityCookieConfig, Invalid> {
+        if self.name.is_empty() || !self.name.bytes().all(is_token_byte) {
+            return Err(invalid(
+                format!("{key}.name"),
+                "must be a cookie name (an HTTP token)",
+            ));
+        }
+        let short = "must be at least 16 bytes";
+        let mut secrets = match (self.secret, self.secrets) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    format!("{key}.secrets"),
+                    "give `secret` or `secrets`, not both (`secret = \"S\"` is `secrets = [\"S\"]`)",
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    key,
+                    "needs `secret`, or `secrets` to rotate secrets (the first signs, all verify)",
+                ));
+            }
+            (Some(secret), None) => {
+                if secret.len() < 16 {
+                    return Err(invalid(format!("{key}.secret"), short));
+                }
+                vec![secret]
+            }
+            (None, Some(secrets)) => {
+                let skey = format!("{key}.secrets");
+                if secrets.is_empty() {
+                    return Err(invalid(skey, "must list at least one secret"));
+                }
+                if secrets.len() > MAX_COOKIE_SECRETS {
+                    return Err(invalid(
+                        skey,
+                        format!(
+                            "at most {MAX_COOKIE_SECRETS} secrets: drop the old ones no cookie \
+                             still needs"
+                        ),
+                    ));
+                }
+                for (i, secret) in secrets.iter().enumerate() {
+                    if secret.len() < 16 {
+                        return Err(invalid(format!("{skey}[{i}]"), short));
+                    }
+                    if let Some(j) = secrets[..i].iter().position(|s| s == secret) {
+                        return Err(invalid(
+                            format!("{skey}[{i}]"),
+                            format!("is the same secret as secrets[{j}]"),
+                        ));
+                    }
+                }
+                secrets
+            }
+        };
+        let older = secrets.split_off(1).into_iter().map(String::into_bytes);
+        Ok(AffinityCookieConfig {
+            name: self.name,
+            // The one left: the first.
+            signing: secrets.concat().into_bytes(),
+            older: older.collect(),
+        })
+    }
 }
 
 fn default_cookie_name() -> String {
@@ -733,8 +805,8 @@ pub struct PoolConfig {
     pub session: Option<SessionConfig>,
     /// New-session policy.
     pub policy: Policy,
-    /// Affinity cookie name and secret.
-    pub affinity_cookie: Option<(String, Vec<u8>)>,
+    /// The affinity cookie, if the pool inserts one.
+    pub affinity_cookie: Option<AffinityCookieConfig>,
     /// Health checks and thresholds.
     pub health: HealthPolicy,
     /// What happens to sessions of a backend that is down or disabled.
@@ -775,6 +847,27 @@ pub struct BackendConfig {
     pub max_conns: Option<(u32, usize, std::time::Duration)>,
     /// How it is launched on demand, if it is.
     pub launch: Option<LaunchSpec>,
+}
+
+/// A validated `[pool.affinity_cookie]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AffinityCookieConfig {
+    /// Cookie name.
+    pub name: String,
+    /// The secret that signs: `secret`, or the first of `secrets`.
+    pub signing: Vec<u8>,
+    /// The rest of `secrets`, which still verify.
+    pub older: Vec<Vec<u8>>,
+}
+
+/// Names the secrets by number only: a configuration printed for debugging shows none.
+impl std::fmt::Debug for AffinityCookieConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AffinityCookieConfig")
+            .field("name", &self.name)
+            .field("secrets", &(1 + self.older.len()))
+            .finish()
+    }
 }
 
 /// A validation failure: the key it concerns and what is wrong.
@@ -1317,22 +1410,11 @@ impl PoolFile {
             None => None,
             Some(c) => {
                 let ckey = format!("{key}.affinity_cookie");
-                if c.name.is_empty() || !c.name.bytes().all(is_token_byte) {
-                    return Err(invalid(
-                        format!("{ckey}.name"),
-                        "must be a cookie name (an HTTP token)",
-                    ));
-                }
-                if c.secret.len() < 16 {
-                    return Err(invalid(
-                        format!("{ckey}.secret"),
-                        "must be at least 16 bytes",
-                    ));
-                }
+                let cookie = c.validate(&ckey)?;
                 if session.is_none() {
                     return Err(invalid(ckey, "needs affinity = \"session\""));
                 }
-                Some((c.name, c.secret.into_bytes()))
+                Some(cookie)
             }
         };
         let health = match self.health {
@@ -1983,6 +2065,68 @@ address = "127.0.0.1:9001"
         let err = load(&text).unwrap_err();
         assert!(
             err.contains("affinity_cookie.secret") && err.contains("line 7"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cookie_secrets_rotate_the_first_signing() {
+        let cookie = |table: &str| {
+            load(&format!("{MINIMAL}[pool.affinity_cookie]\n{table}"))
+                .map(|c| c.pools[0].affinity_cookie.clone().unwrap())
+        };
+        let one = cookie("secret = \"0123456789abcdef\"\n").unwrap();
+        assert_eq!(
+            one,
+            cookie("secrets = [\"0123456789abcdef\"]\n").unwrap(),
+            "`secret = S` is `secrets = [S]`"
+        );
+        assert!(one.older.is_empty());
+        let two = cookie("secrets = [\"new-secret-16-bytes\", \"old-secret-16-bytes\"]\n").unwrap();
+        assert_eq!(two.signing, b"new-secret-16-bytes");
+        assert_eq!(two.older, vec![b"old-secret-16-bytes".to_vec()]);
+        assert!(
+            !format!("{two:?}").contains("secret-16"),
+            "Debug shows no secret: {two:?}"
+        );
+    }
+
+    #[test]
+    fn cookie_secrets_are_refused_naming_the_key_the_index_and_the_line() {
+        let refused =
+            |table: &str| load(&format!("{MINIMAL}[pool.affinity_cookie]\n{table}")).unwrap_err();
+        let err = refused("secret = \"0123456789abcdef\"\nsecrets = [\"0123456789abcdef\"]\n");
+        assert!(
+            err.contains("pool[0].affinity_cookie.secrets")
+                && err.contains("line 8")
+                && err.contains("not both"),
+            "{err}"
+        );
+        let err = refused("secrets = [\n  \"0123456789abcdef\",\n  \"short\",\n]\n");
+        assert!(
+            err.contains("pool[0].affinity_cookie.secrets[1]")
+                && err.contains("line 9")
+                && err.contains("16 bytes"),
+            "{err}"
+        );
+        let err = refused("secrets = [\"0123456789abcdef\", \"0123456789abcdef\"]\n");
+        assert!(
+            err.contains("secrets[1]") && err.contains("same secret as secrets[0]"),
+            "{err}"
+        );
+        let err = refused("secrets = []\n");
+        assert!(
+            err.contains("secrets") && err.contains("at least one"),
+            "{err}"
+        );
+        let nine: Vec<String> = (0..9)
+            .map(|i| format!("\"secret-number-{i:03}\""))
+            .collect();
+        let err = refused(&format!("secrets = [{}]\n", nine.join(", ")));
+        assert!(err.contains("at most 8"), "{err}");
+        let err = refused("name = \"tg\"\n");
+        assert!(
+            err.contains("pool[0].affinity_cookie") && err.contains("needs `secret`"),
             "{err}"
         );
     }

@@ -188,27 +188,48 @@ impl ProxyError {
 }
 
 impl ProxyError {
-    /// What the client is told: the log's text, but for a backend that failed, which the
-    /// client hears of without its name and address (those stay in the log).
+    /// What the client is told: the log's text, but with every backend named only as "the
+    /// application server": its name and address stay in the log.
     pub fn public(&self) -> String {
-        match self {
-            ProxyError::Upstream { failure, .. } => {
-                let what = match failure {
-                    UpstreamFailure::Reset
-                    | UpstreamFailure::ResponseTimeout
-                    | UpstreamFailure::Invalid => "failed",
-                    _ => "could not be reached",
-                };
-                format!("the application server {what}: {}", failure.as_str())
-            }
-            _ => self.to_string(),
+        Told {
+            error: self,
+            public: true,
         }
+        .to_string()
     }
 }
 
 impl std::fmt::Display for ProxyError {
+    /// The log's text, naming the backend and, for a failed exchange, its address.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
+        Told {
+            error: self,
+            public: false,
+        }
+        .fmt(f)
+    }
+}
+
+/// A [`ProxyError`] as told to the log or, `public`, to the client.
+struct Told<'a> {
+    error: &'a ProxyError,
+    public: bool,
+}
+
+impl Told<'_> {
+    /// `backend NAME` for the log, `the application server` for the client.
+    fn backend(&self, f: &mut std::fmt::Formatter<'_>, name: &str) -> std::fmt::Result {
+        if self.public {
+            write!(f, "the application server")
+        } else {
+            write!(f, "backend {name}")
+        }
+    }
+}
+
+impl std::fmt::Display for Told<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.error {
             ProxyError::NoRoute => write!(f, "no pool serves this host and path"),
             ProxyError::Connect => write!(f, "CONNECT is not supported: this is a reverse proxy"),
             ProxyError::NoBackend { pool } => {
@@ -222,23 +243,29 @@ impl std::fmt::Display for ProxyError {
                 backend,
                 timed_out,
                 retry_after,
-            } => write!(
-                f,
-                "backend {backend} is busy ({}); try again in {retry_after} s",
-                if *timed_out {
-                    "no turn came within its queue timeout"
-                } else {
-                    "its queue is full"
-                }
-            ),
+            } => {
+                self.backend(f, backend)?;
+                write!(
+                    f,
+                    " is busy ({}); try again in {retry_after} s",
+                    if *timed_out {
+                        "no turn came within its queue timeout"
+                    } else {
+                        "its queue is full"
+                    }
+                )
+            }
             ProxyError::PinnedDown {
                 backend,
                 retry_after,
-            } => write!(
-                f,
-                "backend {backend}, which holds this session, is unavailable; \
-                 try again in {retry_after} s"
-            ),
+            } => {
+                if self.public {
+                    write!(f, "the application server that holds this session")?;
+                } else {
+                    write!(f, "backend {backend}, which holds this session,")?;
+                }
+                write!(f, " is unavailable; try again in {retry_after} s")
+            }
             ProxyError::NotLaunched {
                 backend,
                 why,
@@ -251,7 +278,8 @@ impl std::fmt::Display for ProxyError {
                     HoldRefusal::Backoff => "could not be started a moment ago",
                     HoldRefusal::Failed => "could not be started",
                 };
-                write!(f, "backend {backend} {what}")?;
+                self.backend(f, backend)?;
+                write!(f, " {what}")?;
                 if let Some(reason) = reason {
                     write!(f, ": {}", reason.told())?;
                 }
@@ -263,17 +291,101 @@ impl std::fmt::Display for ProxyError {
                 failure,
             } => {
                 let why = failure.as_str();
-                let what = match failure {
+                let failed = matches!(
+                    failure,
                     UpstreamFailure::Reset
-                    | UpstreamFailure::ResponseTimeout
-                    | UpstreamFailure::Invalid => "failed",
-                    _ => "unreachable",
-                };
-                write!(f, "backend {backend} ({address}) {what}: {why}")
+                        | UpstreamFailure::ResponseTimeout
+                        | UpstreamFailure::Invalid
+                );
+                match (self.public, failed) {
+                    (true, true) => write!(f, "the application server failed: {why}"),
+                    (true, false) => {
+                        write!(f, "the application server could not be reached: {why}")
+                    }
+                    (false, true) => write!(f, "backend {backend} ({address}) failed: {why}"),
+                    (false, false) => {
+                        write!(f, "backend {backend} ({address}) unreachable: {why}")
+                    }
+                }
             }
             ProxyError::BadRequestBody => write!(f, "the request body could not be read"),
             ProxyError::BadHost => write!(f, "an HTTP/1.1 request needs exactly one Host field"),
             ProxyError::RequestTimeout => write!(f, "the request body stopped arriving"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::launch::{HoldRefusal, LaunchFailure};
+
+    /// Every refusal that concerns one backend: the log names it (and its address), the
+    /// client hears of "the application server" only.
+    #[test]
+    fn public_texts_name_no_backend_and_no_address() {
+        let backend: Box<str> = "img-secret-name".into();
+        let address: std::net::SocketAddr = "10.9.8.7:6543".parse().unwrap();
+        let mut errors = vec![
+            ProxyError::PinnedDown {
+                backend: backend.clone(),
+                retry_after: 4,
+            },
+            ProxyError::Busy {
+                backend: backend.clone(),
+                timed_out: false,
+                retry_after: 5,
+            },
+            ProxyError::Busy {
+                backend: backend.clone(),
+                timed_out: true,
+                retry_after: 5,
+            },
+        ];
+        for why in [HoldRefusal::Full, HoldRefusal::Backoff, HoldRefusal::Failed] {
+            for reason in [None, Some(LaunchFailure::Exited)] {
+                errors.push(ProxyError::NotLaunched {
+                    backend: backend.clone(),
+                    why,
+                    reason,
+                    retry_after: 3,
+                });
+            }
+        }
+        for failure in [
+            UpstreamFailure::Refused,
+            UpstreamFailure::ConnectTimeout,
+            UpstreamFailure::Connect,
+            UpstreamFailure::Reset,
+            UpstreamFailure::ResponseTimeout,
+            UpstreamFailure::Invalid,
+        ] {
+            errors.push(ProxyError::Upstream {
+                backend: backend.clone(),
+                address,
+                failure,
+            });
+        }
+        for e in &errors {
+            let (logged, told) = (e.to_string(), e.public());
+            assert!(
+                logged.contains("img-secret-name"),
+                "the log names it: {logged}"
+            );
+            for secret in ["img-secret-name", "10.9.8.7", "6543"] {
+                assert!(
+                    !told.contains(secret),
+                    "{secret} told to the client: {told}"
+                );
+            }
+            assert!(told.contains("the application server"), "{told}");
+            // The rest of the reason is the same.
+            let tail = |t: &str| t.rsplit_once("; ").map(|(_, r)| r.to_string());
+            assert_eq!(tail(&logged), tail(&told), "{logged} / {told}");
+        }
+        assert_eq!(
+            errors[0].public(),
+            "the application server that holds this session is unavailable; try again in 4 s"
+        );
     }
 }

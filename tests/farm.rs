@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Method, StatusCode};
-use support::{HttpClient, Process, backend_entries, client, get, image, images};
+use support::{HttpClient, Process, Reply, backend_entries, client, get, image, images, send};
 use tidegate::demo::{Image, ImageOptions, Tracking};
 
 /// The most any one test may take.
@@ -270,6 +271,167 @@ async fn drained_backend_keeps_its_sessions_gets_none_new_and_reaches_drained() 
     .await;
 }
 
+/// The affinity cookie value a reply sets (`tidegate=VALUE; …`), or `""`.
+fn cookie_set(r: &Reply) -> String {
+    r.header("set-cookie")
+        .strip_prefix("tidegate=")
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// GET `path` carrying the affinity cookie `value`.
+async fn get_with_cookie(c: &HttpClient, base: &str, path: &str, value: &str) -> Reply {
+    let cookie = format!("tidegate={value}");
+    send(
+        c,
+        Method::GET,
+        &format!("{base}{path}"),
+        &[("cookie", &cookie)],
+        Bytes::new(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_or_disabled_backends_affinity_cookie_starts_no_session_there() {
+    bounded("cookie of a draining backend", async {
+        let farm = images(2, Tracking::Links).await;
+        let p = Process::start(&format!(
+            "[[pool]]\nname = \"app\"\n[pool.affinity_cookie]\nsecret = \"0123456789abcdef-drain\"\n{}",
+            backend_entries(&farm)
+        ))
+        .await;
+        let c = client();
+        // A browser with a session on image-2 (pinned from its first page) and its cookie.
+        let (session, cookie) = loop {
+            let r = get(&c, &format!("{}/app", p.base())).await;
+            if r.image() == "image-2" {
+                break (r.key().expect("the page names its session"), cookie_set(&r));
+            }
+        };
+        assert!(!cookie.is_empty(), "the first reply sets the cookie");
+        let (r, _) = p
+            .api(
+                &c,
+                Method::POST,
+                "/api/pools/app/backends/image-2/drain",
+                "",
+                true,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+
+        // Its session keeps reaching it.
+        let click = format!("/app?_s={session}&_k=k1");
+        let r = get_with_cookie(&c, &p.base(), &click, &cookie).await;
+        assert_eq!((r.image(), r.counter()), ("image-2".to_string(), 2));
+        // A session key tidegate does not know (expired, or made up) with image-2's cookie,
+        // or no key at all: a new session, on image-1, which sets its own cookie.
+        for n in 0..4 {
+            let path = if n % 2 == 0 {
+                format!("/app?_s={}&_k=x", tidegate::demo::random_key(16))
+            } else {
+                "/app".to_string()
+            };
+            let r = get_with_cookie(&c, &p.base(), &path, &cookie).await;
+            assert_eq!(
+                (r.status, r.image(), r.counter()),
+                (StatusCode::OK, "image-1".to_string(), 1),
+                "{path}"
+            );
+            assert!(!cookie_set(&r).is_empty() && cookie_set(&r) != cookie);
+        }
+        assert_eq!(
+            p.backend(&c, "app", "image-2").await["pins"],
+            1,
+            "no session started on the draining image"
+        );
+
+        // Disabled: nothing reaches it on its cookie's word (its sessions are redispatched).
+        let (r, _) = p
+            .api(
+                &c,
+                Method::POST,
+                "/api/pools/app/backends/image-2/disable",
+                "",
+                true,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        for path in [
+            format!("/app?_s={}&_k=x", tidegate::demo::random_key(16)),
+            "/app".to_string(),
+        ] {
+            let r = get_with_cookie(&c, &p.base(), &path, &cookie).await;
+            assert_eq!((r.status, r.image()), (StatusCode::OK, "image-1".to_string()));
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affinity_cookie_secrets_rotate_on_reload_without_moving_a_browser() {
+    bounded("secret rotation", async {
+        let farm = images(2, Tracking::Links).await;
+        let body = |secrets: &str| {
+            format!(
+                "[[pool]]\nname = \"app\"\n[pool.affinity_cookie]\n{secrets}\n{}",
+                backend_entries(&farm)
+            )
+        };
+        let (old, new) = ("old-secret-0123456789", "new-secret-0123456789");
+        let p = Process::start(&body(&format!("secret = \"{old}\""))).await;
+        let c = client();
+        let reload = async |secrets: String| {
+            p.configure(&body(&secrets));
+            let (r, v) = p.api(&c, Method::POST, "/api/reload", "", true).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            assert_eq!(v["pools_changed"], serde_json::json!(["app"]), "{v}");
+        };
+        let first = get(&c, &format!("{}/app", p.base())).await;
+        let (image, signed_old) = (first.image(), cookie_set(&first));
+        assert!(!signed_old.is_empty());
+
+        // The new secret signs, the old one still verifies: a browser holding the old cookie
+        // stays on its image (a request naming no session follows a valid cookie), and gets
+        // the new cookie in reply.
+        reload(format!("secrets = [\"{new}\", \"{old}\"]")).await;
+        let mut signed_new = String::new();
+        for _ in 0..4 {
+            let r = get_with_cookie(&c, &p.base(), "/app", &signed_old).await;
+            assert_eq!(r.image(), image, "the old cookie still routes");
+            signed_new = cookie_set(&r);
+            assert!(
+                !signed_new.is_empty() && signed_new != signed_old,
+                "the reply carries the cookie under the new secret: {:?}",
+                r.header("set-cookie")
+            );
+        }
+        for _ in 0..4 {
+            let r = get_with_cookie(&c, &p.base(), "/app", &signed_new).await;
+            assert_eq!(r.image(), image, "the new cookie routes");
+            assert_eq!(cookie_set(&r), "", "a current cookie is not set again");
+        }
+
+        // The old secret dropped: its cookie is ignored (new sessions go round), the new one
+        // still routes.
+        reload(format!("secrets = [\"{new}\"]")).await;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            let r = get_with_cookie(&c, &p.base(), "/app", &signed_old).await;
+            assert_eq!(r.status, StatusCode::OK);
+            seen.insert(r.image());
+        }
+        assert_eq!(seen.len(), 2, "an old cookie no longer routes: {seen:?}");
+        for _ in 0..4 {
+            let r = get_with_cookie(&c, &p.base(), "/app", &signed_new).await;
+            assert_eq!(r.image(), image);
+        }
+    })
+    .await;
+}
+
 /// A pool of three images with `extra` pool settings, and one session pinned to each.
 async fn three_with_sessions(extra: &str) -> (Vec<Image>, Process, Vec<Session>) {
     let farm = images(3, Tracking::Links).await;
@@ -364,7 +526,14 @@ async fn with_on_pinned_down_fail_a_dead_backends_sessions_get_503_and_come_back
         let r = get(&c, &format!("{}/app?_s={}&_k=x", p.base(), victim.key)).await;
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
         assert!(r.header("retry-after").parse::<u64>().is_ok_and(|s| s >= 1));
-        assert!(r.text().contains("image-2"), "{}", r.text());
+        // The body names neither the backend nor its address; the log line does.
+        assert!(
+            !r.text().contains("image-2") && !r.text().contains(&address.port().to_string()),
+            "{}",
+            r.text()
+        );
+        p.log_shows("backend image-2, which holds this session", 1, SEEN_LIMIT)
+            .await;
         for s in sessions.iter().filter(|s| s.image != "image-2") {
             assert_eq!(click(&c, &p.base(), s, 1).await, (StatusCode::OK, s.image.clone()));
         }
@@ -794,6 +963,13 @@ async fn a_full_or_slow_queue_answers_503_with_retry_after_and_the_slot_bound_ho
         assert_eq!(out[1].0, StatusCode::OK, "the queued request is served after the first");
         assert_eq!(out[2].0, StatusCode::SERVICE_UNAVAILABLE, "{}", out[2].2);
         assert!(out[2].2.contains("queue is full") && out[2].1 == "5", "{:?}", out[2]);
+        assert!(
+            !out[2].2.contains("slow") && !out[2].2.contains(&slow.addr.port().to_string()),
+            "the body names no backend: {:?}",
+            out[2]
+        );
+        p.log_shows("backend slow is busy (its queue is full)", 1, SEEN_LIMIT)
+            .await;
         // A queue whose timeout passes before a slot frees.
         let replies = [send("/impatient", 0), send("/impatient", 250)];
         let first = replies.into_iter().map(|r| async { r.await.unwrap() });
@@ -804,6 +980,7 @@ async fn a_full_or_slow_queue_answers_503_with_retry_after_and_the_slot_bound_ho
         assert_eq!(got[0].0, StatusCode::OK);
         assert_eq!(got[1].0, StatusCode::SERVICE_UNAVAILABLE, "{}", got[1].2);
         assert!(got[1].2.contains("queue timeout") && got[1].1 == "1", "{:?}", got[1]);
+        assert!(!got[1].2.contains("slow"), "{:?}", got[1]);
         assert_eq!(slow.peak.load(Ordering::SeqCst), 1, "never two at once");
         let m = p.metrics(&client()).await;
         assert_eq!(

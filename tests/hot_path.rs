@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use tidegate::core::affinity::{PinKey, TableLimits};
+use tidegate::core::affinity_cookie::AffinityCookie;
 use tidegate::core::backend::Backend;
 use tidegate::core::balance::Policy;
 use tidegate::core::pool::{Affinity, Decision, Pool, RequestView, SessionAffinity};
@@ -110,6 +111,50 @@ fn client_ip_routing_allocates_nothing() {
                 p.route(&set, &view, 1, &[]).unwrap().decision,
                 Decision::Hashed
             );
+        }
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+}
+
+#[test]
+fn routing_by_an_affinity_cookie_under_any_secret_allocates_nothing() {
+    let backends = (1..=3)
+        .map(|i| {
+            Backend::new(
+                &format!("image-{i}"),
+                format!("127.0.0.1:900{i}").parse().unwrap(),
+                1,
+            )
+        })
+        .collect();
+    let cookie = AffinityCookie::new("tg", b"new-secret-16-bytes", "/")
+        .also_verifying(&[b"old-secret-16-bytes", b"older-secret-16-byt"]);
+    let p = Pool::new("app", Policy::RoundRobin, session(), Some(cookie), backends);
+    let set = p.backends();
+    let image3 = set.all()[2].id;
+    // The values a browser may hold for image-3: under the signing secret and the older ones.
+    let held: Vec<String> = [
+        &b"new-secret-16-bytes"[..],
+        b"old-secret-16-bytes",
+        b"older-secret-16-byt",
+    ]
+    .iter()
+    .map(|s| AffinityCookie::new("tg", s, "/").value_for(image3))
+    .collect();
+    let info = allocation_counter::measure(|| {
+        for i in 0..1000 {
+            let set = p.backends();
+            let view = RequestView {
+                id: None,
+                affinity_cookie: Some(&held[i % 3]),
+                client: CLIENT,
+            };
+            let routing = p.route(&set, &view, 1, &[]).unwrap();
+            assert_eq!(
+                (routing.backend.id, routing.decision),
+                (image3, Decision::Pinned)
+            );
+            assert_eq!(routing.insert_cookie.is_some(), i % 3 != 0);
         }
     });
     assert_eq!(info.count_total, 0, "{info:?}");

@@ -311,18 +311,24 @@ async fn a_command_that_exits_at_once_is_answered_503_logged_with_its_output_and
             "Retry-After: {:?}",
             r.header("retry-after")
         );
+        // The client is told what kind of failure, not the farm's details (they are logged):
+        // neither the backend's name nor its address.
         assert!(
             r.text()
-                .starts_with("tidegate: backend img1 could not be started"),
+                .starts_with("tidegate: the application server could not be started"),
             "{}",
             r.text()
         );
-        // The client is told what kind of failure, not the farm's details (they are logged).
         assert!(
-            r.text().contains("it exited before its port opened") && !r.text().contains("status 3"),
+            r.text().contains("it exited before its port opened")
+                && !r.text().contains("status 3")
+                && !r.text().contains("img1")
+                && !r.text().contains(&addr.port().to_string()),
             "{}",
             r.text()
         );
+        p.log_shows("backend img1 could not be started", 1, SEEN_LIMIT)
+            .await;
         let log = p.log_shows("launch failed", 1, SEEN_LIMIT).await;
         let line = log
             .lines()
@@ -370,7 +376,7 @@ async fn a_command_that_exits_at_once_is_answered_503_logged_with_its_output_and
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
         assert!(
             r.text()
-                .starts_with("tidegate: backend img1 could not be started a moment ago"),
+                .starts_with("tidegate: the application server could not be started a moment ago"),
             "{}",
             r.text()
         );
@@ -390,7 +396,7 @@ async fn a_command_that_exits_at_once_is_answered_503_logged_with_its_output_and
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
         assert!(
             r.text()
-                .starts_with("tidegate: backend img1 could not be started"),
+                .starts_with("tidegate: the application server could not be started"),
             "{}",
             r.text()
         );
@@ -439,7 +445,7 @@ async fn a_command_that_never_opens_its_port_times_out_and_is_killed() {
         assert!(!r.header("retry-after").is_empty(), "{:?}", r.headers);
         assert!(
             r.text()
-                .starts_with("tidegate: backend img1 could not be started"),
+                .starts_with("tidegate: the application server could not be started"),
             "{}",
             r.text()
         );

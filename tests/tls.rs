@@ -1512,3 +1512,191 @@ async fn a_certificate_replaced_just_after_start_is_picked_up_by_the_file_check(
         served()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// The development CA in certs/
+
+/// A file of the repository's `certs/`.
+fn repository_cert_file(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("certs")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// What anyone holding `certs/ca.key` (it is in the repository) can do: sign a leaf for any
+/// names, as the development CA (same issuer name, same key identifier).
+fn sign_with_the_development_ca(names: &[&str]) -> String {
+    let ca_der = der_of(&repository_cert_file("ca.pem"));
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).expect("certs/ca.pem parses");
+    let key_id = ca
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
+                Some(id.0.to_vec())
+            }
+            _ => None,
+        })
+        .expect("the development CA has a subject key identifier");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "tidegate development CA");
+    params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(key_id);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::from_pem(&repository_cert_file("ca.key")).expect("certs/ca.key");
+    let issuer = Issuer::new(params, ca_key);
+    let key = KeyPair::generate().expect("leaf key");
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let mut leaf = CertificateParams::new(names.clone()).expect("leaf params");
+    leaf.distinguished_name = DistinguishedName::new();
+    // A CN only for a DNS name: OpenSSL checks a CN that looks like a host name against the
+    // DNS constraints when the leaf lists no DNS name (an address is not under localhost).
+    if names[0].parse::<std::net::IpAddr>().is_err() {
+        leaf.distinguished_name
+            .push(DnType::CommonName, names[0].as_str());
+    }
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.signed_by(&key, &issuer).expect("leaf signed").pem()
+}
+
+/// The development CA's key is public, so the CA must only ever vouch for loopback names:
+/// rustls' verifier and `openssl verify` (what curl uses) accept the shipped leaf and any
+/// leaf for localhost, 127.0.0.1 and ::1, and refuse a leaf naming anything else, even next
+/// to localhost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_development_ca_vouches_for_loopback_names_only() {
+    use rustls::client::danger::ServerCertVerifier;
+    let ca_pem = repository_cert_file("ca.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(der_of(&ca_pem)))
+        .expect("certs/ca.pem is a valid root");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .expect("verifier");
+    let verify = |leaf_pem: &str, name: &str| {
+        let name = ServerName::try_from(name.to_string()).expect("server name");
+        verifier
+            .verify_server_cert(
+                &CertificateDer::from(der_of(leaf_pem)),
+                &[],
+                &name,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}"))
+    };
+    let dir = support::TempDir::new("development-ca");
+    dir.write("ca.pem", &ca_pem);
+    let openssl_verify = async |leaf_pem: &str| {
+        dir.write("leaf.pem", leaf_pem);
+        let args = [
+            "verify",
+            "-CAfile",
+            &dir.arg("ca.pem"),
+            &dir.arg("leaf.pem"),
+        ];
+        let out = run(
+            "openssl",
+            &args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            b"",
+        )
+        .await;
+        (out.status.success(), text_of(&out))
+    };
+
+    let shipped = repository_cert_file("localhost.pem");
+    for name in ["localhost", "127.0.0.1", "::1"] {
+        verify(&shipped, name)
+            .unwrap_or_else(|e| panic!("certs/localhost.pem is valid for {name}: {e}"));
+    }
+    let (ok, out) = openssl_verify(&shipped).await;
+    assert!(ok, "openssl verifies certs/localhost.pem: {out}");
+
+    for names in [
+        &["localhost"][..],
+        &["127.0.0.1"],
+        &["::1"],
+        &["app.localhost"],
+    ] {
+        let leaf = sign_with_the_development_ca(names);
+        verify(&leaf, names[0]).unwrap_or_else(|e| panic!("a leaf for {names:?}: {e}"));
+        let (ok, out) = openssl_verify(&leaf).await;
+        assert!(ok, "openssl verifies a leaf for {names:?}: {out}");
+    }
+
+    for (names, asked) in [
+        (&["example.com"][..], "example.com"),
+        (&["*.example.com"], "www.example.com"),
+        (&["localhost", "example.com"], "localhost"),
+        (&["localhost.example.com"], "localhost.example.com"),
+        (&["10.0.0.1"], "10.0.0.1"),
+        (&["127.0.0.2"], "127.0.0.2"),
+        (&["::2"], "::2"),
+    ] {
+        let leaf = sign_with_the_development_ca(names);
+        let err = verify(&leaf, asked)
+            .expect_err(&format!("a leaf for {names:?} is refused for {asked}"));
+        assert!(
+            err.contains("NameConstraintViolation"),
+            "refused for its names (not for another reason): {names:?}: {err}"
+        );
+        let (ok, out) = openssl_verify(&leaf).await;
+        assert!(
+            !ok && out.contains("subtree violation"),
+            "openssl refuses a leaf for {names:?} for its names: {out}"
+        );
+    }
+}
+
+/// The demo's certificate (certs/localhost.pem and .key) served by tidegate: a client that
+/// trusts certs/ca.pem gets through by name (localhost) and by address (127.0.0.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_development_certificate_is_served_and_trusted_for_localhost() {
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+    let dir = support::TempDir::new("development-certificate");
+    let image = support::image(tidegate::demo::ImageOptions::new("image-1")).await;
+    let text = config_text(
+        "",
+        &[(
+            &certs.join("localhost.pem").display().to_string(),
+            &certs.join("localhost.key").display().to_string(),
+        )],
+        "",
+        &support::backend_entries(std::slice::from_ref(&image)),
+    );
+    let config = Config::from_toml(&text, &dir.arg("tidegate.toml"))
+        .unwrap_or_else(|e| panic!("test config is valid: {e}\n{text}"));
+    let running = tidegate::server::start(&config)
+        .await
+        .expect("balancer starts");
+    let port = running.tls_addrs()[0].port();
+    let client = client_config(&repository_cert_file("ca.pem"), &[b"http/1.1"]);
+    for name in ["localhost", "127.0.0.1"] {
+        let stream = tls_connect(port, name, &client)
+            .await
+            .unwrap_or_else(|e| panic!("a verified handshake for {name}: {e}"));
+        let mut sender = http1_over(stream).await.unwrap();
+        let reply = get1(&mut sender, "/app").await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{name}");
+        assert_eq!(reply.image(), "image-1", "{name}");
+    }
+    let ca = certs.join("ca.pem").display().to_string();
+    let reply = curl(&[
+        "--resolve".to_string(),
+        format!("localhost:{port}:127.0.0.1"),
+        "--cacert".to_string(),
+        ca,
+        format!("https://localhost:{port}/app"),
+    ])
+    .await
+    .expect("curl --cacert certs/ca.pem trusts the demo certificate");
+    assert_eq!(reply.status, 200);
+}

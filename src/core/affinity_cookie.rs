@@ -4,6 +4,10 @@
 //! secret: it reveals no address, and a client cannot forge one for a backend it was never
 //! sent to. Values are computed once per backend (see [`crate::core::backend::Backend`]), so
 //! recognising a cookie on the request path is a string comparison, not an HMAC.
+//!
+//! Secrets rotate: the first secret signs every cookie set, and the older ones still verify
+//! the cookies browsers hold (each backend's value under each of them is computed once too),
+//! so a new secret never sends a returning browser elsewhere.
 
 use aws_lc_rs::hmac;
 use http::HeaderValue;
@@ -13,11 +17,13 @@ use crate::core::backend::{AffinityCookieValue, BackendId};
 /// Bytes of the HMAC kept in the cookie: 96 bits, as in many signed-cookie schemes.
 const MAC_BYTES: usize = 12;
 
-/// The affinity cookie's settings: its name, its attributes and the signing key.
+/// The affinity cookie's settings: its name, its attributes, the signing key and the older
+/// keys that still verify.
 #[derive(Clone)]
 pub struct AffinityCookie {
     name: Box<str>,
     key: hmac::Key,
+    older: Box<[hmac::Key]>,
     path: Box<str>,
 }
 
@@ -37,7 +43,21 @@ impl AffinityCookie {
         AffinityCookie {
             name: name.into(),
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+            older: Box::default(),
             path: path.into(),
+        }
+    }
+
+    /// The same cookie also accepting the values `older` secrets signed (secrets being
+    /// rotated out): requests carrying them are recognised, and their replies get the value
+    /// of the signing secret.
+    pub fn also_verifying(self, older: &[impl AsRef<[u8]>]) -> Self {
+        AffinityCookie {
+            older: older
+                .iter()
+                .map(|s| hmac::Key::new(hmac::HMAC_SHA256, s.as_ref()))
+                .collect(),
+            ..self
         }
     }
 
@@ -46,19 +66,20 @@ impl AffinityCookie {
         &self.name
     }
 
-    /// The signed value naming `backend`.
+    /// The value naming `backend`, signed with the signing secret.
     pub fn value_for(&self, backend: BackendId) -> String {
-        let tag = hmac::sign(&self.key, &backend.0.to_be_bytes());
-        let mut value = format!("{backend}.");
-        for b in &tag.as_ref()[..MAC_BYTES] {
-            value.push_str(&format!("{b:02x}"));
-        }
-        value
+        signed(&self.key, backend)
     }
 
-    /// The request-side value and the `Set-Cookie` headers (plain and `Secure`) for `backend`.
+    /// The request-side values (under every secret) and the `Set-Cookie` headers (plain and
+    /// `Secure`) for `backend`.
     pub fn for_backend(&self, backend: BackendId) -> AffinityCookieValue {
         let value = self.value_for(backend);
+        let older = self
+            .older
+            .iter()
+            .map(|k| signed(k, backend).into())
+            .collect();
         let header = format!(
             "{}={value}; Path={}; HttpOnly; SameSite=Lax",
             self.name, self.path
@@ -66,12 +87,23 @@ impl AffinityCookie {
         let secure = format!("{header}; Secure");
         AffinityCookieValue {
             value: value.into(),
+            older,
             set_cookie: HeaderValue::try_from(header)
                 .expect("cookie name, value and path are valid"),
             set_cookie_secure: HeaderValue::try_from(secure)
                 .expect("cookie name, value and path are valid"),
         }
     }
+}
+
+/// `backend`'s id and the first [`MAC_BYTES`] of its HMAC under `key`, in hex.
+fn signed(key: &hmac::Key, backend: BackendId) -> String {
+    let tag = hmac::sign(key, &backend.0.to_be_bytes());
+    let mut value = format!("{backend}.");
+    for b in &tag.as_ref()[..MAC_BYTES] {
+        value.push_str(&format!("{b:02x}"));
+    }
+    value
 }
 
 #[cfg(test)]
@@ -87,6 +119,30 @@ mod tests {
         let other = AffinityCookie::new("tg", b"secret-two", "/");
         assert_ne!(c.value_for(id), other.value_for(id));
         assert_ne!(c.value_for(id), c.value_for(BackendId::from_name("x")));
+    }
+
+    #[test]
+    fn older_secrets_verify_and_the_first_signs() {
+        let id = BackendId::from_name("web1");
+        let old = AffinityCookie::new("tg", b"old-secret-16-bytes", "/");
+        let new = AffinityCookie::new("tg", b"new-secret-16-bytes", "/");
+        let rotating = AffinityCookie::new("tg", b"new-secret-16-bytes", "/")
+            .also_verifying(&[b"old-secret-16-bytes"]);
+        let v = rotating.for_backend(id);
+        assert_eq!(*v.value, new.value_for(id), "the new secret signs");
+        assert!(v.set_cookie.to_str().unwrap().contains(&*v.value));
+        assert!(v.accepts(&new.value_for(id)) && v.is_current(&new.value_for(id)));
+        assert!(
+            v.accepts(&old.value_for(id)) && !v.is_current(&old.value_for(id)),
+            "the old secret still verifies, and its cookie is replaced"
+        );
+        let other = AffinityCookie::new("tg", b"other-secret-16-b", "/");
+        assert!(!v.accepts(&other.value_for(id)));
+        assert!(!v.accepts(&old.value_for(BackendId::from_name("web2"))));
+        assert!(
+            !new.for_backend(id).accepts(&old.value_for(id)),
+            "a dropped secret verifies nothing"
+        );
     }
 
     #[test]

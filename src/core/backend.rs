@@ -150,15 +150,36 @@ impl ConnLimit {
     }
 }
 
-/// A backend's affinity cookie: the bare value requests carry back, and the full header.
+/// A backend's affinity cookie: the bare values requests carry back, and the full header.
 #[derive(Debug, Clone)]
 pub struct AffinityCookieValue {
-    /// What a request's `Cookie` header carries for this backend.
+    /// What a request's `Cookie` header carries for this backend, under the signing secret.
     pub value: Box<str>,
+    /// The values under the older secrets, which still verify.
+    pub older: Box<[Box<str>]>,
     /// The `Set-Cookie` header value inserted on plain-HTTP replies.
     pub set_cookie: HeaderValue,
     /// The same with `Secure`, for replies over TLS.
     pub set_cookie_secure: HeaderValue,
+}
+
+impl AffinityCookieValue {
+    /// Whether `value` is this backend's cookie under any secret. Every candidate is compared
+    /// whole, whatever an earlier one gave: the time taken tells a client nothing about how
+    /// close a forged value came, nor under which secret it matched.
+    pub fn accepts(&self, value: &str) -> bool {
+        self.older
+            .iter()
+            .fold(self.is_current(value), |found, older| {
+                found | same_bytes(older.as_bytes(), value.as_bytes())
+            })
+    }
+
+    /// Whether `value` is this backend's cookie under the signing secret (a client holding
+    /// an older one is sent the current one).
+    pub fn is_current(&self, value: &str) -> bool {
+        same_bytes(self.value.as_bytes(), value.as_bytes())
+    }
 }
 
 impl Backend {
@@ -381,7 +402,7 @@ impl BackendSet {
         self.cookies[pos].as_ref()
     }
 
-    /// The backend whose affinity cookie value is `value`.
+    /// The backend whose affinity cookie value (under any of the pool's secrets) is `value`.
     ///
     /// Every value is compared, each in time that does not depend on where it differs: how
     /// long the answer takes tells a client nothing about how close a forged cookie came.
@@ -389,7 +410,7 @@ impl BackendSet {
         let mut found = None;
         for (pos, cookie) in self.cookies.iter().enumerate() {
             if let Some(c) = cookie
-                && same_bytes(c.value.as_bytes(), value.as_bytes())
+                && c.accepts(value)
             {
                 found = found.or(Some(pos));
             }

@@ -334,17 +334,28 @@ impl Pool {
                 }
             }
         }
+        // The cookie says where a session lives; it never starts one where no new session
+        // may start. A request naming no session starts one, and so may one naming a session
+        // the table does not know (expired, or never issued: the image answers it with a new
+        // session). A backend that takes no new sessions gets neither on the cookie's word,
+        // even from a browser holding it: with no id, none that is draining, drained, down,
+        // at max_sessions or has every slot busy; with an unknown id, none that is draining or
+        // drained (one that cannot serve at all is handled below, as `on_pinned_down` says).
+        // Sessions pinned there were routed above.
+        let cookie_may_route = |b: &Backend| {
+            if key.is_some() {
+                b.takes_new_sessions() || !b.serves_pinned()
+            } else {
+                b.takes_new_sessions()
+                    && b.is_running()
+                    && b.has_room(|| session.table.pins_of(b.id))
+                    && b.has_free_slot()
+            }
+        };
         if moved_from.is_none()
             && let Some(value) = request.affinity_cookie
             && let Some(b) = set.by_affinity_cookie(value)
-            // A request naming no session starts one: a backend that takes no new sessions
-            // (draining, down, at max_sessions, every slot busy) gets none, even from a
-            // browser holding its cookie.
-            && (key.is_some()
-                || (b.takes_new_sessions()
-                    && b.is_running()
-                    && b.has_room(|| session.table.pins_of(b.id))
-                    && b.has_free_slot()))
+            && cookie_may_route(b)
         {
             if usable(b) {
                 // The cookie routes the request; the id itself is pinned only when the
@@ -451,9 +462,11 @@ impl Pool {
         scan_page: bool,
         request: &RequestView<'_>,
     ) -> Routing {
+        // Inserted unless the client holds this backend's cookie under the signing secret
+        // (one signed with an older secret is replaced, so browsers move to the new one).
         let insert_cookie = set
             .cookie_of(backend.id)
-            .filter(|c| request.affinity_cookie != Some(&*c.value))
+            .filter(|c| !request.affinity_cookie.is_some_and(|v| c.is_current(v)))
             .cloned();
         Routing {
             backend: backend.clone(),
@@ -563,11 +576,51 @@ mod tests {
             assert_eq!(r.decision, Decision::New);
             assert_ne!(r.backend.id, web3.id);
         }
-        // A request naming its session still reaches it on the cookie's word.
-        let r = p
-            .route(&set, &view(Some("KNOWN-BY-COOKIE"), Some(&value)), 0, &[])
-            .unwrap();
-        assert_eq!((r.backend.id, r.decision), (web3.id, Decision::Learned));
+        // Nor does a request naming a session the table does not know: the image would start
+        // a new session for it, unless it was one of its own.
+        for state in [AdminState::Draining, AdminState::Drained] {
+            web3.set_admin(state);
+            for _ in 0..6 {
+                let r = p
+                    .route(&set, &view(Some("UNKNOWN"), Some(&value)), 0, &[])
+                    .unwrap();
+                assert_eq!(r.decision, Decision::New, "{state:?}");
+                assert_ne!(r.backend.id, web3.id, "{state:?}");
+                assert!(r.insert_cookie.is_some(), "the new backend's cookie is set");
+            }
+        }
+        // A session pinned there keeps reaching it, cookie or not.
+        p.table().unwrap().pin(PinKey::of("PINNED"), web3.id, 0);
+        for cookie in [None, Some(&*value)] {
+            let r = p
+                .route(&set, &view(Some("PINNED"), cookie), 0, &[])
+                .unwrap();
+            assert_eq!((r.backend.id, r.decision), (web3.id, Decision::Pinned));
+        }
+    }
+
+    #[test]
+    fn a_disabled_backends_cookie_brings_it_nothing() {
+        for on_pinned_down in [OnPinnedDown::Redispatch, OnPinnedDown::Fail] {
+            let p = pool(true).with_health(HealthPolicy::default(), on_pinned_down);
+            let set = p.backends();
+            let web3 = set.all()[2].clone();
+            let value = set.cookie_of(web3.id).unwrap().value.clone();
+            web3.set_admin(AdminState::Disabled);
+            for id in [None, Some("UNKNOWN")] {
+                match p.route(&set, &view(id, Some(&value)), 0, &[]) {
+                    Ok(r) => assert_ne!(r.backend.id, web3.id, "{on_pinned_down:?} {id:?}"),
+                    // `fail` holds a session the cookie vouches for until its image is back.
+                    Err(Refusal::PinnedDown(b)) => {
+                        assert_eq!(
+                            (b.id, on_pinned_down, id),
+                            (web3.id, OnPinnedDown::Fail, Some("UNKNOWN"))
+                        );
+                    }
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+        }
     }
 
     #[test]

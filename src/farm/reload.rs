@@ -30,10 +30,11 @@ pub fn build_pool(config: &PoolConfig) -> Pool {
             s.page_scan_bytes,
         ))),
     };
-    let cookie = config.affinity_cookie.as_ref().map(|(name, secret)| {
+    let cookie = config.affinity_cookie.as_ref().map(|c| {
         // `/shop/` routes `/shop` too, so the cookie must cover `/shop`.
         let prefix = config.path_prefix.trim_end_matches('/');
-        AffinityCookie::new(name, secret, if prefix.is_empty() { "/" } else { prefix })
+        let path = if prefix.is_empty() { "/" } else { prefix };
+        AffinityCookie::new(&c.name, &c.signing, path).also_verifying(&c.older)
     });
     let backends = config.backends.iter().map(new_backend).collect();
     Pool::new(&config.name, config.policy, affinity, cookie, backends)
