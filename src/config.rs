@@ -924,9 +924,10 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
 /// The longest path a Unix socket address holds (`sun_path` less its terminating zero).
 const UNIX_PATH_MAX: usize = 107;
 
-/// Whether a control socket can be at `path`: short enough for a socket address, in a
-/// directory that exists, and not a directory itself.
-pub fn check_control_socket(path: &Path) -> Result<(), String> {
+/// Whether a control socket path fits a socket address and is not a directory (what the
+/// configuration can tell; its directory may be made later, as systemd's
+/// `RuntimeDirectory=` does).
+pub fn check_control_socket_path(path: &Path) -> Result<(), String> {
     if path.as_os_str().len() > UNIX_PATH_MAX {
         return Err(format!(
             "{} is longer than the {UNIX_PATH_MAX} bytes a socket address holds: choose a shorter path",
@@ -936,6 +937,13 @@ pub fn check_control_socket(path: &Path) -> Result<(), String> {
     if path.is_dir() {
         return Err(format!("{} is a directory", path.display()));
     }
+    Ok(())
+}
+
+/// Whether a control socket can be made at `path` now: [`check_control_socket_path`], and
+/// its directory exists.
+pub fn check_control_socket(path: &Path) -> Result<(), String> {
+    check_control_socket_path(path)?;
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
             Err(format!("the directory {} does not exist", dir.display()))
@@ -1143,6 +1151,17 @@ impl FileConfig {
                         format!("{} is a directory", file.display()),
                     ));
                 }
+                // The control socket goes beside it unless `control_socket` says where.
+                if self.control_socket.is_none() {
+                    let mut socket = file.as_os_str().to_owned();
+                    socket.push(".sock");
+                    if let Err(why) = check_control_socket_path(Path::new(&socket)) {
+                        return Err(invalid(
+                            "state_file",
+                            format!("the control socket beside it: {why} (or set control_socket)"),
+                        ));
+                    }
+                }
                 Some((file, interval))
             }
         };
@@ -1150,7 +1169,7 @@ impl FileConfig {
             None => None,
             Some(path) => {
                 let path = std::path::absolute(base.join(&path)).unwrap_or(path);
-                if let Err(why) = check_control_socket(&path) {
+                if let Err(why) = check_control_socket_path(&path) {
                     return Err(invalid("control_socket", why));
                 }
                 Some(path)
@@ -2057,6 +2076,40 @@ address = "127.0.0.1:9001"
         assert_eq!(c.pools[0].backends[0].state, AdminState::Draining);
         let err = load(&text.replace("\"drain\"", "\"draining\"")).unwrap_err();
         assert!(err.contains("state") && err.contains("line 6"), "{err}");
+    }
+
+    #[test]
+    fn control_socket_paths_must_fit_a_socket_address() {
+        let long = format!("/tmp/{}", "d".repeat(110));
+        let text = format!("control_socket = \"{long}\"\n{MINIMAL}");
+        let err = Config::from_toml(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("control_socket") && err.contains("line 1") && err.contains("107 bytes"),
+            "{err}"
+        );
+        // The default beside a long state file path is named by the state file.
+        let text = format!("state_file = \"{}\"\n{MINIMAL}", &long[..104]);
+        let err = Config::from_toml(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("state_file") && err.contains("control socket beside it"),
+            "{err}"
+        );
+        // A directory that does not exist yet is fine in the file (made before the start).
+        let c = Config::from_toml(
+            &format!("control_socket = \"/run/tidegate-nowhere/control.sock\"\n{MINIMAL}"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.control_socket(None),
+            Some(PathBuf::from("/run/tidegate-nowhere/control.sock"))
+        );
+        let c =
+            Config::from_toml(&format!("state_file = \"/srv/pins\"\n{MINIMAL}"), "t.toml").unwrap();
+        assert_eq!(
+            c.control_socket(None),
+            Some(PathBuf::from("/srv/pins.sock"))
+        );
     }
 
     #[test]

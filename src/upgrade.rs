@@ -773,6 +773,7 @@ async fn spawn_successor(handoff: &Arc<Handoff>, Spawn(stream): Spawn) {
             format!("the new tidegate (pid {pid}) did not take over in time")
         }
     };
+    tracing::warn!(successor = pid, "upgrade failed, still serving: {failure}");
     if let Some(stream) = handoff
         .spawner
         .lock()

@@ -373,6 +373,15 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     );
     differs("state_file, state_interval", old.state != new.state);
     differs(
+        "control_socket",
+        old.control_socket(None) != new.control_socket(None),
+    );
+    differs(
+        "http2_max_streams, http2_max_requests",
+        (old.http2_max_streams, old.http2_max_requests)
+            != (new.http2_max_streams, new.http2_max_requests),
+    );
+    differs(
         "shutdown_timeout",
         old.shutdown_timeout != new.shutdown_timeout,
     );
