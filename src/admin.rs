@@ -11,8 +11,6 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -57,24 +55,18 @@ impl Admin {
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: Signal) {
-    let builder = listener::connection_builder(listener::CLIENT_TIMEOUT);
-    loop {
-        let Some((stream, _)) = listener::accept(&listener, &mut shutdown).await else {
-            return;
-        };
+pub async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    client_timeout: std::time::Duration,
+    shutdown: Signal,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(listener::ADMIN_MAX_CONNECTIONS));
+    listener::serve_side(listener, slots, client_timeout, shutdown, move |req| {
         let admin = admin.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin.answer(req).await) }
-            });
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+        async move { admin.answer(req).await }
+    })
+    .await;
 }
 
 impl Admin {

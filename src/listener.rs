@@ -1,6 +1,7 @@
 //! Traffic listeners: accept TCP connections (plain, or TLS with ALPN) and serve HTTP/1.1
 //! (keep-alive, upgrades) and HTTP/2 (h2c by prior knowledge, or h2 over TLS), until
-//! shutdown; and the HTTP→HTTPS redirect listener.
+//! shutdown; and what the side listeners (admin, HTTP→HTTPS redirect) share with them:
+//! connection slots and idle timeouts.
 
 use std::io;
 use std::pin::Pin;
@@ -23,13 +24,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::clock::Inactivity;
-use crate::config::DEFAULT_CLIENT_TIMEOUT;
 use crate::core::route::strip_port;
 use crate::proxy::{Activity, ClientConn, Lease, Proxy};
 use crate::shutdown::Signal;
 
-/// How long a client of the admin and redirect listeners may take to send a request head.
-pub(crate) const CLIENT_TIMEOUT: Duration = Duration::from_secs(DEFAULT_CLIENT_TIMEOUT);
 /// How often an HTTP/2 connection is pinged, and how long the answer may take.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(60);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
@@ -563,24 +561,98 @@ pub async fn serve(
     }
 }
 
-/// Answers every request on a plain listener with a permanent redirect to the same URL over
-/// HTTPS (`https_port` is added unless it is 443).
-pub async fn redirect_to_https(listener: TcpListener, https_port: u16, mut shutdown: Signal) {
-    let builder = connection_builder(CLIENT_TIMEOUT);
+/// Connections the admin listener serves at once (a scraper, a few status pages, `ctl`);
+/// more wait in the kernel's accept queue.
+pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 256;
+
+/// Serves a side listener (admin, redirect) until `shutdown` fires: each connection takes
+/// one of `slots` (the next ones wait in the accept queue), and `answer` answers each request.
+/// Idle connections are closed as on traffic listeners: HTTP/1.1 by the head timeout, and any
+/// connection without a request for `client_timeout` gets a graceful close (`GOAWAY` for
+/// HTTP/2), then is dropped if still idle after as long again.
+pub(crate) async fn serve_side<F, Fut>(
+    listener: TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+    client_timeout: Duration,
+    mut shutdown: Signal,
+    answer: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let builder = connection_builder(client_timeout);
+    let answer = Arc::new(answer);
     loop {
         let Some((stream, _)) = accept(&listener, &mut shutdown).await else {
-            break;
+            return;
         };
-        let builder = builder.clone();
+        // At the limit this connection waits for a slot, and the next ones in the kernel's
+        // accept queue.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            _ = shutdown.wait() => return,
+        };
+        let (builder, answer) = (builder.clone(), answer.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| async move {
-                Ok::<_, std::convert::Infallible>(https_redirect(&req, https_port))
+            let _slot = slot;
+            let activity = Activity::new();
+            let touched = activity.clone();
+            let service = service_fn(move |req| {
+                let in_flight = touched.enter(None);
+                let answer = answer.clone();
+                async move {
+                    let reply = answer(req).await;
+                    drop(in_flight);
+                    Ok::<_, std::convert::Infallible>(reply)
+                }
             });
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            let quiet = tokio::time::sleep(client_timeout);
+            let mut quiet = std::pin::pin!(quiet);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    () = quiet.as_mut() => {
+                        let idle = activity.quiet_for();
+                        if idle < client_timeout {
+                            quiet.as_mut().reset(tokio::time::Instant::now() + (client_timeout - idle));
+                        } else if closing {
+                            return;
+                        } else {
+                            connection.as_mut().graceful_shutdown();
+                            closing = true;
+                            quiet.as_mut().reset(tokio::time::Instant::now() + client_timeout);
+                        }
+                    }
+                }
+            }
         });
     }
+}
+
+/// Answers every request on a plain listener with a permanent redirect to the same URL over
+/// HTTPS (`https_port` is added unless it is 443). Its connections take traffic's
+/// connection slots (`max_connections`): they are the same clients.
+pub async fn redirect_to_https(
+    listener: TcpListener,
+    https_port: u16,
+    slots: Arc<tokio::sync::Semaphore>,
+    client_timeout: Duration,
+    shutdown: Signal,
+) {
+    serve_side(
+        listener,
+        slots,
+        client_timeout,
+        shutdown,
+        move |req| async move { https_redirect(&req, https_port) },
+    )
+    .await;
 }
 
 fn https_redirect(req: &Request<Incoming>, https_port: u16) -> Response<Full<Bytes>> {

@@ -327,6 +327,8 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
             tasks.spawn(listener::redirect_to_https(
                 listener,
                 https_port,
+                proxy.connection_slots.clone(),
+                config.client_timeout,
                 stop.clone(),
             ));
         }
@@ -370,6 +372,7 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         tasks.spawn(admin::serve(
             listener,
             admin::Admin::new(proxy.clone(), farm.clone(), token, started),
+            config.client_timeout,
             stop.clone(),
         ));
         local

@@ -240,3 +240,73 @@ async fn a_stream_that_takes_none_of_its_reply_closes_its_connection() {
     })
     .await;
 }
+
+/// Whether the HTTP/2 connection `connection` (after one request) is closed within `limit`.
+async fn h2_idle_closed_within(addr: SocketAddr, path: &str, limit: Duration) -> bool {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let ended = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut send = send.ready().await.unwrap();
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(())
+        .unwrap();
+    let (reply, _) = send.send_request(req, true).unwrap();
+    let _ = reply.await.unwrap();
+    // Nothing more: the connection idles.
+    let closed = tokio::time::timeout(limit, ended).await.is_ok();
+    drop(send);
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_and_redirect_listeners_close_idle_connections_and_take_slots() {
+    bounded("side listeners", async {
+        let (b, _) = backend(Duration::ZERO, 10).await;
+        let certs = concat!(env!("CARGO_MANIFEST_DIR"), "/certs");
+        let (tls, redirect) = (support::free_addr(), support::free_addr());
+        let p = Process::start(&format!(
+            "client_timeout = 1\nmax_connections = 1\nlisten_tls = [\"{tls}\"]\n[tls]\n\
+             redirect_http = [\"{redirect}\"]\n[[tls.certificate]]\ncert = \"{certs}/localhost.pem\"\n\
+             key = \"{certs}/localhost.key\"\n{}",
+            config(b, "")
+        ))
+        .await;
+        // An idle h2c connection is closed within two periods and a bit (it was kept for
+        // ever before).
+        for (addr, path) in [(p.admin, "/healthz"), (redirect, "/x")] {
+            assert!(
+                h2_idle_closed_within(addr, path, Duration::from_secs(5)).await,
+                "an idle HTTP/2 connection to {addr} stays open"
+            );
+        }
+        // The redirect listener's connections take traffic's slots: with one taken, the
+        // next connection waits in the accept queue until it frees.
+        let held = TcpStream::connect(p.listen).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut waiting = TcpStream::connect(redirect).await.unwrap();
+        waiting
+            .write_all(b"GET /x HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 1024];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), waiting.read(&mut answer))
+                .await
+                .is_err(),
+            "answered while every connection slot was taken"
+        );
+        drop(held);
+        let n = tokio::time::timeout(Duration::from_secs(5), waiting.read(&mut answer))
+            .await
+            .expect("answered once the slot freed")
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 308"),
+            "{}",
+            String::from_utf8_lossy(&answer[..n])
+        );
+    })
+    .await;
+}
