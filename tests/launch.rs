@@ -976,3 +976,36 @@ async fn an_open_websocket_keeps_its_image_from_an_idle_stop() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launched_image_does_not_inherit_the_admin_token() {
+    bounded("no token in the image's environment", async {
+        let images = Images::new("token-env");
+        let env_file = images.dir.arg("env");
+        let launch = images.wrapped(&format!(
+            "env > {env_file}; exec {BIN} image --listen {{host}}:{{port}} --name {{name}}"
+        ));
+        let p = support::Launch::config(
+            "token-env",
+            &format!(
+                "listen = [\"127.0.0.1:0\"]\nadmin = \"127.0.0.1:0\"\n[[pool]]\nname = \"app\"\n{}",
+                images.backend("img1", free_addr(), &launch, "stop_timeout = 1")
+            ),
+        )
+        .env("TIDEGATE_ADMIN_TOKEN", "token-for-tidegate-only-0123456789")
+        .start()
+        .await;
+        let r = get(&client(), &format!("{}/app", p.base())).await;
+        assert_eq!(r.image(), "img1");
+        let env = images.dir.read("env");
+        assert!(
+            env.contains(MARK),
+            "the image's own launch_env is set: {env}"
+        );
+        assert!(
+            !env.contains("TIDEGATE_ADMIN_TOKEN"),
+            "the admin token reached the image: {env}"
+        );
+    })
+    .await;
+}

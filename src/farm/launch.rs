@@ -220,6 +220,8 @@ fn spawn(spec: &LaunchSpec, argv: &[String]) -> std::io::Result<Child> {
     let mut command = Command::new(&argv[0]);
     command
         .args(&argv[1..])
+        // The admin token is tidegate's, not the image's.
+        .env_remove("TIDEGATE_ADMIN_TOKEN")
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
