@@ -457,6 +457,7 @@ async fn serve(
             .map_err(|e| format!("--upgrade: {e}"))?;
         options.inherited = takeover.inherited.clone();
         options.pins = Some(std::mem::take(&mut takeover.pins));
+        options.farm_changes = std::mem::take(&mut takeover.farm);
         Some(takeover)
     } else {
         None

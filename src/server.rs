@@ -147,6 +147,9 @@ pub struct Options {
     pub pins: Option<Vec<u8>>,
     /// The program and arguments that start this tidegate again, for `tidegate upgrade`.
     pub successor_command: Option<(PathBuf, Vec<OsString>)>,
+    /// What the admin API changed in the farm of a process before this one (`--upgrade`),
+    /// kept where the file did not change the same thing.
+    pub farm_changes: Vec<crate::farm::carry::BackendChange>,
 }
 
 /// Binds every listener and starts serving (a configuration that came from no file).
@@ -188,6 +191,9 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
     let hangup = watch_hangup();
     let token = admin_token(config, &options)?;
     let registry = Arc::new(Registry::new(farm::topology(config)));
+    // The admin API's changes of the tidegate before this one (before its pins: a backend
+    // the API added keeps its sessions).
+    farm::carry::apply(&registry, config, &options.farm_changes);
     // The pins of the tidegate before this one, before the first request: handed over by
     // a running one, or read from the state file.
     let state = state_file(config, &options);
@@ -351,6 +357,9 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         reloader,
         state.clone(),
     ));
+    if let Some(handoff) = &handoff {
+        handoff.serve_farm(farm.clone());
+    }
     if let Some(state) = state {
         tasks.spawn(state.keep(registry.clone(), stop.clone()));
     }

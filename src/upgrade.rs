@@ -51,6 +51,8 @@ use crate::clock;
 use crate::core::launch::ProcessState;
 use crate::core::registry::Registry;
 use crate::core::snapshot;
+use crate::farm::Farm;
+use crate::farm::carry::BackendChange;
 use crate::shutdown::Signal;
 use crate::store::state_file;
 
@@ -213,6 +215,8 @@ pub struct Takeover {
     pub inherited: Arc<Inherited>,
     /// The pins, in the state file's form.
     pub pins: Vec<u8>,
+    /// What the admin API changed in the running farm.
+    pub farm: Vec<BackendChange>,
     conversation: BufReader<UnixStream>,
     path: PathBuf,
 }
@@ -222,6 +226,7 @@ impl std::fmt::Debug for Takeover {
         f.debug_struct("Takeover")
             .field("inherited", &self.inherited)
             .field("pins", &self.pins.len())
+            .field("farm", &self.farm.len())
             .field("path", &self.path)
             .finish()
     }
@@ -282,6 +287,7 @@ fn ask(path: &Path) -> Result<Takeover, UpgradeError> {
     }
     let mut fds = fds.into_iter();
     let mut sockets = Vec::new();
+    let mut farm = Vec::new();
     let pins = loop {
         let line = read_line(&mut reader)?;
         if let Some(rest) = line.strip_prefix("LISTENER ") {
@@ -302,6 +308,10 @@ fn ask(path: &Path) -> Result<Takeover, UpgradeError> {
                 configured: configured.to_string(),
                 fd,
             });
+        } else if let Some(length) = line.strip_prefix("FARM ") {
+            let bytes = read_pins(&mut reader, length)?;
+            farm = serde_json::from_slice(&bytes)
+                .map_err(|e| protocol(format!("the farm's changes: {e}")))?;
         } else if let Some(length) = line.strip_prefix("PINS ") {
             break read_pins(&mut reader, length)?;
         } else {
@@ -314,6 +324,7 @@ fn ask(path: &Path) -> Result<Takeover, UpgradeError> {
             sockets: Mutex::new(sockets),
         }),
         pins,
+        farm,
         conversation: BufReader::new(stream),
         path: path.to_path_buf(),
     })
@@ -412,6 +423,8 @@ pub struct Handoff {
     handed_over: watch::Sender<bool>,
     /// The program and arguments a successor is started with (`SPAWN`).
     successor_command: Option<(PathBuf, Vec<OsString>)>,
+    /// The farm, once built: what its admin API changed goes to the successor.
+    farm: std::sync::OnceLock<Arc<Farm>>,
 }
 
 impl std::fmt::Debug for Handoff {
@@ -474,6 +487,7 @@ impl Handoff {
             spawner: Mutex::new(None),
             handed_over: watch::channel(false).0,
             successor_command: command,
+            farm: std::sync::OnceLock::new(),
         });
         handoff.keep(
             Kind::Control,
@@ -482,6 +496,11 @@ impl Handoff {
             fd,
         );
         Ok((handoff, listener))
+    }
+
+    /// The farm whose admin API changes a successor takes over.
+    pub fn serve_farm(&self, farm: Arc<Farm>) {
+        let _ = self.farm.set(farm);
     }
 
     /// Where the control socket is.
@@ -700,7 +719,15 @@ fn send_sockets(handoff: &Handoff, stream: &mut UnixStream) -> Result<(), Upgrad
             s.configured
         ));
     }
+    let farm = handoff
+        .farm
+        .get()
+        .map(|f| f.api_changes())
+        .unwrap_or_default();
+    let farm = serde_json::to_vec(&farm).map_err(protocol)?;
     let (pins, count) = state_file::encode(&handoff.registry);
+    head.push_str(&format!("FARM {}\n", farm.len()));
+    let head_len = head.len();
     head.push_str(&format!("PINS {}\n", pins.len()));
     let fds: Vec<BorrowedFd<'_>> = sockets
         .iter()
@@ -712,17 +739,20 @@ fn send_sockets(handoff: &Handoff, stream: &mut UnixStream) -> Result<(), Upgrad
     if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
         return Err(protocol("too many sockets for one message"));
     }
+    // The descriptors ride on the head up to its FARM line; the farm's changes follow it,
+    // then the PINS line and the pins.
+    let head = head.as_bytes();
     let sent = rustix::net::sendmsg(
         &*stream,
-        &[IoSlice::new(head.as_bytes())],
+        &[IoSlice::new(&head[..head_len])],
         &mut control,
         SendFlags::empty(),
     )
     .map_err(protocol)?;
-    stream
-        .write_all(&head.as_bytes()[sent..])
-        .and_then(|()| stream.write_all(&pins))
-        .map_err(protocol)?;
+    for part in [&head[sent..head_len], &farm[..], &head[head_len..]] {
+        stream.write_all(part).map_err(protocol)?;
+    }
+    stream.write_all(&pins).map_err(protocol)?;
     tracing::info!(
         sockets = fds.len(),
         pins = count,

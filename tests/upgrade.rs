@@ -399,3 +399,68 @@ async fn tidegate_upgrade_starts_the_successor_and_waits_until_it_serves() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_through_the_admin_api_survive_an_upgrade() {
+    bounded("API changes across an upgrade", async {
+        let imgs = images(2, Tracking::Links).await;
+        let newcomer = support::image(tidegate::demo::ImageOptions::new("image-3")).await;
+        let state = TempDir::new("upgrade-api");
+        let mut old = Process::start(&body(&state, &backend_entries(&imgs))).await;
+        let c = client();
+        let (r, _) = old
+            .api(
+                &c,
+                Method::POST,
+                "/api/pools/app/backends",
+                &format!(
+                    "{{\"name\": \"image-3\", \"address\": \"{}\", \"weight\": 2}}",
+                    newcomer.addr
+                ),
+                true,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+        let on_newcomer: Vec<Session> = sessions(&old.base(), 8)
+            .await
+            .into_iter()
+            .filter(|s| s.image == "image-3")
+            .collect();
+        assert!(!on_newcomer.is_empty(), "sessions reach the added backend");
+        let (r, _) = old
+            .api(
+                &c,
+                Method::POST,
+                "/api/pools/app/backends/image-2/drain",
+                "",
+                true,
+            )
+            .await;
+        assert!(r.status.is_success(), "{}", r.text());
+        let new = successor(&old, "upgrade-api-new").await;
+        assert!(old.exited_within(Duration::from_secs(20)).await.success());
+        let (_, pool) = new.api(&c, Method::GET, "/api/pools/app", "", false).await;
+        let backends = pool["backends"].as_array().expect("backends").clone();
+        let find = |name: &str| {
+            backends
+                .iter()
+                .find(|b| b["name"] == name)
+                .unwrap_or_else(|| panic!("{name} in {pool}"))
+                .clone()
+        };
+        assert_eq!(find("image-3")["weight"], 2, "{pool}");
+        assert!(
+            ["draining", "drained"].contains(&find("image-2")["state"].as_str().unwrap()),
+            "{pool}"
+        );
+        // The added backend's sessions go on there; no new session reaches image-2.
+        for s in &on_newcomer {
+            let r = get(&c, &format!("{}{}", new.base(), s.link)).await;
+            assert_eq!((r.image(), r.counter()), ("image-3".into(), s.counter + 1));
+        }
+        for s in sessions(&new.base(), 6).await {
+            assert_ne!(s.image, "image-2", "a drained backend took a new session");
+        }
+    })
+    .await;
+}

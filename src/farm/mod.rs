@@ -2,6 +2,7 @@
 //! configuration applied as a difference, the health prober, and the housekeeping that
 //! expires pins, settles drains and samples each pool's last quarter hour.
 
+pub mod carry;
 pub mod health;
 pub mod launch;
 pub mod reload;
@@ -67,6 +68,12 @@ impl Farm {
             certificates,
             state,
         }
+    }
+
+    /// What the admin API changed against the file applied last (blocking: for the
+    /// handover's thread).
+    pub fn api_changes(&self) -> Vec<carry::BackendChange> {
+        carry::changes(&self.registry, &self.applied.blocking_lock())
     }
 
     /// Re-reads the configuration file and applies what changed in it, live; reloads the
