@@ -323,11 +323,11 @@ impl AffinityTable {
     /// Pins `key` to `backend`. Only what a backend said may reach here: the request path
     /// calls it when a reply names a session, never for an id a client sent on its own.
     pub fn pin(&self, key: PinKey, backend: BackendId, now: u32) -> PinOutcome {
-        if self.len.load(Ordering::Relaxed) >= self.limits().max_pins
-            && self.map.get(&key).is_none()
-        {
+        let max_pins = self.limits().max_pins;
+        if self.len.load(Ordering::Relaxed) >= max_pins && self.map.get(&key).is_none() {
             // The sweeper normally keeps the table below its bound; this is the backstop.
-            self.evict_stalest(self.low_watermark(), now);
+            // Below 20 pins the low-water mark is the bound itself: room is made all the same.
+            self.evict_stalest(self.low_watermark().min(max_pins.saturating_sub(1)), now);
         }
         let fresh = Slot {
             backend,
@@ -687,6 +687,22 @@ mod tests {
     }
 
     #[test]
+    fn a_table_of_fewer_than_twenty_pins_keeps_its_bound() {
+        // Found by the property test below: the low-water mark of a small table is its
+        // bound, so the backstop evicted nothing and the new pin made one too many.
+        for max_pins in [1, 2, 19] {
+            let t = table(max_pins);
+            for i in 0..=max_pins as u32 {
+                t.pin(PinKey::of(&format!("s{i}")), A, i);
+            }
+            assert_eq!(t.len(), max_pins, "bound {max_pins}");
+            let newest = format!("s{max_pins}");
+            assert_eq!(t.lookup(PinKey::of(&newest), max_pins as u32), Some(A));
+            assert_eq!(t.get(PinKey::of("s0")), None, "the stalest went");
+        }
+    }
+
+    #[test]
     fn eviction_of_pins_all_the_same_age_stops_at_the_target() {
         let t = table(1000);
         for i in 0..1000u32 {
@@ -709,7 +725,175 @@ mod tests {
         assert!(t.get(PinKey::of("s98")).is_some());
     }
 
+    /// One step of a table's life, for the property tests.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Pin { key: u8, backend: u8 },
+        Lookup { key: u8 },
+        Unpin { key: u8 },
+        Sweep,
+    }
+
+    fn op() -> impl Strategy<Value = (Op, u32)> {
+        let op = prop_oneof![
+            4 => (0u8..48, 0u8..3).prop_map(|(key, backend)| Op::Pin { key, backend }),
+            4 => (0u8..48).prop_map(|key| Op::Lookup { key }),
+            1 => (0u8..48).prop_map(|key| Op::Unpin { key }),
+            1 => Just(Op::Sweep),
+        ];
+        // Time steps of up to half the idle timeout, so pins both live and expire.
+        (op, 0u32..50)
+    }
+
+    fn key(k: u8) -> PinKey {
+        PinKey::of(&format!("session-{k}"))
+    }
+
+    /// Pins and per-backend counts as the table holds them, walked one by one.
+    fn walked(t: &AffinityTable) -> (usize, HashMap<BackendId, u64>) {
+        let mut n = 0;
+        let mut per: HashMap<BackendId, u64> = HashMap::new();
+        t.for_each_pin(|_, pin| {
+            n += 1;
+            *per.entry(pin.backend).or_default() += 1;
+        });
+        (n, per)
+    }
+
     proptest! {
+        /// Whatever happens, the table holds at most `max_pins`, and its count and every
+        /// backend's count agree with the pins it holds.
+        #[test]
+        fn the_bound_holds_and_counts_agree(
+            max_pins in 1usize..40,
+            ops in proptest::collection::vec(op(), 1..300),
+        ) {
+            let t = table(max_pins);
+            let mut now = 0;
+            for (op, step) in ops {
+                now += step;
+                match op {
+                    Op::Pin { key: k, backend } => {
+                        t.pin(key(k), BackendId(u32::from(backend)), now);
+                    }
+                    Op::Lookup { key: k } => {
+                        t.lookup(key(k), now);
+                    }
+                    Op::Unpin { key: k } => {
+                        t.unpin(key(k));
+                    }
+                    Op::Sweep => {
+                        t.sweep(now);
+                    }
+                }
+                let (n, per) = walked(&t);
+                prop_assert!(t.len() <= max_pins, "{} pins held, bound {max_pins}", t.len());
+                prop_assert_eq!(t.len(), n);
+                for b in 0..3 {
+                    let b = BackendId(b);
+                    prop_assert_eq!(t.pins_of(b), per.get(&b).copied().unwrap_or(0));
+                }
+            }
+        }
+
+        /// Against a model of pins with their times: a lookup finds exactly the pins neither
+        /// idle nor too old, refreshing them; a pin is created, moved (a new life) or
+        /// refreshed as the model says; a sweep leaves exactly the live pins.
+        #[test]
+        fn expiry_follows_idle_time_and_lifetime(
+            ops in proptest::collection::vec(op(), 1..300),
+        ) {
+            let t = table(10_000);
+            let limits = t.limits();
+            // key → (backend, created, last used)
+            let mut model: HashMap<u8, (BackendId, u32, u32)> = HashMap::new();
+            let mut now = 0;
+            for (op, step) in ops {
+                now += step;
+                let live = |&(_, created, last): &(BackendId, u32, u32)| {
+                    now - last < limits.idle_timeout && now - created < limits.max_lifetime
+                };
+                match op {
+                    Op::Pin { key: k, backend } => {
+                        let backend = BackendId(u32::from(backend));
+                        let expected = match model.get(&k) {
+                            None => PinOutcome::Created,
+                            Some(&(b, _, _)) if b == backend => PinOutcome::Refreshed,
+                            Some(&(from, _, _)) => PinOutcome::Moved { from },
+                        };
+                        prop_assert_eq!(t.pin(key(k), backend, now), expected);
+                        let entry = model.entry(k).or_insert((backend, now, now));
+                        if expected == PinOutcome::Refreshed {
+                            entry.2 = now;
+                        } else {
+                            *entry = (backend, now, now);
+                        }
+                    }
+                    Op::Lookup { key: k } => {
+                        let expected = model.get(&k).filter(|p| live(p)).map(|p| p.0);
+                        prop_assert_eq!(t.lookup(key(k), now), expected, "key {} at {}", k, now);
+                        match expected {
+                            Some(_) => model.get_mut(&k).expect("in the model").2 = now,
+                            None => {
+                                model.remove(&k);
+                            }
+                        }
+                    }
+                    Op::Unpin { key: k } => {
+                        let expected = model.remove(&k).map(|p| p.0);
+                        prop_assert_eq!(t.unpin(key(k)).map(|p| p.backend), expected);
+                    }
+                    Op::Sweep => {
+                        let before = model.len();
+                        model.retain(|_, p| live(p));
+                        let removed = t.sweep(now);
+                        prop_assert_eq!(removed.expired, before - model.len());
+                        prop_assert_eq!(removed.evicted, 0);
+                    }
+                }
+                prop_assert_eq!(t.len(), model.len());
+            }
+        }
+
+        /// Eviction drops the least recently used pins first, down to exactly its target.
+        /// (With an idle timeout of 1023 s, the age buckets are whole seconds, so the order
+        /// is exact.)
+        #[test]
+        fn eviction_drops_the_least_recently_used_first(
+            ages in proptest::collection::vec(0u32..1023, 1..300),
+            target_share in 0.0f64..1.0,
+        ) {
+            let now = 5_000;
+            let t = AffinityTable::new(TableLimits {
+                idle_timeout: 1023,
+                max_lifetime: 100_000,
+                max_pins: 1000,
+            });
+            for (i, age) in ages.iter().enumerate() {
+                let used = now - age;
+                let pin = Pin { backend: BackendId(i as u32 % 3), created: used, last_used: used };
+                prop_assert_eq!(t.restore(PinKey::from_parts([i as u64, 0]), pin, now), Restored::Yes);
+            }
+            let target = (ages.len() as f64 * target_share) as usize;
+            let evicted = t.evict_stalest(target, now);
+            prop_assert_eq!(evicted, ages.len() - target);
+            prop_assert_eq!(t.len(), target);
+            prop_assert_eq!(t.evicted_total(), evicted as u64);
+            let mut kept = vec![false; ages.len()];
+            t.for_each_pin(|key, _| kept[key.parts()[0] as usize] = true);
+            let oldest_kept = ages.iter().zip(&kept).filter(|(_, k)| **k).map(|(a, _)| *a).max();
+            let youngest_gone = ages.iter().zip(&kept).filter(|(_, k)| !**k).map(|(a, _)| *a).min();
+            if let (Some(kept), Some(gone)) = (oldest_kept, youngest_gone) {
+                prop_assert!(kept <= gone, "a pin used {gone} s ago went, one used {kept} s ago stayed");
+            }
+            let (n, per) = walked(&t);
+            prop_assert_eq!(n, target);
+            for b in 0..3 {
+                let b = BackendId(b);
+                prop_assert_eq!(t.pins_of(b), per.get(&b).copied().unwrap_or(0));
+            }
+        }
+
         #[test]
         fn lookups_of_unknown_ids_never_change_the_table(ids in proptest::collection::vec("[A-Za-z0-9]{1,40}", 1..200)) {
             let t = table(1000);

@@ -128,6 +128,7 @@ pub fn by_client_address(
 mod tests {
     use super::*;
     use crate::core::backend::AdminState;
+    use proptest::prelude::*;
     use std::collections::HashMap;
     use std::net::Ipv4Addr;
 
@@ -295,6 +296,176 @@ mod tests {
             assert_ne!(now, s.all()[0].id);
             if *was != s.all()[0].id {
                 assert_eq!(now, *was, "a client of a healthy backend moved");
+            }
+        }
+    }
+
+    fn weighted(backends: &[(String, u32)]) -> BackendSet {
+        let named: Vec<_> = backends.iter().map(|(n, w)| (n.as_str(), *w)).collect();
+        set(&named)
+    }
+
+    /// 1 to 6 backends of distinct names, weights 1 to `max_weight`.
+    fn backends(max_weight: u32) -> impl Strategy<Value = Vec<(String, u32)>> {
+        proptest::collection::btree_set("[a-z][a-z0-9]{0,7}", 1..7).prop_flat_map(move |names| {
+            let n = names.len();
+            (
+                Just(names.into_iter().collect::<Vec<_>>()),
+                proptest::collection::vec(1..=max_weight, n),
+            )
+                .prop_map(|(names, weights)| names.into_iter().zip(weights).collect())
+        })
+    }
+
+    fn gcd(a: u32, b: u32) -> u32 {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+
+    /// Picks per backend name of `client(0..clients)`.
+    fn spread(s: &BackendSet, clients: u32) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for i in 0..clients {
+            let b = by_client_address(s, client(i), |_| true).unwrap();
+            *counts.entry(b.name.to_string()).or_default() += 1;
+        }
+        counts
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Every run of one schedule's length, wherever it starts, gives each backend
+        /// exactly its share of the weights.
+        #[test]
+        fn round_robin_gives_each_backend_its_weight(
+            list in backends(8),
+            start in 0usize..1000,
+        ) {
+            let s = weighted(&list);
+            let divisor = list.iter().map(|(_, w)| *w).fold(0, gcd);
+            let cycle: u32 = list.iter().map(|(_, w)| w / divisor).sum();
+            let cursor = AtomicUsize::new(start);
+            let mut counts: HashMap<String, u32> = HashMap::new();
+            for _ in 0..cycle * 3 {
+                let b = round_robin(&s, &cursor, |_| true).unwrap();
+                *counts.entry(b.name.to_string()).or_default() += 1;
+            }
+            for (name, w) in &list {
+                prop_assert_eq!(counts.get(name).copied().unwrap_or(0), 3 * w / divisor, "{}", name);
+            }
+        }
+
+        /// Backends that take no new sessions get none; the others still all do.
+        #[test]
+        fn round_robin_never_picks_a_backend_closed_to_new_sessions(
+            list in backends(4),
+            closed in proptest::collection::vec(any::<bool>(), 6),
+        ) {
+            let s = weighted(&list);
+            for (b, &c) in s.all().iter().zip(&closed) {
+                if c {
+                    b.set_admin(AdminState::Draining);
+                }
+            }
+            let open: Vec<_> = s.all().iter().filter(|b| b.takes_new_sessions()).map(|b| b.id).collect();
+            let cursor = AtomicUsize::new(0);
+            let total: u32 = list.iter().map(|(_, w)| *w).sum();
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..total * 2 {
+                match round_robin(&s, &cursor, |_| true) {
+                    Some(b) => {
+                        prop_assert!(open.contains(&b.id), "{} is closed", b.name);
+                        seen.insert(b.id);
+                    }
+                    None => prop_assert!(open.is_empty()),
+                }
+            }
+            prop_assert_eq!(seen.len(), open.len());
+        }
+
+        /// The pick has the fewest pins per unit of weight of all eligible backends.
+        #[test]
+        fn least_sessions_picks_a_lightest_backend(
+            list in backends(8),
+            pins in proptest::collection::vec(0u64..1000, 6),
+            start in 0usize..10,
+        ) {
+            let s = weighted(&list);
+            let load: HashMap<BackendId, u64> = s.all().iter().zip(&pins).map(|(b, p)| (b.id, *p)).collect();
+            let cursor = AtomicUsize::new(start);
+            let pick = least_sessions(&s, &cursor, |_| true, |id| load[&id]).unwrap();
+            for b in s.all() {
+                prop_assert!(
+                    u128::from(load[&pick.id]) * u128::from(b.weight())
+                        <= u128::from(load[&b.id]) * u128::from(pick.weight()),
+                    "{} ({} pins, weight {}) was lighter than the pick {} ({} pins, weight {})",
+                    b.name, load[&b.id], b.weight(), pick.name, load[&pick.id], pick.weight()
+                );
+            }
+        }
+
+        /// Client addresses spread over the backends in proportion to their weights.
+        #[test]
+        fn client_addresses_spread_by_weight(list in backends(4)) {
+            let s = weighted(&list);
+            let clients = 8_000;
+            let counts = spread(&s, clients);
+            let total: u32 = list.iter().map(|(_, w)| *w).sum();
+            for (name, w) in &list {
+                let expected = f64::from(clients) * f64::from(*w) / f64::from(total);
+                let got = counts.get(name).copied().unwrap_or(0) as f64;
+                prop_assert!(
+                    (got - expected).abs() <= expected * 0.25 + 20.0,
+                    "{} got {} of {} clients, expected about {:.0}", name, got, clients, expected
+                );
+            }
+        }
+
+        /// A backend added takes only clients for itself; one removed gives away only its own;
+        /// one whose weight grows only gains clients, and one whose weight shrinks only
+        /// loses them. Every other client stays where it was.
+        #[test]
+        fn client_addresses_move_only_with_the_backend_that_changed(
+            list in backends(4),
+            newcomer in "[A-Z][a-z]{0,7}",
+            which in any::<prop::sample::Index>(),
+            new_weight in 1u32..=8,
+        ) {
+            let clients = 3_000;
+            let before = weighted(&list);
+            let was: Vec<BackendId> = (0..clients)
+                .map(|i| by_client_address(&before, client(i), |_| true).unwrap().id)
+                .collect();
+            let changed = which.index(list.len());
+            let changed_id = BackendId::from_name(&list[changed].0);
+            let mut grown = list.clone();
+            grown.push((newcomer.clone(), 1));
+            let mut shrunk = list.clone();
+            shrunk.remove(changed);
+            let mut reweighted = list.clone();
+            reweighted[changed].1 = new_weight;
+            let old_weight = list[changed].1;
+            let newcomer_id = BackendId::from_name(&newcomer);
+            for (after, label) in [(grown, "added"), (shrunk, "removed"), (reweighted, "reweighted")] {
+                let after = weighted(&after);
+                for (i, &was) in was.iter().enumerate() {
+                    let Some(now) = by_client_address(&after, client(i as u32), |_| true) else {
+                        prop_assert_eq!(label, "removed");
+                        prop_assert_eq!(list.len(), 1);
+                        continue;
+                    };
+                    let now = now.id;
+                    if now == was {
+                        continue;
+                    }
+                    let allowed = match label {
+                        "added" => now == newcomer_id,
+                        "removed" => was == changed_id,
+                        _ if new_weight > old_weight => now == changed_id,
+                        _ => was == changed_id,
+                    };
+                    prop_assert!(allowed, "{}: client {} moved from {} to {}", label, i, was, now);
+                }
             }
         }
     }

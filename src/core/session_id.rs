@@ -242,20 +242,27 @@ pub fn multipart_boundary(content_type: &str) -> Option<&str> {
             return None;
         }
         let value = unquote(value.trim());
-        (!value.is_empty() && value.len() <= 70).then_some(value)
+        (!value.is_empty() && value.len() <= MAX_BOUNDARY).then_some(value)
     })
 }
 
-/// The session id in the part named `name` of a `multipart/form-data` body.
+/// The longest multipart boundary (RFC 2046 §5.1.1).
+const MAX_BOUNDARY: usize = 70;
+
+/// The session id in the part named `name` of a `multipart/form-data` body. A boundary no
+/// content type may carry (empty, or longer than 70 bytes) finds nothing.
 pub fn from_multipart<'a>(
     body: &'a [u8],
     boundary: &str,
     name: &str,
     rules: &IdRules,
 ) -> Option<&'a str> {
+    if boundary.is_empty() || boundary.len() > MAX_BOUNDARY {
+        return None;
+    }
     // Each part starts after "--boundary\r\n"; its headers end at an empty line and its
     // data at "\r\n--boundary".
-    let mut delimiter = [0u8; 76];
+    let mut delimiter = [0u8; MAX_BOUNDARY + 4];
     let delimiter_len = boundary.len() + 4;
     delimiter[..4].copy_from_slice(b"\r\n--");
     delimiter[4..delimiter_len].copy_from_slice(boundary.as_bytes());
@@ -384,6 +391,27 @@ MPKEY\r\n--XyZ--\r\n";
         assert_eq!(from_multipart(body, "XyZ", "_s", &rules()), Some("MPKEY"));
         assert_eq!(from_multipart(body, "XyZ", "_k", &rules()), None);
         assert_eq!(from_multipart(body, "other", "_s", &rules()), None);
+    }
+
+    #[test]
+    fn a_boundary_no_content_type_may_carry_finds_nothing() {
+        // RFC 2046: 1 to 70 characters. Found by fuzzing: a longer one overran the
+        // delimiter buffer and panicked.
+        let long = "b".repeat(73);
+        let body = format!(
+            "--{long}\r\nContent-Disposition: form-data; name=\"_s\"\r\n\r\nKEY\r\n--{long}--\r\n"
+        );
+        assert_eq!(from_multipart(body.as_bytes(), &long, "_s", &rules()), None);
+        let body = b"--\r\nContent-Disposition: form-data; name=\"_s\"\r\n\r\nKEY\r\n----\r\n";
+        assert_eq!(from_multipart(body, "", "_s", &rules()), None);
+        let longest = "b".repeat(70);
+        let body = format!(
+            "--{longest}\r\nContent-Disposition: form-data; name=\"_s\"\r\n\r\nKEY\r\n--{longest}--\r\n"
+        );
+        assert_eq!(
+            from_multipart(body.as_bytes(), &longest, "_s", &rules()),
+            Some("KEY")
+        );
     }
 
     #[test]

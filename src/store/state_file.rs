@@ -78,14 +78,19 @@ impl StateFile {
                 return;
             }
         };
-        let snapshot = match snapshot::decode(&bytes) {
+        self.restore_from(&bytes, registry, clock::unix_now());
+    }
+
+    /// [`StateFile::restore`] of bytes already read, at `now` (unix seconds): the reader
+    /// without the file, which the fuzzer and the corpus tests drive.
+    pub fn restore_from(&self, bytes: &[u8], registry: &Registry, now: u32) {
+        let snapshot = match snapshot::decode(bytes) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(file = %self.path.display(), "state file ignored, starting with no pins: {e}");
                 return;
             }
         };
-        let now = clock::unix_now();
         let counts = put_back(&snapshot, registry, now);
         self.stats
             .restored

@@ -1,0 +1,4 @@
+//! Fuzz target: see `tidegate_fuzz::session_id` (fuzz/checks.rs) for the input and its invariants.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tidegate_fuzz::session_id(data));
