@@ -1529,10 +1529,12 @@ impl HealthFile {
 impl SessionFile {
     fn validate(self, key: &str) -> Result<SessionConfig, Invalid> {
         let name_ok = |n: &str| !n.is_empty() && n.bytes().all(is_token_byte);
-        if !name_ok(&self.param) {
+        // A query or form field name: a token, less the token bytes that split a query
+        // (`&`), end a URL (`#`) or start an escape (`%`): the readers could never match it.
+        if !name_ok(&self.param) || self.param.bytes().any(|b| matches!(b, b'&' | b'#' | b'%')) {
             return Err(invalid(
                 format!("{key}.param"),
-                "must be a non-empty field name",
+                "must be a non-empty field name: letters, digits and !$'*+-.^_`|~",
             ));
         }
         for (i, c) in self.cookies.iter().enumerate() {
@@ -2110,6 +2112,15 @@ address = "127.0.0.1:9001"
             c.control_socket(None),
             Some(PathBuf::from("/srv/pins.sock"))
         );
+    }
+
+    #[test]
+    fn a_session_param_the_readers_could_never_match_is_refused() {
+        for bad in ["a&b", "s#", "%73", ""] {
+            let text = format!("{MINIMAL}[pool.session]\nparam = \"{bad}\"\n");
+            let err = Config::from_toml(&text, "t.toml").unwrap_err().to_string();
+            assert!(err.contains("session.param"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -392,12 +392,15 @@ impl AffinityTable {
             return Restored::Full;
         }
         let mut added = false;
+        // Times from a clock that ran ahead (or a file edited) are taken as now: a pin from
+        // the future would outlive its idle timeout and lifetime.
+        let (created, last_used) = (pin.created.min(now), pin.last_used.min(now));
         self.map.entry(key).or_insert_with(|| {
             added = true;
             Slot {
                 backend: pin.backend,
-                created: pin.created,
-                last_used: AtomicU32::new(pin.last_used),
+                created,
+                last_used: AtomicU32::new(last_used),
             }
         });
         if !added {
@@ -614,6 +617,22 @@ mod tests {
         assert_eq!(t.lookup(PinKey::of("s2"), 1), None);
         assert_eq!(t.len(), 1);
         assert_eq!(t.pins_of(A), 1);
+    }
+
+    #[test]
+    fn a_restored_pin_from_the_future_is_taken_as_made_now() {
+        let t = table(10);
+        let key = PinKey::of("ahead");
+        let pin = Pin {
+            backend: A,
+            created: 5_000,
+            last_used: 5_000,
+        };
+        assert_eq!(t.restore(key, pin, 1_000), Restored::Yes);
+        let got = t.get(key).unwrap();
+        assert_eq!((got.created, got.last_used), (1_000, 1_000));
+        // It idles out on time (idle timeout 100), not 4000 s later.
+        assert_eq!(t.lookup(key, 1_101), None);
     }
 
     #[test]
