@@ -428,7 +428,12 @@ fn run(workers: usize, main: impl std::future::Future<Output = Result<(), String
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(main) {
+    let outcome = runtime.block_on(main);
+    // What is left is not waited for: everything that must finish (requests in flight, the
+    // state file, the images' stops) was awaited; a blocking thread still talking to a
+    // successor that never answered must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tidegate: {e}");
