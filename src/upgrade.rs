@@ -6,8 +6,10 @@
 //! handover; the running one sends every listening socket (`SCM_RIGHTS`: the very sockets,
 //! with their accept queues, so no connection is refused) and a snapshot of its pins. The
 //! new one starts serving on them and says it is ready; only then does the old one stop
-//! accepting, let its requests in flight finish (`shutdown_timeout`), and send the pins it
-//! learned meanwhile before it exits. A new process that fails to start (a bad config, a
+//! accepting and let its requests in flight finish (`shutdown_timeout`). Each pin it makes
+//! from the snapshot on goes to the new one as it is made: a session begun at the old process
+//! in those seconds (its first page answered there) clicks its next link at the new one. At
+//! the end it sends all its pins once more, and exits. A new process that fails to start (a bad config, a
 //! bad certificate) closes the connection instead: the old one never stopped serving.
 //!
 //! `tidegate upgrade` (what systemd's `ExecReload` runs) asks the running process to start
@@ -23,7 +25,9 @@
 //!             PINS <length>
 //!             <length bytes>
 //! new → old   READY
-//! old → new   PINS <length>                            (after its drain)
+//! old → new   LEARNED <length>                         (any number: pins made since the
+//!             <length bytes>                            first PINS, a moment after each)
+//! old → new   PINS <length>                            (after its drain: all of them)
 //!             <length bytes>
 //! ```
 //!
@@ -38,7 +42,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::net::{
@@ -48,6 +52,7 @@ use rustix::net::{
 use tokio::sync::watch;
 
 use crate::clock;
+use crate::core::affinity::{Pin, PinKey};
 use crate::core::launch::ProcessState;
 use crate::core::registry::Registry;
 use crate::core::snapshot;
@@ -356,25 +361,38 @@ fn read_pins(reader: &mut impl Read, length: &str) -> Result<Vec<u8>, UpgradeErr
 
 /// Puts pins (in the state file's form) in their pools and logs what came of it.
 pub fn merge(registry: &Registry, bytes: &[u8], what: &str) {
-    match snapshot::decode(bytes) {
-        Ok(snapshot) => {
-            let counts = state_file::put_back(&snapshot, registry, clock::unix_now());
-            tracing::info!(
-                restored = counts.restored,
-                expired = counts.dropped[0],
-                of_backends_gone = counts.dropped[1],
-                of_pools_gone = counts.dropped[2],
-                over_max_pins = counts.dropped[3],
-                "{what}"
-            );
-        }
-        Err(e) => tracing::warn!("{what}: unreadable, ignored: {e}"),
+    if let Some(counts) = put_back(registry, bytes, what) {
+        log_put_back(counts, what);
     }
+}
+
+/// Puts pins (in the state file's form) in their pools; what came of it, or `None` (and a
+/// warning) when they cannot be read.
+fn put_back(registry: &Registry, bytes: &[u8], what: &str) -> Option<state_file::PutBack> {
+    match snapshot::decode(bytes) {
+        Ok(snapshot) => Some(state_file::put_back(&snapshot, registry, clock::unix_now())),
+        Err(e) => {
+            tracing::warn!("{what}: unreadable, ignored: {e}");
+            None
+        }
+    }
+}
+
+fn log_put_back(counts: state_file::PutBack, what: &str) {
+    tracing::info!(
+        restored = counts.restored,
+        expired = counts.dropped[0],
+        of_backends_gone = counts.dropped[1],
+        of_pools_gone = counts.dropped[2],
+        over_max_pins = counts.dropped[3],
+        "{what}"
+    );
 }
 
 impl Takeover {
     /// Tells the old process this one serves: it stops accepting and finishes its requests.
-    /// The pins it learns meanwhile arrive when it is done, and are added to `registry`.
+    /// The pins it makes meanwhile arrive as it makes them, and all of them once more when it
+    /// is done; each is added to `registry` (a pin made here since wins).
     pub fn serving(self, registry: Arc<Registry>) -> Result<(), UpgradeError> {
         self.inherited.log_unused();
         let mut conversation = self.conversation;
@@ -388,20 +406,37 @@ impl Takeover {
             .spawn(move || {
                 // No bound: the old process takes up to its shutdown_timeout.
                 let _ = conversation.get_ref().set_read_timeout(None);
-                let outcome = read_line(&mut conversation).and_then(|line| {
-                    let length = line
-                        .strip_prefix("PINS ")
-                        .ok_or_else(|| protocol(format!("unexpected line {line:?}")))?;
-                    read_pins(&mut conversation, length)
-                });
+                let what = "pins the previous tidegate learned while it finished";
+                let mut counts = state_file::PutBack::default();
+                let outcome = loop {
+                    let line = match read_line(&mut conversation) {
+                        Ok(line) => line,
+                        Err(e) => break Err(e),
+                    };
+                    let (length, last) = if let Some(length) = line.strip_prefix("LEARNED ") {
+                        (length, false)
+                    } else if let Some(length) = line.strip_prefix("PINS ") {
+                        (length, true)
+                    } else {
+                        break Err(protocol(format!("unexpected line {line:?}")));
+                    };
+                    match read_pins(&mut conversation, length) {
+                        Ok(pins) => {
+                            if let Some(more) = put_back(&registry, &pins, what) {
+                                counts += more;
+                            }
+                        }
+                        Err(e) => break Err(e),
+                    }
+                    if last {
+                        break Ok(());
+                    }
+                };
                 match outcome {
-                    Ok(pins) => merge(
-                        &registry,
-                        &pins,
-                        "pins the previous tidegate learned while it finished",
-                    ),
+                    Ok(()) => log_put_back(counts, what),
                     Err(e) => tracing::warn!(
-                        "the previous tidegate ended without its last pins (those learned while it finished are lost): {e}"
+                        restored = counts.restored,
+                        "the previous tidegate ended without its last pins (those it made while it finished and did not send at once are lost): {e}"
                     ),
                 }
             })
@@ -418,6 +453,8 @@ pub struct Handoff {
     sockets: Mutex<Vec<Socket>>,
     busy: AtomicBool,
     successor: Mutex<Option<(u32, UnixStream)>>,
+    /// Sends the successor the pins made since the handover's snapshot, as they are made.
+    relay: Mutex<Option<Relay>>,
     /// Who asked for a successor (`SPAWN`), to be told once it serves.
     spawner: Mutex<Option<UnixStream>>,
     handed_over: watch::Sender<bool>,
@@ -484,6 +521,7 @@ impl Handoff {
             // A process taking over hands nothing on before it serves.
             busy: AtomicBool::new(upgrading),
             successor: Mutex::new(None),
+            relay: Mutex::new(None),
             spawner: Mutex::new(None),
             handed_over: watch::channel(false).0,
             successor_command: command,
@@ -536,6 +574,11 @@ impl Handoff {
     /// included). True when there was a successor: the state file and the images are its
     /// business now.
     pub fn finish(&self) -> bool {
+        if let Some(relay) = self.relay.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            relay.bell.stop();
+            let _ = relay.thread.join();
+        }
+        record_pins(&self.registry, None);
         let Some((pid, mut stream)) = self
             .successor
             .lock()
@@ -669,6 +712,11 @@ fn hand_over(
         successor = pid,
         "upgrade: handing the listening sockets and pins over"
     );
+    // Every pin made from the snapshot on is kept for the successor (one made as the
+    // snapshot is taken may go twice: the successor keeps the first).
+    let bell = Arc::new(Bell::default());
+    let ring = bell.clone();
+    record_pins(&handoff.registry, Some(Arc::new(move || ring.ring())));
     let outcome = send_sockets(handoff, &mut stream).and_then(|()| {
         stream
             .set_read_timeout(Some(READY_TIMEOUT))
@@ -686,6 +734,8 @@ fn hand_over(
                 successor = pid,
                 "upgrade: the new tidegate serves; no longer accepting, finishing the requests in flight"
             );
+            *handoff.relay.lock().unwrap_or_else(|e| e.into_inner()) =
+                Relay::start(handoff.registry.clone(), &stream, bell);
             *handoff.successor.lock().unwrap_or_else(|e| e.into_inner()) = Some((pid, stream));
             // Told before the shutdown begins: the process may end soon after.
             if let Some(spawner) = handoff
@@ -699,11 +749,127 @@ fn hand_over(
             handoff.handed_over.send_replace(true);
         }
         Err(e) => {
+            record_pins(&handoff.registry, None);
             tracing::warn!(
                 successor = pid,
                 "upgrade abandoned, still serving: the new tidegate did not start ({e}); its own log says why"
             );
             handoff.busy.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Starts (`Some(made)`, called after each pin) or stops keeping the pins every pool makes.
+fn record_pins(registry: &Registry, made: Option<Arc<dyn Fn() + Send + Sync>>) {
+    for pool in registry.topology().pools.iter() {
+        if let Some(table) = pool.table() {
+            table.record(made.clone());
+        }
+    }
+}
+
+/// The pins kept since the last call, in the state file's form, and how many there are.
+fn recorded_pins(registry: &Registry) -> (Vec<u8>, usize) {
+    let topology = registry.topology();
+    let taken: Vec<(&str, Vec<(PinKey, Pin)>)> = topology
+        .pools
+        .iter()
+        .filter_map(|p| Some((&*p.name, p.table()?.recorded())))
+        .filter(|(_, pins)| !pins.is_empty())
+        .collect();
+    let count = taken.iter().map(|(_, pins)| pins.len()).sum();
+    if count == 0 {
+        return (Vec::new(), 0);
+    }
+    let mut encoder = snapshot::Encoder::new(clock::unix_now(), count);
+    for (pool, pins) in &taken {
+        encoder.pool(pool, |visit| {
+            for &(key, pin) in pins {
+                visit(key, pin);
+            }
+        });
+    }
+    (encoder.finish(), count)
+}
+
+/// Rung for every pin made while a successor takes over; wakes the relay.
+#[derive(Default)]
+struct Bell {
+    /// Rung since the relay last looked; told to stop.
+    state: Mutex<(bool, bool)>,
+    changed: Condvar,
+}
+
+impl Bell {
+    fn ring(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+        self.changed.notify_one();
+    }
+
+    fn stop(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.changed.notify_one();
+    }
+
+    /// Waits until it is rung or told to stop; whether told to stop.
+    fn wait(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self
+            .changed
+            .wait_while(state, |(rung, stop)| !*rung && !*stop)
+            .unwrap_or_else(|e| e.into_inner());
+        state.0 = false;
+        state.1
+    }
+}
+
+/// A thread that sends the successor each pin a moment after it is made (`LEARNED`), until
+/// the drain is over. Its first page's links pinned a new session at the old process; the
+/// browser's next click, on a new connection, reaches the new one long before the drain
+/// ends.
+struct Relay {
+    bell: Arc<Bell>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Relay {
+    fn start(registry: Arc<Registry>, stream: &UnixStream, bell: Arc<Bell>) -> Option<Relay> {
+        let started = stream.try_clone().and_then(|mut out| {
+            // A successor that stops reading must not hold this process's exit forever.
+            out.set_write_timeout(Some(READY_TIMEOUT))?;
+            let rung = bell.clone();
+            std::thread::Builder::new()
+                .name("upgrade-relay".into())
+                .spawn(move || relay(&registry, &mut out, &rung))
+        });
+        match started {
+            Ok(thread) => Some(Relay { bell, thread }),
+            Err(e) => {
+                tracing::warn!(
+                    "upgrade: pins made while finishing go to the new tidegate only at the end: {e}"
+                );
+                None
+            }
+        }
+    }
+}
+
+fn relay(registry: &Registry, out: &mut UnixStream, bell: &Bell) {
+    loop {
+        let stopping = bell.wait();
+        let (pins, count) = recorded_pins(registry);
+        if count > 0 {
+            let sent = writeln!(out, "LEARNED {}", pins.len()).and_then(|()| out.write_all(&pins));
+            if let Err(e) = sent {
+                tracing::warn!(
+                    "upgrade: pins made while finishing cannot reach the new tidegate now, they go at the end: {e}"
+                );
+                return;
+            }
+            tracing::debug!(pins = count, "upgrade: pins made while finishing sent");
+        }
+        if stopping {
+            return;
         }
     }
 }

@@ -261,6 +261,58 @@ async fn pins_the_old_process_learns_while_it_finishes_reach_the_new_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_begun_at_the_old_process_after_the_handover_stays_on_its_image_at_its_next_click()
+ {
+    bounded("session begun while the old one finishes", async {
+        let imgs = images(3, Tracking::Links).await;
+        let state = TempDir::new("upgrade-begun");
+        let mut old = Process::start(&body(&state, &backend_entries(&imgs))).await;
+        let base = old.base();
+        // Browsers with a keep-alive connection to the old process each: their next request
+        // goes there even after the handover (and its reply closes the connection).
+        let browsers: Vec<HttpClient> = (0..7).map(|_| client()).collect();
+        for b in &browsers {
+            let r = get(b, &format!("{base}/static/site.css")).await;
+            assert_eq!(r.status, StatusCode::OK);
+        }
+        let new = successor(&old, "upgrade-begun-new").await;
+        // Six of them start a session now, at the old process. The seventh stays idle, so
+        // the old process lingers (half of shutdown_timeout) before it is done.
+        let mut begun = Vec::new();
+        for b in &browsers[..6] {
+            let first = get(b, &format!("{base}/app")).await;
+            assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+            assert_eq!(
+                first.header("connection"),
+                "close",
+                "answered by the old process"
+            );
+            begun.push(Session {
+                link: first.link().expect("a link"),
+                image: first.image(),
+                counter: first.counter(),
+            });
+        }
+        // A browser's think time later (far less than the linger), each clicks its link: on
+        // a new connection, so at the new process, which must know the session already.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let c = client();
+        for s in &begun {
+            let r = get(&c, &format!("{base}{}", s.link)).await;
+            assert_eq!(
+                (r.image(), r.counter()),
+                (s.image.clone(), s.counter + 1),
+                "{}: the session begun at the old process moved at its first click:\n{}",
+                s.link,
+                new.log()
+            );
+        }
+        assert!(old.exited_within(Duration::from_secs(20)).await.success());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_that_cannot_start_leaves_the_old_one_serving() {
     bounded("failed upgrade", async {
         let imgs = images(2, Tracking::Links).await;

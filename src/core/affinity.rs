@@ -11,8 +11,8 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use dashmap::DashMap;
 
@@ -206,7 +206,13 @@ pub struct AffinityTable {
     per_backend: RwLock<HashMap<BackendId, Arc<AtomicI64>>>,
     expired: AtomicU64,
     evicted: AtomicU64,
+    /// Whether [`AffinityTable::record`] is on: one relaxed load per pin made otherwise.
+    recording: AtomicBool,
+    recorded: Mutex<Option<Recording>>,
 }
+
+/// The pins made while recording, and what to call after each.
+type Recording = (Vec<(PinKey, Pin)>, Arc<dyn Fn() + Send + Sync>);
 
 /// Age histogram resolution for eviction: the stalest share is found in two passes over the
 /// table with this many counters, instead of sorting every pin.
@@ -225,7 +231,29 @@ impl AffinityTable {
             per_backend: RwLock::new(HashMap::new()),
             expired: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            recording: AtomicBool::new(false),
+            recorded: Mutex::new(None),
         }
+    }
+
+    /// With `Some(made)`: from now on keeps every pin made (created, or moved to another
+    /// backend) until [`AffinityTable::recorded`] takes it, and calls `made` after each. An
+    /// upgrade hands them to the successor as they come. `None` stops, and drops what was
+    /// kept.
+    pub fn record(&self, made: Option<Arc<dyn Fn() + Send + Sync>>) {
+        let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        self.recording.store(made.is_some(), Ordering::Relaxed);
+        *recorded = made.map(|m| (Vec::new(), m));
+    }
+
+    /// The pins recorded since the last call (none when not recording).
+    pub fn recorded(&self) -> Vec<(PinKey, Pin)> {
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .map(|(pins, _)| std::mem::take(pins))
+            .unwrap_or_default()
     }
 
     /// The limits this table keeps.
@@ -360,7 +388,22 @@ impl AffinityTable {
                 self.forget(from, 1);
                 self.counter(backend).fetch_add(1, Ordering::Relaxed);
             }
-            PinOutcome::Refreshed => {}
+            PinOutcome::Refreshed => return outcome,
+        }
+        if self.recording.load(Ordering::Relaxed)
+            && let Some((pins, made)) = self
+                .recorded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+        {
+            let pin = Pin {
+                backend,
+                created: now,
+                last_used: now,
+            };
+            pins.push((key, pin));
+            made();
         }
         outcome
     }
@@ -644,6 +687,44 @@ mod tests {
         assert_eq!((t.pins_of(A), t.pins_of(B), t.len()), (0, 1, 1));
         assert_eq!(t.unpin(PinKey::of("s1")).map(|p| p.backend), Some(B));
         assert_eq!((t.pins_of(B), t.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_recording_keeps_the_pins_made_until_taken_and_rings_for_each() {
+        let t = table(10);
+        t.pin(PinKey::of("before"), A, 0);
+        assert!(
+            t.recorded().is_empty(),
+            "nothing is kept while not recording"
+        );
+        let rung = Arc::new(AtomicUsize::new(0));
+        let bell = rung.clone();
+        t.record(Some(Arc::new(move || {
+            bell.fetch_add(1, Ordering::Relaxed);
+        })));
+        t.pin(PinKey::of("new"), A, 3);
+        t.pin(PinKey::of("new"), A, 4); // a use: the successor has it already
+        t.pin(PinKey::of("before"), B, 5); // moved
+        let pin = |backend, at| Pin {
+            backend,
+            created: at,
+            last_used: at,
+        };
+        assert_eq!(
+            t.recorded(),
+            vec![
+                (PinKey::of("new"), pin(A, 3)),
+                (PinKey::of("before"), pin(B, 5))
+            ]
+        );
+        assert_eq!(rung.load(Ordering::Relaxed), 2);
+        assert!(t.recorded().is_empty(), "taken once");
+        t.pin(PinKey::of("later"), A, 6);
+        t.record(None);
+        assert!(t.recorded().is_empty(), "stopping drops what was kept");
+        t.pin(PinKey::of("after"), A, 7);
+        assert!(t.recorded().is_empty());
+        assert_eq!(rung.load(Ordering::Relaxed), 3);
     }
 
     #[test]

@@ -171,6 +171,15 @@ pub struct PutBack {
     pub dropped: [u64; 4],
 }
 
+impl std::ops::AddAssign for PutBack {
+    fn add_assign(&mut self, other: PutBack) {
+        self.restored += other.restored;
+        for (mine, theirs) in self.dropped.iter_mut().zip(other.dropped) {
+            *mine += theirs;
+        }
+    }
+}
+
 /// Every pool's pins in the state file's form, and how many there are: what the state file
 /// holds and what an upgrade hands to the next process.
 pub fn encode(registry: &Registry) -> (Vec<u8>, usize) {

@@ -658,6 +658,68 @@ async fn accepts(addr: SocketAddr) -> bool {
     )
 }
 
+/// A demo image run as a process of its own (`tidegate image --listen ADDR --name NAME`),
+/// so that it can die as a crashed Smalltalk VM does: [`ImageProcess::kill`] sends it
+/// `SIGKILL`. Killed (by its process id) when dropped.
+pub struct ImageProcess {
+    child: tokio::process::Child,
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+impl ImageProcess {
+    /// Starts the image on `addr` (a fixed port, so that it can be started again there)
+    /// and waits, bounded by [`START_LIMIT`], until the port accepts.
+    pub async fn start(name: &str, addr: SocketAddr) -> ImageProcess {
+        let mut child = tokio::process::Command::new(BIN)
+            .args(["image", "--listen", &addr.to_string(), "--name", name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the binary starts");
+        let deadline = Instant::now() + START_LIMIT;
+        while !accepts(addr).await {
+            if let Some(status) = child.try_wait().expect("child status") {
+                panic!("image {name} on {addr} exited with {status} before serving");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "image {name} on {addr} was not serving within {START_LIMIT:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+        ImageProcess {
+            child,
+            name: name.to_string(),
+            addr,
+        }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the image runs")
+    }
+
+    /// Sends `SIGKILL` and waits (bounded) until it is gone: its sessions die with it.
+    pub async fn kill(&mut self) {
+        self.child.start_kill().expect("SIGKILL sent");
+        tokio::time::timeout(START_LIMIT, self.child.wait())
+            .await
+            .expect("a killed image is gone at once")
+            .expect("its status");
+    }
+
+    /// The `[[pool.backend]]` entry naming it (`extra`: more keys of the entry).
+    pub fn entry(&self, extra: &str) -> String {
+        format!(
+            "[[pool.backend]]\nname = \"{}\"\naddress = \"{}\"\n{extra}",
+            self.name, self.addr
+        )
+    }
+}
+
 /// The admin token [`Process::start`] configures.
 pub const TOKEN: &str = "test-admin-token-0123456789";
 
