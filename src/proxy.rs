@@ -701,7 +701,10 @@ impl Proxy {
                         PeekError::Stalled => ProxyError::RequestTimeout,
                         PeekError::Body => ProxyError::BadRequestBody,
                     })?;
-                (peek.body, Some((s, kind, peek.head, peek.complete)))
+                (
+                    RequestBody::Peeked(Box::new(peek.body)),
+                    Some((s, kind, peek.head, peek.complete)),
+                )
             }
             None => (RequestBody::Streaming(body), None),
         };
