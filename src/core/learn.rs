@@ -94,8 +94,10 @@ pub fn mentions(text: &[u8], id: &[u8], rules: &IdRules) -> bool {
 /// a quote (a JavaScript string) or the start of the value, so `x_s=…` is not mistaken for it.
 ///
 /// The markup is followed by a small state machine fed byte by byte (with `memchr` over the
-/// stretches that cannot matter): it never holds a chunk, keeps a few bytes of state between
-/// chunks (the id in a fixed buffer), and gives the same answer however the page is split.
+/// stretches that cannot matter, and a whole tag read in one pass when it lies within the
+/// chunk and links to no session): it never holds a chunk, keeps a few bytes of state
+/// between chunks (the id in a fixed buffer), and gives the same answer however the page is
+/// split.
 /// It reads no further than the first `limit` bytes (an id whose field starts within them is
 /// read to its end). The reply is forwarded untouched and undelayed.
 pub struct PageScanner {
@@ -104,7 +106,7 @@ pub struct PageScanner {
     markup: Markup,
     /// The tag being read is an end tag: its attributes teach nothing.
     end_tag: bool,
-    /// The first bytes of the current tag or attribute name, lowercased.
+    /// The first bytes of the current tag or attribute name.
     name: [u8; NAME_LEN],
     /// The full length of that name.
     name_len: usize,
@@ -181,13 +183,19 @@ enum Raw {
 }
 
 impl Raw {
+    /// The element named `name` (its first bytes at least, any case), `len` bytes long.
     fn of(name: &[u8], len: usize) -> Raw {
-        match &name[..len.min(NAME_LEN)] {
-            b"script" => Raw::Script,
-            b"style" => Raw::Style,
-            b"textarea" => Raw::Textarea,
-            b"title" => Raw::Title,
-            _ => Raw::None,
+        let is = |word: &[u8]| is_named(name, len, word);
+        if is(b"script") {
+            Raw::Script
+        } else if is(b"style") {
+            Raw::Style
+        } else if is(b"textarea") {
+            Raw::Textarea
+        } else if is(b"title") {
+            Raw::Title
+        } else {
+            Raw::None
         }
     }
 
@@ -205,9 +213,56 @@ impl Raw {
 /// Bytes of a tag or attribute name kept: enough to tell `formaction` and `textarea`.
 const NAME_LEN: usize = 10;
 
+/// A space between attributes (a bit of [`CLASS`]).
+const SPACE: u8 = 1;
+/// Ends a tag's name: a space, `/` or `>`.
+const ENDS_TAG_NAME: u8 = 2;
+/// Ends an attribute's name: a space, `/`, `>` or `=`.
+const ENDS_ATTR_NAME: u8 = 4;
+/// Ends an unquoted value: a space or `>`.
+const ENDS_UNQUOTED: u8 = 8;
+
+/// What each byte value is to the markup, as bits, so that the loops over names and spaces
+/// test one table entry a byte.
+static CLASS: [u8; 256] = {
+    let mut class = [0u8; 256];
+    let spaces = [b' ', b'\t', b'\n', b'\r', b'\x0c'];
+    let mut i = 0;
+    while i < spaces.len() {
+        class[spaces[i] as usize] = SPACE | ENDS_TAG_NAME | ENDS_ATTR_NAME | ENDS_UNQUOTED;
+        i += 1;
+    }
+    class[b'/' as usize] = ENDS_TAG_NAME | ENDS_ATTR_NAME;
+    class[b'>' as usize] = ENDS_TAG_NAME | ENDS_ATTR_NAME | ENDS_UNQUOTED;
+    class[b'=' as usize] = ENDS_ATTR_NAME;
+    class
+};
+
+/// Whether `b` is of `class`.
+#[inline]
+fn is(class: u8, b: u8) -> bool {
+    CLASS[usize::from(b)] & class != 0
+}
+
 /// Whitespace between a tag's attributes.
+#[inline]
 fn is_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0c')
+    is(SPACE, b)
+}
+
+/// Where in `bytes` the first byte of `class` is.
+#[inline]
+fn first_of(class: u8, bytes: &[u8]) -> Option<usize> {
+    bytes.iter().position(|&b| is(class, b))
+}
+
+/// How many bytes at the start of `bytes` are spaces.
+#[inline]
+fn spaces(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .position(|&b| !is_space(b))
+        .unwrap_or(bytes.len())
 }
 
 /// What may come right before the session field in a link: a query's `?`, a field
@@ -217,13 +272,46 @@ fn is_boundary(b: u8) -> bool {
     matches!(b, b'?' | b'&' | b';' | b'"' | b'\'')
 }
 
-/// Whether an attribute (its lowercased first bytes and its full length) holds a URL or
-/// script that may link to a session.
+/// Whether a name `len` bytes long, of which `name` holds the first (at least
+/// `min(len, NAME_LEN)`), is `word`, in any case.
+fn is_named(name: &[u8], len: usize, word: &[u8]) -> bool {
+    len == word.len()
+        && name
+            .get(..len)
+            .is_some_and(|n| n.eq_ignore_ascii_case(word))
+}
+
+/// Whether a name `len` bytes long, of which `name` holds the first, starts with `prefix`
+/// (lowercase) and goes on, in any case.
+fn is_prefixed(name: &[u8], len: usize, prefix: &[u8]) -> bool {
+    len > prefix.len()
+        && name
+            .get(..prefix.len())
+            .is_some_and(|n| n.eq_ignore_ascii_case(prefix))
+}
+
+/// Whether an attribute (the first bytes of its name, and the name's length) holds a URL
+/// or script that may link to a session.
 fn carries_links(name: &[u8], len: usize) -> bool {
-    let name = &name[..len.min(NAME_LEN)];
-    (len <= NAME_LEN && matches!(name, b"href" | b"src" | b"action" | b"formaction"))
-        || (len > 5 && name.starts_with(b"data-"))
-        || (len > 2 && name.starts_with(b"on"))
+    let is = |word: &[u8]| is_named(name, len, word);
+    is(b"href")
+        || is(b"src")
+        || is(b"action")
+        || is(b"formaction")
+        || is_prefixed(name, len, b"data-")
+        || is_prefixed(name, len, b"on")
+}
+
+/// Whether the state machine might find `needle` in a link's `value`: where its first byte
+/// follows a boundary, the whole needle follows. A needle whose first byte recurs in it
+/// could start inside a partial match, which the state machine reads its own way: any
+/// first byte after a boundary counts then.
+fn may_hold_field(value: &[u8], needle: &[u8]) -> bool {
+    let recurs = needle[1..].contains(&needle[0]);
+    memchr::memchr_iter(needle[0], value).any(|at| {
+        let before = if at == 0 { b'"' } else { value[at - 1] };
+        is_boundary(before) && (recurs || value[at..].starts_with(needle))
+    })
 }
 
 /// How many `-` end the comment text read so far, `before` counting those ending what came
@@ -352,7 +440,7 @@ impl PageScanner {
     fn ends_link(&self, b: u8) -> bool {
         match self.markup {
             Markup::AttrValue if self.quote != 0 => b == self.quote,
-            Markup::AttrValue => is_space(b) || b == b'>',
+            Markup::AttrValue => is(ENDS_UNQUOTED, b),
             _ => b == b'<',
         }
     }
@@ -378,7 +466,7 @@ impl PageScanner {
     fn name_grows(&mut self, bytes: &[u8]) {
         for &b in bytes {
             if self.name_len < NAME_LEN {
-                self.name[self.name_len] = b.to_ascii_lowercase();
+                self.name[self.name_len] = b;
             }
             self.name_len = self.name_len.saturating_add(1);
         }
@@ -413,18 +501,31 @@ impl PageScanner {
         self.prev = b'"';
     }
 
-    /// Reads markup from the start of `bytes` (not empty, within the window) up to a point
-    /// where the state changes; returns how many bytes it consumed (none when the state
-    /// changed and the first byte is to be read again in the new one).
+    /// Reads markup from the start of `bytes` (within the window) until they end or a
+    /// needle begins in a link; returns how many bytes it consumed.
     fn read_markup(&mut self, bytes: &[u8], needle: &[u8]) -> usize {
+        let mut read = 0;
+        while read < bytes.len() && self.matched == 0 && !self.collecting {
+            read += self.step(&bytes[read..], needle);
+        }
+        read
+    }
+
+    /// Reads markup from the start of `bytes` (not empty) up to a point where the state
+    /// changes; returns how many bytes it consumed (none when the state changed and the first
+    /// byte is to be read again in the new one).
+    fn step(&mut self, bytes: &[u8], needle: &[u8]) -> usize {
         let b = bytes[0];
         match self.markup {
             Markup::Text => match memchr::memchr(b'<', bytes) {
                 None => bytes.len(),
-                Some(at) => {
-                    self.markup = Markup::TagOpen;
-                    at + 1
-                }
+                Some(at) => match self.whole_tag(&bytes[at..], needle) {
+                    Some(len) => at + len,
+                    None => {
+                        self.markup = Markup::TagOpen;
+                        at + 1
+                    }
+                },
             },
             Markup::TagOpen => {
                 self.markup = match b {
@@ -493,10 +594,7 @@ impl PageScanner {
                 }
             }
             Markup::TagName => {
-                let n = bytes
-                    .iter()
-                    .position(|&b| is_space(b) || b == b'/' || b == b'>')
-                    .unwrap_or(bytes.len());
+                let n = first_of(ENDS_TAG_NAME, bytes).unwrap_or(bytes.len());
                 self.name_grows(&bytes[..n]);
                 let Some(&end) = bytes.get(n) else {
                     return n;
@@ -510,10 +608,7 @@ impl PageScanner {
                 n + 1
             }
             Markup::BeforeAttrName | Markup::AfterAttrName => {
-                let n = bytes
-                    .iter()
-                    .position(|&b| !is_space(b))
-                    .unwrap_or(bytes.len());
+                let n = spaces(bytes);
                 let Some(&b) = bytes.get(n) else {
                     return n;
                 };
@@ -531,10 +626,7 @@ impl PageScanner {
                 n + 1
             }
             Markup::AttrName => {
-                let n = bytes
-                    .iter()
-                    .position(|&b| is_space(b) || matches!(b, b'/' | b'>' | b'='))
-                    .unwrap_or(bytes.len());
+                let n = first_of(ENDS_ATTR_NAME, bytes).unwrap_or(bytes.len());
                 self.name_grows(&bytes[..n]);
                 let Some(&end) = bytes.get(n) else {
                     return n;
@@ -548,10 +640,7 @@ impl PageScanner {
                 n + 1
             }
             Markup::BeforeAttrValue => {
-                let n = bytes
-                    .iter()
-                    .position(|&b| !is_space(b))
-                    .unwrap_or(bytes.len());
+                let n = spaces(bytes);
                 let Some(&b) = bytes.get(n) else {
                     return n;
                 };
@@ -631,6 +720,73 @@ impl PageScanner {
         }
     }
 
+    /// Reads a whole tag (`bytes` starts with its `<`) in one pass, with the same outcome as
+    /// reading it a state at a time, when it ends within `bytes` and holds nothing that needs
+    /// a closer look: a session field in a link, a `/` other than the one of `/>`, a name
+    /// starting with `=`, or no name at all (`<!`, `<?`, `</>`). `None` leaves the state as
+    /// it was, for the state machine to read the tag. Most tags of a page are read here.
+    fn whole_tag(&mut self, bytes: &[u8], needle: &[u8]) -> Option<usize> {
+        let end_tag = bytes.get(1) == Some(&b'/');
+        let mut i = 1 + usize::from(end_tag);
+        if !bytes.get(i)?.is_ascii_alphabetic() {
+            return None;
+        }
+        let name_end = i + first_of(ENDS_TAG_NAME, &bytes[i..])?;
+        let opens = if end_tag {
+            Raw::None
+        } else {
+            Raw::of(&bytes[i..name_end], name_end - i)
+        };
+        // The first byte from `at` on that is no space, and where it is.
+        let solid = |at: usize| {
+            let at = at + spaces(bytes.get(at..)?);
+            Some((at, *bytes.get(at)?))
+        };
+        i = name_end;
+        loop {
+            let (at, b) = solid(i)?;
+            i = at;
+            match b {
+                b'>' => break,
+                b'/' if bytes.get(i + 1)? == &b'>' => {
+                    i += 1;
+                    break;
+                }
+                b'/' | b'=' => return None,
+                _ => {}
+            }
+            let start = i;
+            i += first_of(ENDS_ATTR_NAME, &bytes[i..])?;
+            let links = !end_tag && carries_links(&bytes[start..i], i - start);
+            let (at, b) = solid(i)?;
+            i = at;
+            if b != b'=' {
+                continue;
+            }
+            let (at, b) = solid(i + 1)?;
+            i = at;
+            let (value, after) = match b {
+                b'>' => break,
+                quote @ (b'"' | b'\'') => {
+                    let len = memchr::memchr(quote, &bytes[i + 1..])?;
+                    (&bytes[i + 1..i + 1 + len], i + 2 + len)
+                }
+                _ => {
+                    let len = first_of(ENDS_UNQUOTED, &bytes[i..])?;
+                    (&bytes[i..i + len], i + len)
+                }
+            };
+            if links && may_hold_field(value, needle) {
+                return None;
+            }
+            i = after;
+        }
+        self.end_tag = end_tag;
+        self.opens = opens;
+        self.tag_closes();
+        Some(i + 1)
+    }
+
     /// Reads the content of a raw text element: looks for its end tag and, in a script,
     /// for the needle.
     fn read_raw_text(&mut self, bytes: &[u8], needle: &[u8]) -> usize {
@@ -642,7 +798,7 @@ impl PageScanner {
                 k if k - 2 < name.len() => b.to_ascii_lowercase() == name[k - 2],
                 _ => {
                     // The whole name: an end tag if a space, `/` or `>` follows.
-                    if !(is_space(b) || b == b'/' || b == b'>') {
+                    if !is(ENDS_TAG_NAME, b) {
                         self.raw_end = 0;
                         return 0;
                     }
@@ -945,6 +1101,25 @@ mod tests {
         "x",
         "<p>",
         "text ",
+        "/>",
+        "\"b=",
+        " = ",
+        "<A ",
+        "HREF=",
+        "<br/>",
+        "<a/b>",
+        "\t",
+        "\n",
+        "=\"",
+        "=x>",
+        "<script ",
+        "</a x='>'>",
+        "<!-->",
+        "<?",
+        "data-",
+        "ON",
+        "'_s=",
+        "&quot;_s=",
     ];
 
     fn pieces() -> impl Strategy<Value = String> {
