@@ -382,8 +382,15 @@ fn scanner(c: &mut Criterion) {
         let plain = page(kib);
         // The same size, with the session link as the last bytes of the page.
         let link = b"<a href=\"/app?_s=Kd83jHs7aQ0pLm2x&amp;_k=aB3dE5fG\">go</a>";
+        // Cut at the end of a row (outside any tag), padded with spaces to the same size.
         let mut with_id = page(kib);
-        with_id.truncate(kib * 1024 - link.len());
+        let room = kib * 1024 - link.len();
+        let row_end = with_id[..room]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        with_id.truncate(row_end);
+        with_id.resize(room, b' ');
         with_id.extend_from_slice(link);
         let limit = kib * 1024;
         g.throughput(Throughput::Bytes((kib * 1024) as u64));

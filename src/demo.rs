@@ -3,7 +3,10 @@
 //! behind the balancer; the integration tests use them as the farm.
 //!
 //! A request reaching the wrong image finds its key unknown and starts a new session, so a
-//! broken pin shows at once: another image name and a counter back at 1.
+//! broken pin shows at once: another image name and a counter back at 1. Besides the
+//! application, an image serves `/echo` (the request as it arrived), `/static/…`, `/ws` (an
+//! echoing upgrade) and `…/search`, a page that shows what it was asked for, as search
+//! pages do (what a balancer learning from pages must not be fooled by).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -166,6 +169,11 @@ impl ImageState {
         }
         if path == "/ws" {
             return self.upgrade(req);
+        }
+        if path.ends_with("/search") {
+            let mut r = search(req).await;
+            self.stamp(&mut r, 0);
+            return r;
         }
         let (key, post) = self.key_of(req).await;
         let known = key.as_ref().and_then(|k| {
@@ -410,6 +418,53 @@ async fn echo(req: Request<Incoming>) -> Reply {
         HeaderValue::from_static("application/octet-stream"),
     );
     r
+}
+
+/// A page that shows what it was asked for, as a search page does: the `q` field of the
+/// query (or of an urlencoded POST body) in its title, its text, an input's value and the
+/// link to its next page, HTML-escaped but otherwise as given. It belongs to no session.
+async fn search(req: Request<Incoming>) -> Reply {
+    let (parts, body) = req.into_parts();
+    let body = http_body_util::Limited::new(body, DEMO_FORM_LIMIT)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let field = |fields: &str| {
+        let value = session_id::field(fields, "q")?.replace('+', " ");
+        let value: Vec<u8> = session_id::percent_decoded(value.as_bytes()).collect();
+        Some(String::from_utf8_lossy(&value).into_owned())
+    };
+    let q = parts
+        .uri
+        .query()
+        .and_then(field)
+        .or_else(|| field(&String::from_utf8_lossy(&body)))
+        .unwrap_or_default();
+    let q = html_escaped(&q);
+    let html = format!(
+        "<!DOCTYPE html>\n<html><head><title>Search: {q}</title></head><body>\
+<form action=\"/search\"><input name=\"q\" value=\"{q}\"><button>search</button></form>\
+<p>You searched for {q}. Nothing was found.</p>\
+<p><a href=\"/search?q={q}&amp;page=2\">next page</a></p></body></html>\n"
+    );
+    text(StatusCode::OK, "text/html; charset=utf-8", html)
+}
+
+/// `text` safe to put in HTML text and quoted attribute values.
+fn html_escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Reply {

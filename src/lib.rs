@@ -13,7 +13,7 @@
 //! | [`core::registry`] | the live farm: pools and routes swapped whole, backend changes one at a time |
 //! | [`core::history`] | each pool's last quarter hour, for the status page |
 //! | [`core::balance`] | round-robin, least-sessions, client-address rendezvous hashing |
-//! | [`core::learn`] | reading session ids out of reply headers and page bodies |
+//! | [`core::learn`] | reading session ids out of reply headers and the links of page bodies; telling them from echoes of the request |
 //! | [`core::pool`] | one pool's settings and the routing decision for a request (pinned, new, redispatched, refused) |
 //! | [`core::route`] | Host / path prefix → pool |
 //! | [`core::launch`] | a launchable backend's process as a state machine: command line, back-off, idle clock |

@@ -37,7 +37,7 @@ use crate::core::trust::TrustedProxies;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::farm::health;
 use crate::farm::launch::{self, NotReady};
-use crate::learn::{Learner, PageLearner, PageTap};
+use crate::learn::{Learner, PageLearner, PageTap, Told};
 use crate::upstream::{
     self, CountBytesIn, PeekError, RequestBody, SendError, ToBackend, Tunnel, UpBody, Upstream,
 };
@@ -687,7 +687,8 @@ impl Proxy {
             routing,
             connection,
             body,
-            learner,
+            form,
+            cookie_routed,
         } = chosen;
 
         let client_upgrade = if is_upgrade(&parts.headers) {
@@ -760,6 +761,13 @@ impl Proxy {
             ));
         }
         let scan = scan_page.then_some(scan_limit);
+        let learner = Learner {
+            backend: routing.backend.id,
+            now,
+            cookie_routed,
+            // What the backend was told, to tell its own words from an echo of the request's.
+            told: Told::new(parts.uri, parts.headers, form),
+        };
         Ok(reply_to_client(
             &pool, &routing, learner, reply, scan, conn, trace,
         ))
@@ -796,7 +804,10 @@ impl Proxy {
                         PeekError::Stalled => ProxyError::RequestTimeout,
                         PeekError::Body => ProxyError::BadRequestBody,
                     })?;
-                (peek.body, Some((s, kind, peek.head, peek.complete)))
+                (
+                    RequestBody::Peeked(Box::new(peek.body)),
+                    Some((s, kind, peek.head, peek.complete)),
+                )
             }
             None => (RequestBody::Streaming(body), None),
         };
@@ -902,23 +913,16 @@ impl Proxy {
                     if let Some(from) = routing.moved_from {
                         redispatched(pool, &pool.backends(), from, &routing, view.id);
                     }
-                    let unknown = |decision| {
-                        (routing.decision == decision)
-                            .then_some(view.id)
-                            .flatten()
-                            .map(|(id, _)| PinKey::of(id))
-                    };
-                    let learner = Learner {
-                        backend: backend.id,
-                        now,
-                        cookie_routed: unknown(Decision::Learned),
-                        carried_unknown: unknown(Decision::New),
-                    };
+                    let cookie_routed = view
+                        .id
+                        .filter(|_| routing.decision == Decision::Learned)
+                        .map(|(id, _)| PinKey::of(id));
                     return Ok(Chosen {
                         routing,
                         connection,
                         body,
-                        learner,
+                        form: peeked.as_ref().map(|(_, _, head, _)| head.clone()),
+                        cookie_routed,
                     });
                 }
                 Err(failure) => {
@@ -992,7 +996,10 @@ struct Chosen {
     routing: Routing,
     connection: upstream::Conn,
     body: RequestBody,
-    learner: Learner,
+    /// The start of the form body read to find the id, if it was.
+    form: Option<Bytes>,
+    /// The unknown id an affinity cookie routed to the backend, if any.
+    cookie_routed: Option<PinKey>,
 }
 
 /// Logs a session moved off its backend, by the hash the access log shows for it.

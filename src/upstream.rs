@@ -835,27 +835,31 @@ impl Body for UpBody {
     }
 }
 
-/// The body sent to a backend: the client's body as it streams, possibly preceded by the
-/// frames already read to find a session id in a form.
+/// The body sent to a backend: the client's body as it streams, possibly preceded by what
+/// was already read of it to find a session id in a form.
 pub enum RequestBody {
     /// Untouched.
     Streaming(Incoming),
-    /// Frames read during the peek, replayed first, then the rest.
+    /// The peeked start replayed first, then the rest.
     Peeked(Box<Peeked>),
 }
 
-/// The frames of a peeked body and what is left of it.
-pub struct Peeked {
-    frames: VecDeque<Frame<Bytes>>,
-    rest: Option<Incoming>,
-    buffered: u64,
+/// A peeked body, replayed in order: the bytes read, in one piece; the rest of the last
+/// frame read, when it went past the limit; the trailers, when the body ended with them
+/// during the peek; then whatever the client has not sent yet.
+pub struct Peeked<B = Incoming> {
+    head: Bytes,
+    overflow: Bytes,
+    trailers: Option<HeaderMap>,
+    rest: Option<B>,
 }
 
 /// The start of a request body, read to look for a session id.
-pub struct Peek {
+pub struct Peek<B = Incoming> {
     /// The body to forward: exactly the bytes the client sent.
-    pub body: RequestBody,
-    /// The bytes read, contiguous (at most the limit plus one frame).
+    pub body: Peeked<B>,
+    /// The first bytes of the body, contiguous: at most the limit, however the client
+    /// framed them.
     pub head: Bytes,
     /// Whether `head` is the whole body.
     pub complete: bool,
@@ -870,54 +874,170 @@ pub enum PeekError {
     Stalled,
 }
 
-/// Reads frames until `limit` bytes are held or the body ends; each frame must come within
-/// `wait` of the one before.
-pub async fn peek(mut body: Incoming, limit: usize, wait: Duration) -> Result<Peek, PeekError> {
-    let mut frames = VecDeque::new();
-    let mut held = 0usize;
-    let mut complete = false;
-    while held < limit {
-        let next = tokio::time::timeout(wait, body.frame())
-            .await
-            .map_err(|_| PeekError::Stalled)?;
-        match next {
-            None => {
-                complete = true;
-                break;
+/// The data of a peek, gathered into one piece: the first frame as it came (no copy), or,
+/// from the second frame on, one buffer that grows to at most the limit. However small the
+/// frames the client sends (one-byte chunks, one-byte HTTP/2 DATA frames), the peek holds
+/// one buffer, never a frame each.
+enum Gathered {
+    Empty,
+    One(Bytes),
+    Joined(Vec<u8>),
+}
+
+impl Gathered {
+    fn len(&self) -> usize {
+        match self {
+            Gathered::Empty => 0,
+            Gathered::One(b) => b.len(),
+            Gathered::Joined(v) => v.len(),
+        }
+    }
+
+    /// Adds `data`, which fits within `limit`; a body of known length (`exact`) is joined in
+    /// a buffer of its size (at most the limit), one of unknown length in one that doubles,
+    /// up to the limit.
+    fn push(&mut self, data: Bytes, limit: usize, exact: Option<u64>) {
+        if data.is_empty() {
+            return;
+        }
+        match self {
+            Gathered::Empty => *self = Gathered::One(data),
+            Gathered::One(first) => {
+                let need = first.len() + data.len();
+                let capacity = match exact {
+                    Some(length) => usize::try_from(length).unwrap_or(usize::MAX),
+                    None => need.max(2 * first.len()),
+                }
+                .clamp(need, limit);
+                let mut joined = Vec::with_capacity(capacity);
+                joined.extend_from_slice(first);
+                joined.extend_from_slice(&data);
+                *self = Gathered::Joined(joined);
             }
-            Some(frame) => {
-                let frame = frame.map_err(|_| PeekError::Body)?;
-                if let Some(data) = frame.data_ref() {
-                    held += data.len();
+            Gathered::Joined(joined) => {
+                let need = joined.len() + data.len();
+                if need > joined.capacity() {
+                    let grown = need.max(2 * joined.capacity()).min(limit);
+                    joined.reserve_exact(grown - joined.len());
                 }
-                let trailers = frame.is_trailers();
-                frames.push_back(frame);
-                if trailers {
-                    complete = true;
-                    break;
-                }
+                joined.extend_from_slice(&data);
             }
         }
     }
-    let mut data = frames.iter().filter_map(Frame::data_ref);
-    let head = if frames.len() == 1 {
-        data.next().cloned().unwrap_or_default()
-    } else {
-        let mut joined = Vec::with_capacity(held);
-        data.for_each(|d| joined.extend_from_slice(d));
-        Bytes::from(joined)
-    };
-    let complete = complete || body.is_end_stream();
-    let peeked = Peeked {
-        frames,
-        rest: (!complete).then_some(body),
-        buffered: held as u64,
-    };
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Gathered::Empty => Bytes::new(),
+            Gathered::One(b) => b,
+            Gathered::Joined(v) => Bytes::from(v),
+        }
+    }
+}
+
+/// Reads the body until `limit` bytes are held or it ends; each frame must come within
+/// `wait` of the one before. What was read is held as one piece of at most `limit` bytes
+/// (the part of the last frame beyond it is kept as it came, a slice of that frame).
+pub async fn peek<B>(mut body: B, limit: usize, wait: Duration) -> Result<Peek<B>, PeekError>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let exact = body.size_hint().exact();
+    let mut gathered = Gathered::Empty;
+    let mut overflow = Bytes::new();
+    let mut trailers = None;
+    let mut ended = false;
+    while gathered.len() < limit {
+        let next = tokio::time::timeout(wait, body.frame())
+            .await
+            .map_err(|_| PeekError::Stalled)?;
+        let Some(frame) = next else {
+            ended = true;
+            break;
+        };
+        match frame.map_err(|_| PeekError::Body)?.into_data() {
+            Ok(mut data) => {
+                let room = limit - gathered.len();
+                if data.len() > room {
+                    overflow = data.split_off(room);
+                }
+                gathered.push(data, limit, exact);
+            }
+            Err(frame) => {
+                // Trailers end a body.
+                trailers = frame.into_trailers().ok();
+                ended = true;
+                break;
+            }
+        }
+    }
+    let ended = ended || body.is_end_stream();
+    let head = gathered.into_bytes();
     Ok(Peek {
-        body: RequestBody::Peeked(Box::new(peeked)),
-        head,
-        complete,
+        complete: ended && overflow.is_empty(),
+        head: head.clone(),
+        body: Peeked {
+            head,
+            overflow,
+            trailers,
+            rest: (!ended).then_some(body),
+        },
     })
+}
+
+impl<B> Peeked<B> {
+    /// The bytes held until they are replayed.
+    fn buffered(&self) -> u64 {
+        (self.head.len() + self.overflow.len()) as u64
+    }
+}
+
+impl<B> Body for Peeked<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        for held in [&mut this.head, &mut this.overflow] {
+            if !held.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(std::mem::take(held)))));
+            }
+        }
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        match &mut this.rest {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.buffered() == 0
+            && self.trailers.is_none()
+            && self.rest.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let buffered = self.buffered();
+        match &self.rest {
+            None => SizeHint::with_exact(buffered),
+            Some(rest) => {
+                let r = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(r.lower() + buffered);
+                if let Some(upper) = r.upper() {
+                    hint.set_upper(upper + buffered);
+                }
+                hint
+            }
+        }
+    }
 }
 
 impl Body for RequestBody {
@@ -930,45 +1050,21 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Streaming(inner) => Pin::new(inner).poll_frame(cx),
-            RequestBody::Peeked(p) => {
-                if let Some(frame) = p.frames.pop_front() {
-                    if let Some(d) = frame.data_ref() {
-                        p.buffered -= d.len() as u64;
-                    }
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                match &mut p.rest {
-                    Some(rest) => Pin::new(rest).poll_frame(cx),
-                    None => Poll::Ready(None),
-                }
-            }
+            RequestBody::Peeked(p) => Pin::new(p.as_mut()).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Streaming(inner) => inner.is_end_stream(),
-            RequestBody::Peeked(p) => {
-                p.frames.is_empty() && p.rest.as_ref().is_none_or(Body::is_end_stream)
-            }
+            RequestBody::Peeked(p) => p.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Streaming(inner) => inner.size_hint(),
-            RequestBody::Peeked(p) => match &p.rest {
-                None => SizeHint::with_exact(p.buffered),
-                Some(rest) => {
-                    let r = rest.size_hint();
-                    let mut hint = SizeHint::new();
-                    hint.set_lower(r.lower() + p.buffered);
-                    if let Some(upper) = r.upper() {
-                        hint.set_upper(upper + p.buffered);
-                    }
-                    hint
-                }
-            },
+            RequestBody::Peeked(p) => p.size_hint(),
         }
     }
 }

@@ -1,7 +1,16 @@
-//! The hot path — extract the id, look it up, decide the backend — allocates nothing.
-//! Counted with a real counting allocator, per thread.
+//! The hot path — extract the id, look it up, decide the backend — allocates nothing, and
+//! the form peek holds one bounded buffer however the body is framed. Counted with a real
+//! counting allocator, per thread.
+
+mod support;
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body_util::BodyExt;
+use support::Trickle;
 
 use tidegate::core::affinity::{PinKey, TableLimits};
 use tidegate::core::affinity_cookie::AffinityCookie;
@@ -158,4 +167,63 @@ fn routing_by_an_affinity_cookie_under_any_secret_allocates_nothing() {
         }
     });
     assert_eq!(info.count_total, 0, "{info:?}");
+}
+
+/// A 64 KiB form sent as one-byte frames used to cost the peek a frame each (megabytes for a
+/// 64 KiB peek); it holds one buffer of at most its limit, replayed as the body it was.
+#[test]
+fn a_form_peek_of_one_byte_frames_holds_one_buffer_within_its_limit() {
+    const LIMIT: usize = 64 * 1024;
+    /// Bookkeeping beyond the buffer: the shared header of a `Bytes`, the trailers.
+    const SLACK: usize = 1024;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let data: Vec<u8> = (0..LIMIT + 5000).map(|i| b'a' + (i % 26) as u8).collect();
+    let data = Bytes::from(data);
+    for (length, with_trailers) in [
+        (LIMIT, false),
+        (LIMIT, true),
+        (LIMIT + 5000, true),
+        (300, true),
+    ] {
+        let trailers = with_trailers.then(|| {
+            let mut t = HeaderMap::new();
+            t.insert("x-checksum", HeaderValue::from_static("1234"));
+            t
+        });
+        let body = Trickle::new(data.slice(..length), trailers.clone());
+        let mut peeked = None;
+        let info = allocation_counter::measure(|| {
+            let peek = rt.block_on(tidegate::upstream::peek(
+                body,
+                LIMIT,
+                Duration::from_secs(5),
+            ));
+            peeked = Some(peek.expect("the peek reads the body"));
+        });
+        let case = format!("{length} bytes, trailers: {with_trailers}");
+        assert!(
+            info.bytes_current <= (LIMIT + SLACK) as i64,
+            "{case}: the peek holds {} bytes: {info:?}",
+            info.bytes_current
+        );
+        // Growing by doubling holds the old buffer and the new one for a moment.
+        assert!(
+            info.bytes_max <= (LIMIT + LIMIT / 2 + SLACK) as u64,
+            "{case}: the peek held {} bytes at its peak: {info:?}",
+            info.bytes_max
+        );
+        let peek = peeked.unwrap();
+        assert_eq!(peek.head, data.slice(..length.min(LIMIT)), "{case}");
+        assert_eq!(
+            peek.complete,
+            (length == LIMIT && !with_trailers) || length < LIMIT,
+            "{case}"
+        );
+        let replayed = rt.block_on(peek.body.collect()).unwrap();
+        assert_eq!(replayed.trailers(), trailers.as_ref(), "{case}");
+        assert_eq!(replayed.to_bytes(), data.slice(..length), "{case}");
+    }
 }

@@ -286,15 +286,9 @@ async fn links_beyond_the_scan_window_are_not_learned() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn affinity_cookie_carries_a_session_the_scan_missed_until_the_backend_names_it() {
-    let mut imgs = Vec::new();
-    for i in 1..=3 {
-        let mut o = ImageOptions::new(&format!("image-{i}"));
-        o.padding = 40 * 1024; // the first page's links lie beyond the scan window
-        imgs.push(image(o).await);
-    }
+async fn affinity_cookie_keeps_a_session_the_scan_missed_on_its_image() {
     let f = farm_with(
-        imgs,
+        padded_images(3).await,
         "[pool.affinity_cookie]\nname = \"tg\"\nsecret = \"0123456789abcdef0123\"\n",
     )
     .await;
@@ -304,20 +298,20 @@ async fn affinity_cookie_carries_a_session_the_scan_missed_until_the_backend_nam
     assert_eq!(pinned_to(&f, &key), None);
     let cookie = b.cookies.as_ref().unwrap()["tg"].clone();
     assert!(!cookie.contains("127.0.0.1"), "the cookie is opaque");
-    // The next click carries the key and the cookie: the cookie routes it, and the reply
-    // (a light page whose links name the key) confirms the pin.
-    let second = b.click().await;
-    assert_eq!((second.image(), second.counter()), (first.image(), 2));
-    assert_eq!(
-        pinned_to(&f, &key),
-        Some(BackendId::from_name(&first.image()))
-    );
-    // From now on the key alone is enough: a client without the cookie stays on the image.
-    let client = support::client();
-    for n in 3..=8 {
-        let r = support::get(&client, &format!("{}/app?_s={key}&_k=x", f.base)).await;
+    // Every click carries the key and the cookie: the cookie routes it to its image. The
+    // replies (light pages whose links name the key) only repeat the id the request named,
+    // which is the client's word: the key stays unpinned, and the cookie keeps routing it.
+    for n in 2..=6 {
+        let r = b.click().await;
         assert_eq!((r.image(), r.counter()), (first.image(), n));
     }
+    assert_eq!(pinned_to(&f, &key), None);
+    assert_eq!(f.pins(), 0);
+    // Without the cookie the key is unknown: a new session, as for any unknown key.
+    let client = support::client();
+    let r = support::get(&client, &format!("{}/app?_s={key}&_k=x", f.base)).await;
+    assert_eq!(r.counter(), 1);
+    assert_eq!(pinned_to(&f, &key), None);
     // A forged cookie is ignored: new session, and a genuine cookie is set in reply.
     let r = send(
         &client,
@@ -329,4 +323,138 @@ async fn affinity_cookie_carries_a_session_the_scan_missed_until_the_backend_nam
     .await;
     assert_eq!(r.counter(), 1);
     assert!(r.header("set-cookie").starts_with("tg="));
+}
+
+/// Images whose first pages link their session only past the 32 KiB scan window.
+async fn padded_images(n: usize) -> Vec<tidegate::demo::Image> {
+    let mut imgs = Vec::new();
+    for i in 1..=n {
+        let mut o = ImageOptions::new(&format!("image-{i}"));
+        o.padding = 40 * 1024;
+        imgs.push(image(o).await);
+    }
+    imgs
+}
+
+/// `/search` through the balancer (a GET, or a POST of `body`), a page that shows what it
+/// was asked for; returns the image that answered.
+async fn search(f: &Farm, query: &str, headers: &[(&str, &str)], body: &str) -> String {
+    let (method, headers) = if body.is_empty() {
+        (Method::GET, headers.to_vec())
+    } else {
+        let mut h = headers.to_vec();
+        h.push(("content-type", "application/x-www-form-urlencoded"));
+        (Method::POST, h)
+    };
+    let reply = send(
+        &support::client(),
+        method,
+        &format!("{}/search{query}", f.base),
+        &headers,
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    reply.image()
+}
+
+/// Client X knows client Y's session key. A search page shows it whatever X asks it to,
+/// in its title, its text, an input and a link: no way of asking moves Y's pin to the image
+/// that answered, and none pins the key, or an id X made up, to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_showing_what_a_client_sent_moves_no_pin_and_creates_none() {
+    let f = farm(3, Tracking::Links).await;
+    let mut y = Browser::new(&f.base, false);
+    let page = y.open("/app").await;
+    let key = page.key().unwrap();
+    let home = BackendId::from_name(&page.image());
+    assert_eq!(pinned_to(&f, &key), Some(home));
+    let made_up = "MadeUpByX0123456";
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..2 {
+        for id in [key.as_str(), made_up] {
+            // Round robin sends these to every image, Y's and the others.
+            let asked = [
+                (format!("?q=?_s={id}"), String::new()),
+                (format!("?q=%3F_s%3D{id}&_k=x"), String::new()),
+                (format!("?q=x%26_s%3D{id}"), String::new()),
+                (
+                    format!("?q=?_s=%{:02X}{}", id.as_bytes()[0], &id[1..]),
+                    String::new(),
+                ),
+                (String::new(), format!("q=?_s={id}")),
+            ];
+            for (query, body) in asked {
+                let image = search(&f, &query, &[], &body).await;
+                assert_eq!(
+                    pinned_to(&f, &key),
+                    Some(home),
+                    "{image} took Y's pin: {query}{body}"
+                );
+                assert_eq!(f.pins(), 1, "{image} pinned an id: {query}{body}");
+                answered.insert(image);
+            }
+        }
+    }
+    assert_eq!(
+        answered.len(),
+        3,
+        "every image showed the ids: {answered:?}"
+    );
+    // Past the 64 KiB form peek, the request's own words are not seen: an image that shows
+    // Y's key from there still cannot move Y's pin, which lives on another image.
+    let filler = format!("filler={}", "f".repeat(70 * 1024));
+    for _ in 0..3 {
+        let image = search(&f, "", &[], &format!("{filler}&q=?_s={key}")).await;
+        assert_eq!(pinned_to(&f, &key), Some(home), "{image} took Y's pin");
+    }
+    for n in 2..=4 {
+        let r = y.click().await;
+        assert_eq!(
+            (r.image(), r.counter()),
+            (page.image(), n),
+            "Y stays on its image"
+        );
+    }
+}
+
+/// Client Y's session lies past the scan window: only the affinity cookie keeps it on its
+/// image. Client X knows Y's key and holds a genuine cookie of another image: sending Y's key
+/// there (whose page shows it back) must not pin it there, which would take Y's session away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_affinity_cookie_does_not_let_a_shown_id_be_pinned() {
+    let f = farm_with(
+        padded_images(3).await,
+        "[pool.affinity_cookie]\nname = \"tg\"\nsecret = \"0123456789abcdef0123\"\n",
+    )
+    .await;
+    let mut y = Browser::new(&f.base, true);
+    let page = y.open("/app").await;
+    let key = page.key().unwrap();
+    assert_eq!(pinned_to(&f, &key), None);
+    // X opens sessions of its own until it holds the cookie of another image.
+    let mut x = Browser::new(&f.base, true);
+    let other_cookie = loop {
+        let mine = x.open("/app").await;
+        if mine.image() != page.image() {
+            break x.cookies.as_ref().unwrap()["tg"].clone();
+        }
+        x = Browser::new(&f.base, true);
+    };
+    let cookie = format!("tg={other_cookie}");
+    for query in [format!("?_s={key}&q=?_s={key}"), format!("?q=?_s={key}")] {
+        let answered = search(&f, &query, &[("cookie", &cookie)], "").await;
+        assert_ne!(answered, page.image(), "the cookie routed X's request");
+    }
+    assert_eq!(
+        pinned_to(&f, &key),
+        None,
+        "Y's key was pinned where X sent it"
+    );
+    let r = y.click().await;
+    assert_eq!(
+        (r.image(), r.counter()),
+        (page.image(), 2),
+        "Y stays on its image"
+    );
 }

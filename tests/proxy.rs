@@ -929,6 +929,63 @@ async fn chunked_uploads_arrive_byte_for_byte_peeked_or_not() {
     .await;
 }
 
+/// A form sent one byte a frame, ending with trailers, over HTTP/1.1 (one-byte chunks) and
+/// HTTP/2 (one-byte DATA frames): the peek finds its session, and the image receives exactly
+/// the bytes sent (trailers end the body; they are not forwarded). HTTP/2 itself closes a
+/// connection with more than about a hundred tiny DATA frames waiting, so there the long form
+/// comes in frames just above its threshold (256 bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_byte_frames_with_trailers_arrive_byte_for_byte_through_the_peek() {
+    bounded(async {
+        let f = farm(3, Tracking::Links).await;
+        let client = support::client();
+        let (key, image) = open_session(&client, &f.base).await;
+        // The session field first, so the peek finds it; filler past the 64 KiB peek bound.
+        let filler: String = noise(70 * 1024, 91).iter().map(|b| char::from(b'a' + b % 26)).collect();
+        for form in [format!("_s={key}&comment=short"), format!("_s={key}&comment={filler}")] {
+            let form = form.into_bytes();
+            let mut request = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+Transfer-Encoding: chunked\r\nTrailer: x-checksum\r\nConnection: close\r\n\r\n"
+                .to_vec();
+            let mut body = chunked(&form, 1);
+            body.truncate(body.len() - 2); // the last chunk's CRLF, so a trailer field can follow
+            body.extend_from_slice(b"x-checksum: 1234\r\n\r\n");
+            request.extend_from_slice(&body);
+            let reply = raw_exchange(f.addr(), None, &request).await;
+            assert_eq!(reply.status, 200, "HTTP/1.1, {} bytes", form.len());
+            assert_eq!(reply.header("x-image"), Some(image.as_str()), "HTTP/1.1: the peek found the session");
+            let echoed = Echoed::of(&Bytes::from(reply.body.clone()));
+            assert!(echoed.body == form, "HTTP/1.1, {} bytes: the body changed", form.len());
+
+            let h2_frame = if form.len() < 100 { 1 } else { 257 };
+            let stream = connect(f.addr(), None).await;
+            let (mut sender, connection) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            .expect("h2c handshake");
+            tokio::spawn(connection);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-checksum", http::HeaderValue::from_static("1234"));
+            let request = http::Request::post(format!("{}/echo", f.base))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(support::Trickle::new(Bytes::from(form.clone()), Some(trailers)).in_frames_of(h2_frame))
+                .unwrap();
+            let reply = tokio::time::timeout(IO_LIMIT, sender.send_request(request))
+                .await
+                .expect("h2 reply within the I/O limit")
+                .expect("h2 request succeeds");
+            assert_eq!(reply.status(), 200, "HTTP/2, {} bytes", form.len());
+            assert_eq!(reply.headers()["x-image"], image.as_str(), "HTTP/2: the peek found the session");
+            let echoed = http_body_util::BodyExt::collect(reply.into_body()).await.unwrap().to_bytes();
+            let echoed = Echoed::of(&echoed);
+            assert!(echoed.body == form, "HTTP/2, {} bytes: the body changed", form.len());
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_continue_uploads_get_100_and_arrive_intact() {
     bounded(async {

@@ -10,6 +10,7 @@
 //! request path; the bound is kept by evicting the stalest pins.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -348,47 +349,79 @@ impl AffinityTable {
         })
     }
 
-    /// Pins `key` to `backend`. Only what a backend said may reach here: the request path
-    /// calls it when a reply names a session, never for an id a client sent on its own.
+    /// Pins `key` to `backend`, wherever it was pinned before: the routing's word (a session
+    /// redispatched off a backend that can no longer serve it). Only what a backend said, or
+    /// a session tidegate already held, may reach here, never an id a client sent on its own.
     pub fn pin(&self, key: PinKey, backend: BackendId, now: u32) -> PinOutcome {
+        let Ok(outcome) = self.pin_unless(key, backend, now, |_| Ok::<(), Infallible>(()));
+        outcome
+    }
+
+    /// Pins `key` to `backend` as a reply taught it, unless it is pinned (and not expired)
+    /// to another backend that `holds` says still holds its sessions: a reply never moves a
+    /// session off the backend it lives on. `Err` names that backend. The check and the pin
+    /// are one step under the shard's lock, so no concurrent pin slips between them.
+    pub fn learn(
+        &self,
+        key: PinKey,
+        backend: BackendId,
+        now: u32,
+        holds: impl Fn(BackendId) -> bool,
+    ) -> Result<PinOutcome, BackendId> {
+        self.pin_unless(key, backend, now, |owner| {
+            if holds(owner) { Err(owner) } else { Ok(()) }
+        })
+    }
+
+    /// Pins `key` to `backend` unless `keep` refuses to move it off the live pin of another
+    /// backend.
+    fn pin_unless<E>(
+        &self,
+        key: PinKey,
+        backend: BackendId,
+        now: u32,
+        keep: impl Fn(BackendId) -> Result<(), E>,
+    ) -> Result<PinOutcome, E> {
         let max_pins = self.limits().max_pins;
         if self.len.load(Ordering::Relaxed) >= max_pins && self.map.get(&key).is_none() {
             // The sweeper normally keeps the table below its bound; this is the backstop.
             // Below 20 pins the low-water mark is the bound itself: room is made all the same.
             self.evict_stalest(self.low_watermark().min(max_pins.saturating_sub(1)), now);
         }
-        let fresh = Slot {
+        let limits = self.limits();
+        let fresh = || Slot {
             backend,
             created: now,
             last_used: AtomicU32::new(now),
         };
-        let mut outcome = PinOutcome::Created;
+        let mut outcome = Ok(PinOutcome::Created);
         self.map
             .entry(key)
             .and_modify(|slot| {
                 if slot.backend == backend {
                     slot.last_used.store(now, Ordering::Relaxed);
-                    outcome = PinOutcome::Refreshed;
+                    outcome = Ok(PinOutcome::Refreshed);
+                } else if let Some(Err(kept)) =
+                    (!limits.expired(slot.created, slot.last_used.load(Ordering::Relaxed), now))
+                        .then(|| keep(slot.backend))
+                {
+                    outcome = Err(kept);
                 } else {
-                    outcome = PinOutcome::Moved { from: slot.backend };
-                    *slot = Slot {
-                        backend,
-                        created: now,
-                        last_used: AtomicU32::new(now),
-                    };
+                    outcome = Ok(PinOutcome::Moved { from: slot.backend });
+                    *slot = fresh();
                 }
             })
-            .or_insert(fresh);
+            .or_insert_with(fresh);
         match outcome {
-            PinOutcome::Created => {
+            Ok(PinOutcome::Created) => {
                 self.len.fetch_add(1, Ordering::Relaxed);
                 self.counter(backend).fetch_add(1, Ordering::Relaxed);
             }
-            PinOutcome::Moved { from } => {
+            Ok(PinOutcome::Moved { from }) => {
                 self.forget(from, 1);
                 self.counter(backend).fetch_add(1, Ordering::Relaxed);
             }
-            PinOutcome::Refreshed => return outcome,
+            Ok(PinOutcome::Refreshed) | Err(_) => return outcome,
         }
         if self.recording.load(Ordering::Relaxed)
             && let Some((pins, made)) = self
@@ -725,6 +758,30 @@ mod tests {
         t.pin(PinKey::of("after"), A, 7);
         assert!(t.recorded().is_empty());
         assert_eq!(rung.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_reply_moves_no_live_pin_of_a_backend_that_holds_it() {
+        let t = table(10);
+        let k = PinKey::of("s1");
+        assert_eq!(t.learn(k, A, 0, |_| true), Ok(PinOutcome::Created));
+        assert_eq!(t.learn(k, A, 1, |_| true), Ok(PinOutcome::Refreshed));
+        assert_eq!(t.learn(k, B, 2, |_| true), Err(A), "A holds its session");
+        assert_eq!(t.get(k).map(|p| p.backend), Some(A));
+        assert_eq!((t.pins_of(A), t.pins_of(B), t.len()), (1, 0, 1));
+        // A backend that no longer holds it (it left the pool) lets it go.
+        assert_eq!(
+            t.learn(k, B, 3, |owner| owner != A),
+            Ok(PinOutcome::Moved { from: A })
+        );
+        assert_eq!((t.pins_of(A), t.pins_of(B), t.len()), (0, 1, 1));
+        // An expired pin holds nothing.
+        assert_eq!(
+            t.learn(k, A, 10_000, |_| true),
+            Ok(PinOutcome::Moved { from: B })
+        );
+        // The routing's own move (a redispatch) is not refused.
+        assert_eq!(t.pin(k, B, 10_001), PinOutcome::Moved { from: A });
     }
 
     #[test]

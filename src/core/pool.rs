@@ -99,8 +99,8 @@ pub struct RequestView<'a> {
 pub enum Decision {
     /// Its session (or affinity cookie) is pinned to a backend that serves it.
     Pinned,
-    /// An unknown id with a valid affinity cookie: routed to the cookie's backend, whose reply
-    /// pins the id when it names it.
+    /// An unknown id with a valid affinity cookie: routed to the cookie's backend, whose
+    /// `Set-Cookie` of the id pins it.
     Learned,
     /// No known session: the pool's policy chose.
     New,
@@ -358,10 +358,10 @@ impl Pool {
             && cookie_may_route(b)
         {
             if usable(b) {
-                // The cookie routes the request; the id itself is pinned only when the
-                // backend's reply names it (links, Location, Set-Cookie), so even a client
-                // holding a genuine cookie cannot make the table keep ids the backend never
-                // issued.
+                // The cookie routes the request; the id itself is the client's word, pinned
+                // only by the backend's `Set-Cookie` of it (links or a `Location` repeating
+                // it teach nothing: see `learn`), so a client holding a genuine cookie cannot
+                // pin an id of its choosing to that backend.
                 let decision = if key.is_some() {
                     Decision::Learned
                 } else {

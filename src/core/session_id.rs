@@ -222,6 +222,34 @@ pub fn from_urlencoded<'a>(body: &'a [u8], name: &str, rules: &IdRules) -> Optio
     }
 }
 
+/// The bytes of `text` with its `%XX` escapes decoded (a `%` not followed by two hex digits
+/// stays as it is).
+pub fn percent_decoded(text: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let b = *text.get(i)?;
+        if b == b'%'
+            && let Some(&[hi, lo]) = text.get(i + 1..i + 3)
+            && hi.is_ascii_hexdigit()
+            && lo.is_ascii_hexdigit()
+        {
+            i += 3;
+            return Some(hex(hi) << 4 | hex(lo));
+        }
+        i += 1;
+        Some(b)
+    })
+}
+
+/// The value of an ASCII hex digit.
+fn hex(digit: u8) -> u8 {
+    match digit {
+        b'0'..=b'9' => digit - b'0',
+        b'a'..=b'f' => digit - b'a' + 10,
+        _ => digit - b'A' + 10,
+    }
+}
+
 /// `"value"` → `value`; anything else as it is.
 fn unquote(value: &str) -> &str {
     value
@@ -425,6 +453,16 @@ MPKEY\r\n--XyZ--\r\n";
             Some("q q")
         );
         assert_eq!(multipart_boundary("text/plain; boundary=x"), None);
+    }
+
+    #[test]
+    fn percent_escapes_are_decoded_and_broken_ones_kept() {
+        let decoded = |t: &str| percent_decoded(t.as_bytes()).collect::<Vec<u8>>();
+        assert_eq!(decoded("a%3Fb%3db"), b"a?b=b");
+        assert_eq!(decoded("%4b%4B"), b"KK");
+        assert_eq!(decoded("100%"), b"100%");
+        assert_eq!(decoded("%4"), b"%4");
+        assert_eq!(decoded("%zz%"), b"%zz%");
     }
 
     #[test]

@@ -358,6 +358,59 @@ Content-Type: text/plain\r\n\r\nsome file content\r\n"
     }
 }
 
+/// A body sent one byte a frame (as one-byte HTTP/1 chunks or HTTP/2 DATA frames arrive),
+/// or in frames of another size, then optional trailers; its length is unknown, as a chunked
+/// body's is. Slicing the data allocates nothing, so what a reader of it holds is its own
+/// doing.
+pub struct Trickle {
+    data: Bytes,
+    at: usize,
+    frame_len: usize,
+    trailers: Option<HeaderMap>,
+}
+
+impl Trickle {
+    pub fn new(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Trickle {
+            data,
+            at: 0,
+            frame_len: 1,
+            trailers,
+        }
+    }
+
+    /// The same body in frames of `len` bytes.
+    pub fn in_frames_of(self, len: usize) -> Self {
+        Trickle {
+            frame_len: len.max(1),
+            ..self
+        }
+    }
+}
+
+impl http_body::Body for Trickle {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let frame = if self.at < self.data.len() {
+            let from = self.at;
+            self.at = self.data.len().min(from + self.frame_len);
+            Some(http_body::Frame::data(self.data.slice(from..self.at)))
+        } else {
+            self.trailers.take().map(http_body::Frame::trailers)
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.at == self.data.len() && self.trailers.is_none()
+    }
+}
+
 /// A directory no other test or run shares, removed on drop.
 pub struct TempDir(std::path::PathBuf);
 
