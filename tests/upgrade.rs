@@ -516,3 +516,44 @@ async fn changes_made_through_the_admin_api_survive_an_upgrade() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_the_old_process_found_down_is_down_in_the_new_one() {
+    bounded("health across an upgrade", async {
+        let mut imgs = images(2, Tracking::Links).await;
+        let state = TempDir::new("upgrade-health");
+        // Passive health: nothing probes a backend of unknown health, so only what the old
+        // process learned can make image-2 down in the new one before traffic reaches it.
+        let body = body(&state, &backend_entries(&imgs)).replace(
+            "name = \"app\"\n",
+            "name = \"app\"\n[pool.health]\ncheck = \"passive\"\nfall = 1\n",
+        );
+        let mut old = Process::start(&body).await;
+        let c = client();
+        drop(imgs.pop()); // image-2 stops listening.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // New sessions: the one routed to image-2 finds it refusing and moves on; image-2 is down.
+        for _ in 0..4 {
+            let r = get(&c, &format!("{}/app", old.base())).await;
+            assert_eq!(r.image(), "image-1");
+        }
+        let health = |v: &serde_json::Value| {
+            v["backends"]
+                .as_array()
+                .and_then(|b| b.iter().find(|b| b["name"] == "image-2"))
+                .map(|b| b["health"].clone())
+        };
+        let (_, pool) = old.api(&c, Method::GET, "/api/pools/app", "", false).await;
+        assert_eq!(health(&pool), Some("down".into()), "{pool}");
+        let new = successor(&old, "upgrade-health-new").await;
+        assert!(old.exited_within(Duration::from_secs(20)).await.success());
+        let (_, pool) = new.api(&c, Method::GET, "/api/pools/app", "", false).await;
+        assert_eq!(health(&pool), Some("down".into()), "{pool}");
+        assert!(
+            new.log().contains("the previous tidegate found it down"),
+            "{}",
+            new.log()
+        );
+    })
+    .await;
+}

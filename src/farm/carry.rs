@@ -1,9 +1,11 @@
-//! What the admin API changed in the farm, carried over an upgrade: the new process builds
-//! its farm from the configuration file, and then takes the running one's changes on the
-//! rule a reload keeps them by — a backend's weight or state set through the API stays
-//! unless the file changed that same value; a backend the API added stays unless the file
-//! now names one of that name. (A backend the API removed while the file still lists it
-//! comes back, as at a reload.)
+//! What the running farm knows beyond its file, carried over an upgrade: the new process
+//! builds its farm from the configuration file, and then takes the running one's admin API
+//! changes on the rule a reload keeps them by — a backend's weight or state set through the
+//! API stays unless the file changed that same value; a backend the API added stays unless
+//! the file now names one of that name (a backend the API removed while the file still lists
+//! it comes back, as at a reload) — and the backends it found down, which stay down until
+//! their checks pass (else the new process would send new sessions to them until they failed
+//! `fall` times).
 
 use std::net::SocketAddr;
 
@@ -11,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::core::backend::AdminState;
+use crate::core::health::Health;
 use crate::core::registry::Registry;
 
 /// The API's changes to one backend.
@@ -28,10 +31,13 @@ pub struct BackendChange {
     pub state: (String, Option<String>),
     /// Its `max_sessions`, for a backend the API added.
     pub max_sessions: Option<u64>,
+    /// Whether the running process found it down.
+    #[serde(default)]
+    pub down: bool,
 }
 
-/// The backends whose weight or state differ from the file applied last (`applied`), and
-/// those the API added.
+/// The backends whose weight or state differ from the file applied last (`applied`), those
+/// the API added, and those found down.
 pub fn changes(registry: &Registry, applied: &Config) -> Vec<BackendChange> {
     let mut out = Vec::new();
     for pool in registry.topology().pools.iter() {
@@ -49,11 +55,13 @@ pub fn changes(registry: &Registry, applied: &Config) -> Vec<BackendChange> {
                     said.map(|f| file_state(f.state).as_str().to_string()),
                 ),
                 max_sessions: b.max_sessions(),
+                down: b.health.get() == Health::Down,
             };
-            let changed = match said {
-                None => b.process.is_none(),
-                Some(f) => f.weight != b.weight() || file_state(f.state) != state,
-            };
+            let changed = change.down
+                || match said {
+                    None => b.process.is_none(),
+                    Some(f) => f.weight != b.weight() || file_state(f.state) != state,
+                };
             if changed {
                 out.push(change);
             }
@@ -126,7 +134,20 @@ pub fn apply(registry: &Registry, config: &Config, changes: &[BackendChange]) {
                 result
             }
         };
+        if c.down
+            && let Ok((pool, b)) = registry.backend(&c.pool, &c.name)
+        {
+            crate::farm::health::note(
+                &pool,
+                &b,
+                b.health.force_down(),
+                "the previous tidegate found it down",
+            );
+        }
+        let api_changed = c.weight.1.is_none_or(|w| w != c.weight.0)
+            || c.state.1.as_deref().is_none_or(|s| s != c.state.0);
         match applied {
+            Ok(()) if !api_changed => {}
             Ok(()) => tracing::info!(
                 pool = %c.pool,
                 backend = %c.name,
@@ -206,6 +227,25 @@ mod tests {
         ));
         apply(&new, &file, &carried);
         assert!(new.backend("app", "b").is_err());
+    }
+
+    #[test]
+    fn a_backend_found_down_stays_down() {
+        let (file, old) = farm(FILE);
+        let (_, b) = old.backend("app", "b").unwrap();
+        b.health.force_down();
+        let carried = changes(&old, &file);
+        assert_eq!(carried.len(), 1, "{carried:?}");
+        assert!(carried[0].down);
+        let (file, new) = farm(FILE);
+        apply(&new, &file, &carried);
+        let (_, b) = new.backend("app", "b").unwrap();
+        assert_eq!(b.health.get(), Health::Down);
+        assert_eq!(
+            backend(&new, "b"),
+            (3, AdminState::Active),
+            "nothing else changed"
+        );
     }
 
     #[test]
