@@ -91,7 +91,8 @@ pub fn apply(registry: &Registry, config: &Config, changes: &[BackendChange]) {
             .iter()
             .find(|p| p.name == c.pool)
             .and_then(|p| p.backends.iter().find(|b| b.name == c.name));
-        let applied = match (file, c.weight.1) {
+        // Whether a change of the API was kept, or why it could not be.
+        let kept: Result<bool, String> = match (file, c.weight.1) {
             // Added through the API, and the file names no such backend: added again.
             (None, None) => {
                 let Some(state) = parse_state(&c.state.0) else {
@@ -107,32 +108,35 @@ pub fn apply(registry: &Registry, config: &Config, changes: &[BackendChange]) {
                         Default::default(),
                     )
                     .map(|b| b.set_max_sessions(c.max_sessions))
+                    .map(|()| true)
                     .map_err(|e| e.to_string())
             }
             // Removed from the file since: gone.
             (None, Some(_)) => continue,
-            (Some(f), _) => {
-                let mut result = Ok(());
-                // A value the file changed since is the file's.
-                if c.weight.1.is_none_or(|was| was == f.weight) && c.weight.0 != f.weight {
-                    result = registry
+            // Added through the API, and the file now names a backend of that name: the
+            // file's values apply, as at a reload.
+            (Some(_), None) => Ok(false),
+            // A value the file changed since is the file's.
+            (Some(f), Some(was_weight)) => (|| {
+                let mut kept = false;
+                if was_weight == f.weight && c.weight.0 != f.weight {
+                    registry
                         .set_weight(&c.pool, &c.name, c.weight.0)
-                        .map(drop)
-                        .map_err(|e| e.to_string());
+                        .map_err(|e| e.to_string())?;
+                    kept = true;
                 }
                 let was = c.state.1.as_deref().and_then(parse_state);
                 if let Some(state) = parse_state(&c.state.0)
                     && was.is_none_or(|was| was == file_state(f.state))
                     && state != file_state(f.state)
-                    && result.is_ok()
                 {
-                    result = registry
+                    registry
                         .set_admin(&c.pool, &c.name, state)
-                        .map(drop)
-                        .map_err(|e| e.to_string());
+                        .map_err(|e| e.to_string())?;
+                    kept = true;
                 }
-                result
-            }
+                Ok(kept)
+            })(),
         };
         if c.down
             && let Ok((pool, b)) = registry.backend(&c.pool, &c.name)
@@ -144,11 +148,9 @@ pub fn apply(registry: &Registry, config: &Config, changes: &[BackendChange]) {
                 "the previous tidegate found it down",
             );
         }
-        let api_changed = c.weight.1.is_none_or(|w| w != c.weight.0)
-            || c.state.1.as_deref().is_none_or(|s| s != c.state.0);
-        match applied {
-            Ok(()) if !api_changed => {}
-            Ok(()) => tracing::info!(
+        match kept {
+            Ok(false) => {}
+            Ok(true) => tracing::info!(
                 pool = %c.pool,
                 backend = %c.name,
                 weight = c.weight.0,
@@ -219,6 +221,11 @@ mod tests {
         assert_eq!(backend(&new, "b"), (4, AdminState::Active));
         let (_, c) = new.backend("app", "c").unwrap();
         assert_eq!(c.address, "127.0.0.1:9004".parse().unwrap());
+        assert_eq!(
+            backend(&new, "c"),
+            (1, AdminState::Active),
+            "the file's c, whole"
+        );
 
         // A file without b: gone, not added back.
         let (file, new) = farm(&FILE.replace(
