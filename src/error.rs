@@ -139,6 +139,11 @@ pub enum ProxyError {
     BadHost,
     /// The client stopped sending its request body part-way.
     RequestTimeout,
+    /// An HTTP/2 request beyond `http2_max_requests` in flight. A 503 with `Retry-After`.
+    Overloaded {
+        /// Seconds the client is asked to wait.
+        retry_after: u64,
+    },
 }
 
 impl ProxyError {
@@ -150,7 +155,8 @@ impl ProxyError {
             ProxyError::NoBackend { .. }
             | ProxyError::PinnedDown { .. }
             | ProxyError::Busy { .. }
-            | ProxyError::NotLaunched { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::NotLaunched { .. }
+            | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream {
                 failure: UpstreamFailure::ResponseTimeout,
                 ..
@@ -183,6 +189,7 @@ impl ProxyError {
             ProxyError::BadRequestBody => "bad-request-body",
             ProxyError::BadHost => "bad-host",
             ProxyError::RequestTimeout => "request-timeout",
+            ProxyError::Overloaded { .. } => "too-many-requests",
         }
     }
 }
@@ -311,6 +318,7 @@ impl std::fmt::Display for Told<'_> {
             ProxyError::BadRequestBody => write!(f, "the request body could not be read"),
             ProxyError::BadHost => write!(f, "an HTTP/1.1 request needs exactly one Host field"),
             ProxyError::RequestTimeout => write!(f, "the request body stopped arriving"),
+            ProxyError::Overloaded { .. } => write!(f, "too many requests in flight; try again"),
         }
     }
 }

@@ -166,17 +166,7 @@ pub struct Proxy {
 
 /// The answer to an HTTP/2 request beyond `http2_max_requests`.
 pub fn overloaded() -> Response<ReplyBody> {
-    let mut reply = Response::new(ReplyBody::text(
-        "tidegate: too many requests in flight; try again\n".to_string(),
-    ));
-    *reply.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    let headers = reply.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-    reply
+    refusal(&ProxyError::Overloaded { retry_after: 1 })
 }
 
 /// What the client receives: the backend's reply streamed (optionally through the page
@@ -1069,7 +1059,8 @@ fn refusal(e: &ProxyError) -> Response<ReplyBody> {
     );
     if let ProxyError::PinnedDown { retry_after, .. }
     | ProxyError::Busy { retry_after, .. }
-    | ProxyError::NotLaunched { retry_after, .. } = e
+    | ProxyError::NotLaunched { retry_after, .. }
+    | ProxyError::Overloaded { retry_after } = e
     {
         reply
             .headers_mut()
