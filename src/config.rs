@@ -108,6 +108,9 @@ pub struct FileConfig {
     pub trusted_proxies: Vec<String>,
     /// How tidegate talks to backends.
     pub upstream: UpstreamFile,
+    /// The shared store several instances keep their pins in (Redis or Valkey); absent
+    /// means each instance keeps its own.
+    pub store: Option<StoreFile>,
     /// The pools. A pool without `hosts` serves any host; the most specific route wins
     /// (exact host, then wildcard, then any; then the longest path prefix).
     #[serde(rename = "pool")]
@@ -137,6 +140,165 @@ impl Default for UpstreamFile {
             idle_timeout: 90,
             max_idle_per_backend: 64,
         }
+    }
+}
+
+/// `[store]`: pins shared through Redis.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreFile {
+    /// `redis://[user:password@]host:port/db` (`rediss://` for TLS). `REDIS_PASSWORD` gives
+    /// the password when the URL has none.
+    pub redis: Option<String>,
+    /// The secret the store's keys are derived with (instances sharing pins share it);
+    /// `TIDEGATE_STORE_SECRET` gives it too.
+    pub secret: Option<String>,
+    /// Milliseconds a lookup may wait for the store before the request goes on as a new
+    /// session (default [`DEFAULT_STORE_TIMEOUT_MS`]).
+    pub timeout_ms: Option<u64>,
+    /// Prefix of every key and channel (default `"tidegate"`): farms sharing one Redis
+    /// keep apart by it.
+    pub prefix: Option<String>,
+    /// Writes waiting for the store at most; more are dropped and counted (default
+    /// [`DEFAULT_STORE_MAX_PENDING`]).
+    pub max_pending: Option<usize>,
+}
+
+/// Milliseconds a lookup waits for the store unless `[store] timeout_ms` says otherwise.
+pub const DEFAULT_STORE_TIMEOUT_MS: u64 = 20;
+
+/// Writes that may wait for the store unless `[store] max_pending` says otherwise.
+pub const DEFAULT_STORE_MAX_PENDING: usize = 65_536;
+
+/// A validated `[store]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The Redis URL (with its password, if it has one).
+    pub url: String,
+    /// The key secret, if configured (else `TIDEGATE_STORE_SECRET`, else a built-in one).
+    pub secret: Option<Vec<u8>>,
+    /// How long a lookup waits.
+    pub timeout: std::time::Duration,
+    /// Key and channel prefix.
+    pub prefix: String,
+    /// Writes that may wait.
+    pub max_pending: usize,
+}
+
+/// Shows the URL without its password, and no secret.
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &redacted_url(&self.url))
+            .field("secret", &self.secret.as_ref().map(|_| "set"))
+            .field("timeout", &self.timeout)
+            .field("prefix", &self.prefix)
+            .field("max_pending", &self.max_pending)
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs.
+pub fn redacted_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(not a URL)".to_string(),
+    }
+}
+
+impl StoreFile {
+    /// Checks `[store]`; `None` when it names no Redis.
+    pub fn validate(self) -> Result<Option<StoreConfig>, Invalid> {
+        let Some(url) = self.redis else {
+            let set = self.secret.is_some()
+                || self.timeout_ms.is_some()
+                || self.prefix.is_some()
+                || self.max_pending.is_some();
+            return if set {
+                Err(invalid("store.redis", "is required in [store]"))
+            } else {
+                Ok(None)
+            };
+        };
+        let store = StoreConfig {
+            url,
+            secret: self.secret.map(String::into_bytes),
+            timeout: std::time::Duration::from_millis(
+                self.timeout_ms.unwrap_or(DEFAULT_STORE_TIMEOUT_MS),
+            ),
+            prefix: self.prefix.unwrap_or_else(|| "tidegate".to_string()),
+            max_pending: self.max_pending.unwrap_or(DEFAULT_STORE_MAX_PENDING),
+        };
+        store.check()?;
+        Ok(Some(store))
+    }
+}
+
+impl StoreConfig {
+    /// The settings of `--store URL`.
+    pub fn from_url(url: &str) -> Result<StoreConfig, Invalid> {
+        let store = StoreConfig {
+            url: url.to_string(),
+            secret: None,
+            timeout: std::time::Duration::from_millis(DEFAULT_STORE_TIMEOUT_MS),
+            prefix: "tidegate".to_string(),
+            max_pending: DEFAULT_STORE_MAX_PENDING,
+        };
+        store.check()?;
+        Ok(store)
+    }
+
+    fn check(&self) -> Result<(), Invalid> {
+        let scheme = self.url.split_once("://").map(|(s, _)| s);
+        if !matches!(scheme, Some("redis" | "rediss" | "valkey" | "valkeys")) {
+            return Err(invalid(
+                "store.redis",
+                format!(
+                    "{:?} is not a redis:// or rediss:// URL",
+                    redacted_url(&self.url)
+                ),
+            ));
+        }
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.url.as_str()) {
+            return Err(invalid(
+                "store.redis",
+                format!(
+                    "{}: {}",
+                    redacted_url(&self.url),
+                    e.detail().unwrap_or("invalid")
+                ),
+            ));
+        }
+        if self.secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err(invalid("store.secret", "must be at least 16 bytes"));
+        }
+        let ms = self.timeout.as_millis();
+        if !(1..=1000).contains(&ms) {
+            return Err(invalid(
+                "store.timeout_ms",
+                "must be between 1 and 1000 milliseconds",
+            ));
+        }
+        if self.prefix.is_empty()
+            || self.prefix.len() > 64
+            || !self.prefix.bytes().all(|c| c.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "store.prefix",
+                "must be 1 to 64 printable ASCII characters without spaces",
+            ));
+        }
+        if !(1..=10_000_000).contains(&self.max_pending) {
+            return Err(invalid(
+                "store.max_pending",
+                "must be between 1 and 10000000",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -760,6 +922,8 @@ pub struct Config {
     pub shutdown_timeout: std::time::Duration,
     /// Peers whose forwarding fields are kept.
     pub trusted_proxies: TrustedProxies,
+    /// The shared store, if pins are shared with other instances.
+    pub store: Option<StoreConfig>,
 }
 
 /// Validated TLS settings.
@@ -1223,6 +1387,10 @@ impl FileConfig {
                     })
                     .collect::<Result<_, _>>()?,
             ),
+            store: match self.store {
+                Some(store) => store.validate()?,
+                None => None,
+            },
         })
     }
 }

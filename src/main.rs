@@ -114,6 +114,10 @@ struct RunArgs {
     /// The Unix socket upgrades go through (wins over the file's `control_socket`).
     #[arg(long = "control-socket")]
     control_socket: Option<PathBuf>,
+    /// Share pins with other instances through this Redis: `redis://host:port/db`, or
+    /// `rediss://` for TLS (wins over the file's `[store] redis`; its other keys apply).
+    #[arg(long = "store", value_name = "URL")]
+    store: Option<String>,
     /// Take over the listening sockets and pins of the tidegate running on the control
     /// socket, serve, then let it finish its requests and exit: an upgrade without a
     /// refused connection. If this one cannot start, the running one keeps serving.
@@ -361,6 +365,13 @@ fn main() -> ExitCode {
             let upgrade = cli.run.upgrade;
             match config {
                 Ok(config) => {
+                    let options = match store_settings(&config, cli.run.store.as_deref()) {
+                        Ok(store) => tidegate::server::Options { store, ..options },
+                        Err(e) => {
+                            eprintln!("tidegate: --store: {e}");
+                            return ExitCode::from(2);
+                        }
+                    };
                     let _logs = init_logs(config.log_format);
                     run(config.workers, async move {
                         serve(config, options, upgrade).await
@@ -373,6 +384,25 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The shared store `--store URL` asks for: the file's `[store]` settings with that URL, or
+/// the defaults. `None` without the flag (the file's own `[store]` applies).
+fn store_settings(
+    config: &Config,
+    url: Option<&str>,
+) -> Result<Option<tidegate::config::StoreConfig>, String> {
+    let Some(url) = url else {
+        return Ok(None);
+    };
+    let flag = tidegate::config::StoreConfig::from_url(url).map_err(|e| e.message)?;
+    Ok(Some(match &config.store {
+        Some(file) => tidegate::config::StoreConfig {
+            url: flag.url,
+            ..file.clone()
+        },
+        None => flag,
+    }))
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`; the access log is the

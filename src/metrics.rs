@@ -24,6 +24,7 @@ use crate::core::stats::{
     BackendStats, CLIENT_ERROR_KINDS, TLS_ALPN, TLS_VERSIONS, UPSTREAM_ERROR_KINDS,
 };
 use crate::proxy::Proxy;
+use crate::store::shared::{Lookup, StoreStats, WriteKind};
 use crate::store::state_file::{DROP_REASONS, StateFile, StateStats};
 
 /// The status classes, as labels.
@@ -80,6 +81,8 @@ pub fn render(registry: &Registry) -> String {
 type StatsField = fn(&BackendStats) -> &AtomicU64;
 /// Reads one figure of the state file.
 type StateField = fn(&StateStats) -> &AtomicU64;
+/// Reads one counter of the shared store.
+type StoreField = fn(&StoreStats) -> &AtomicU64;
 /// Reads one counter of a launchable backend's process.
 type ProcessField = fn(&ProcessStats) -> &AtomicU64;
 /// Reads one running total of a pool.
@@ -703,6 +706,95 @@ impl Collector for Exposition {
         if let Some(s) = state {
             for (reason, n) in DROP_REASONS.iter().zip(&s.stats.dropped) {
                 gauge(&mut m, &[("reason", reason)], load(n) as i64)?;
+            }
+        }
+
+        // The shared store: families always described, series only when one is kept.
+        let store = self.proxy.store();
+        let mut m = e.encode_descriptor(
+            "tidegate_store_up",
+            "1 while the shared store answers; 0 while it is degraded (lookups skip it)",
+            None,
+            MetricType::Gauge,
+        )?;
+        if let Some(s) = store {
+            gauge(&mut m, &[], i64::from(s.is_up()))?;
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_store_lookups",
+            "Local misses asked of the shared store, by outcome: found, missing, unknown-backend, timeout, error, skipped",
+            None,
+            MetricType::Counter,
+        )?;
+        if let Some(s) = store {
+            for (outcome, n) in Lookup::ALL.iter().zip(&s.stats.lookups) {
+                counter(&mut m, &[("outcome", outcome.as_str())], load(n))?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_store_lookup_wait_seconds",
+            "Time requests waited for the shared store, summed (divided by the lookups: the mean)",
+            None,
+            MetricType::Counter,
+        )?;
+        if let Some(s) = store {
+            let none: &[(&str, &str)] = &[];
+            m.encode_family(&none)?
+                .encode_counter::<NoLabelSet, f64, f64>(
+                    &(load(&s.stats.lookup_micros) as f64 / 1e6),
+                    None,
+                )?;
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_store_writes",
+            "Writes the shared store took, by kind: pin, move, drop, refresh, refill",
+            None,
+            MetricType::Counter,
+        )?;
+        if let Some(s) = store {
+            for (kind, n) in WriteKind::ALL.iter().zip(&s.stats.writes) {
+                counter(&mut m, &[("kind", kind.as_str())], load(n))?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "tidegate_store_writes_dropped",
+            "Writes lost, by reason: full (max_pending writes waited already), failed (the store was down or failed them)",
+            None,
+            MetricType::Counter,
+        )?;
+        if let Some(s) = store {
+            counter(
+                &mut m,
+                &[("reason", "full")],
+                load(&s.stats.writes_dropped_full),
+            )?;
+            counter(
+                &mut m,
+                &[("reason", "failed")],
+                load(&s.stats.writes_dropped_failed),
+            )?;
+        }
+        let store_counters: [(&str, &str, StoreField); 3] = [
+            (
+                "tidegate_store_moves_followed",
+                "Pins held here that another instance moved or dropped, followed",
+                |s| &s.followed,
+            ),
+            (
+                "tidegate_store_unknown_backend",
+                "Pins the store named for a backend this instance does not have (moves and refresh checks; lookups count in tidegate_store_lookups)",
+                |s| &s.unknown_backend,
+            ),
+            (
+                "tidegate_store_degraded",
+                "Times the shared store stopped answering",
+                |s| &s.degraded,
+            ),
+        ];
+        for (name, help, field) in store_counters {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            if let Some(s) = store {
+                counter(&mut m, &[], load(field(&s.stats)))?;
             }
         }
 

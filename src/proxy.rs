@@ -38,6 +38,7 @@ use crate::error::{ProxyError, UpstreamFailure};
 use crate::farm::health;
 use crate::farm::launch::{self, NotReady};
 use crate::learn::{Learner, PageLearner, PageTap, Told};
+use crate::store::shared::SharedPins;
 use crate::upstream::{
     self, CountBytesIn, PeekError, RequestBody, SendError, ToBackend, Tunnel, UpBody, Upstream,
 };
@@ -162,6 +163,8 @@ pub struct Proxy {
     pub http2_slots: Arc<Semaphore>,
     /// Streams one HTTP/2 connection may have open at once.
     pub http2_max_streams: u32,
+    /// The pins shared with other instances, if a store is configured.
+    store: Option<Arc<SharedPins>>,
 }
 
 /// The answer to an HTTP/2 request beyond `http2_max_requests`.
@@ -566,7 +569,18 @@ impl Proxy {
             handing_over: AtomicBool::new(false),
             http2_slots: Arc::new(Semaphore::new(crate::config::DEFAULT_MAX_CONNECTIONS)),
             http2_max_streams: crate::config::DEFAULT_HTTP2_MAX_STREAMS,
+            store: None,
         }
+    }
+
+    /// The same proxy consulting `store` on a local miss.
+    pub fn with_store(self, store: Option<Arc<SharedPins>>) -> Self {
+        Proxy { store, ..self }
+    }
+
+    /// The shared store, if one is configured.
+    pub fn store(&self) -> Option<&Arc<SharedPins>> {
+        self.store.as_ref()
     }
 
     /// The same proxy with at most `max_streams` streams per HTTP/2 connection and
@@ -811,6 +825,10 @@ impl Proxy {
                 .and_then(|c| cookie_in(&parts.headers, c.name())),
             client: conn.peer.ip(),
         };
+        // Shared with other instances: a session this one does not know may be theirs.
+        if let (Some(store), Some(s), Some((id, _))) = (&self.store, session, view.id) {
+            store.consult(pool, &s.table, PinKey::of(id), now).await;
+        }
         let thresholds = pool.health.thresholds;
         // Backends that refused this request; empty (no allocation) unless one does.
         let mut tried: Vec<BackendId> = Vec::new();

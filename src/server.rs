@@ -20,6 +20,7 @@ use crate::listener;
 use crate::listener::TlsFront;
 use crate::proxy::Proxy;
 use crate::shutdown::{self, Signal, Trigger};
+use crate::store::shared::SharedPins;
 use crate::store::state_file::StateFile;
 use crate::tls::{self, CertError, CertResolver, CertStore};
 use crate::upgrade::{self, Handoff, Inherited, Kind, UpgradeError};
@@ -63,6 +64,9 @@ pub enum StartError {
     /// The control socket cannot be set up.
     #[error("{0}")]
     Control(#[from] UpgradeError),
+    /// The shared store's settings cannot be used.
+    #[error("{0}")]
+    Store(#[from] crate::store::shared::StoreError),
     /// The admin token file cannot be used.
     #[error("admin token file {}: {reason}", path.display())]
     Token {
@@ -140,6 +144,9 @@ pub struct Options {
     pub state_file: Option<PathBuf>,
     /// `--control-socket`: wins over the file's `control_socket`.
     pub control_socket: Option<PathBuf>,
+    /// `--store`: the shared store's settings, with the URL the flag gave (wins over the
+    /// file's `[store] redis`).
+    pub store: Option<crate::config::StoreConfig>,
     /// Listening sockets a process before this one handed over (`--upgrade`).
     pub inherited: Arc<Inherited>,
     /// Pins a process before this one handed over, in the state file's form: restored
@@ -230,6 +237,16 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
     // Images left running by a tidegate before this one keep their sessions: adopted before
     // the first request could launch them twice.
     farm::launch::adopt_running(&registry).await;
+    // The shared store, after the pins of the process before (they are in the store
+    // already) and before the first request.
+    let store = match options.store.as_ref().or(config.store.as_ref()) {
+        Some(settings) => {
+            let store = SharedPins::connect(settings).await?;
+            store.attach(&registry);
+            Some(store)
+        }
+        None => None,
+    };
     let upstream = Arc::new(upstream::Upstream::new(
         &config.upstream,
         config.client_timeout,
@@ -243,7 +260,8 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
             config.tunnel_timeout,
         )
         .with_trusted_proxies(config.trusted_proxies.clone())
-        .with_http2_limits(config.http2_max_streams, config.http2_max_requests),
+        .with_http2_limits(config.http2_max_streams, config.http2_max_requests)
+        .with_store(store.clone()),
     );
     // Everything that can fail comes before the first accept: a process taking over that
     // fails here has accepted nothing, and the one it would replace serves on.
@@ -349,14 +367,20 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         reloader = Some(watcher);
         certificates = Some(resolver);
     }
-    let farm = Arc::new(Farm::new(
-        registry.clone(),
-        upstream,
-        config.clone(),
-        options.config_path.clone(),
-        reloader,
-        state.clone(),
-    ));
+    let farm = Arc::new(
+        Farm::new(
+            registry.clone(),
+            upstream,
+            config.clone(),
+            options.config_path.clone(),
+            reloader,
+            state.clone(),
+        )
+        .with_store(store.clone()),
+    );
+    if let Some(store) = store {
+        tasks.spawn(store.run(registry.clone(), stop.clone()));
+    }
     if let Some(handoff) = &handoff {
         handoff.serve_farm(farm.clone());
     }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use dashmap::DashMap;
 
@@ -95,10 +95,47 @@ pub struct Pin {
 }
 
 /// The stored form of a pin: last use is atomic so lookups refresh it under a read lock.
+/// `shared` is when the shared store last heard of the pin (it fits in the padding the
+/// 16-byte key leaves, so a pin still takes 32 bytes).
 struct Slot {
     backend: BackendId,
     created: u32,
     last_used: AtomicU32,
+    shared: AtomicU32,
+}
+
+impl Slot {
+    fn new(backend: BackendId, created: u32, last_used: u32, shared: u32) -> Self {
+        Slot {
+            backend,
+            created,
+            last_used: AtomicU32::new(last_used),
+            shared: AtomicU32::new(shared),
+        }
+    }
+}
+
+/// Told of every pin a table makes and of the pins a departed backend took with it: the
+/// shared store writes them through to the other instances. Pins put in place *from* the
+/// store ([`AffinityTable::adopt`], [`AffinityTable::follow`]) are not told back.
+pub trait PinWatch: Send + Sync {
+    /// `key` was pinned to `backend` at `now`: a new pin (`from` is `None`), or one moved
+    /// off `from`. `ttl` is the table's idle timeout.
+    fn made(&self, key: PinKey, backend: BackendId, now: u32, from: Option<BackendId>, ttl: u32);
+    /// These pins went with their backend, which left the pool.
+    fn dropped(&self, keys: &[PinKey]);
+}
+
+/// What [`AffinityTable::probe`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// No live pin: the shared store may know the session.
+    Absent,
+    /// A live pin the store heard of recently enough.
+    Held,
+    /// A live pin of this backend whose copy in the store is due for a refresh (marked
+    /// refreshed now, so one request of many asks).
+    Due(BackendId),
 }
 
 /// How long pins live and how many there may be.
@@ -210,6 +247,8 @@ pub struct AffinityTable {
     /// Whether [`AffinityTable::record`] is on: one relaxed load per pin made otherwise.
     recording: AtomicBool,
     recorded: Mutex<Option<Recording>>,
+    /// The shared store, when one is configured: told of every pin made.
+    watch: OnceLock<Arc<dyn PinWatch>>,
 }
 
 /// The pins made while recording, and what to call after each.
@@ -234,7 +273,19 @@ impl AffinityTable {
             evicted: AtomicU64::new(0),
             recording: AtomicBool::new(false),
             recorded: Mutex::new(None),
+            watch: OnceLock::new(),
         }
+    }
+
+    /// Tells `watch` of every pin made from now on (once: a table has one store for its
+    /// life). Returns whether it was attached (false: one already was).
+    pub fn watch(&self, watch: Arc<dyn PinWatch>) -> bool {
+        self.watch.set(watch).is_ok()
+    }
+
+    /// Whether a store watches this table.
+    pub fn watched(&self) -> bool {
+        self.watch.get().is_some()
     }
 
     /// With `Some(made)`: from now on keeps every pin made (created, or moved to another
@@ -300,11 +351,21 @@ impl AffinityTable {
     /// Removes every pin of `backend` (it left the pool). Returns how many went.
     pub fn unpin_backend(&self, backend: BackendId) -> usize {
         let mut gone = 0;
-        self.map.retain(|_, slot| {
+        let watch = self.watch.get();
+        let mut keys = Vec::new();
+        self.map.retain(|key, slot| {
             let keep = slot.backend != backend;
             gone += usize::from(!keep);
+            if !keep && watch.is_some() {
+                keys.push(*key);
+            }
             keep
         });
+        if let Some(watch) = watch
+            && !keys.is_empty()
+        {
+            watch.dropped(&keys);
+        }
         self.len.fetch_sub(gone, Ordering::Relaxed);
         self.per_backend
             .write()
@@ -338,6 +399,95 @@ impl AffinityTable {
             self.expired.fetch_add(1, Ordering::Relaxed);
         }
         None
+    }
+
+    /// Whether `key` has a live pin, and whether the shared store's copy of it is due for a
+    /// refresh: last told `every` seconds ago or more, or before `since` (the store came
+    /// back empty or missed news). Refreshes nothing but that mark.
+    #[inline]
+    pub fn probe(&self, key: PinKey, now: u32, every: u32, since: u32) -> Probe {
+        let limits = self.limits();
+        let Some(slot) = self.map.get(&key) else {
+            return Probe::Absent;
+        };
+        if limits.expired(slot.created, slot.last_used.load(Ordering::Relaxed), now) {
+            return Probe::Absent;
+        }
+        let shared = slot.shared.load(Ordering::Relaxed);
+        if (now.saturating_sub(shared) >= every || shared < since)
+            && slot
+                .shared
+                .compare_exchange(shared, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Probe::Due(slot.backend);
+        }
+        Probe::Held
+    }
+
+    /// Puts in a pin the shared store holds (another instance learned it), unless the key
+    /// has a live pin here already or the table is full. `created` is clamped to `now`.
+    /// Returns whether it was put in. The store is not told.
+    pub fn adopt(&self, key: PinKey, backend: BackendId, created: u32, now: u32) -> bool {
+        let limits = self.limits();
+        if self.len.load(Ordering::Relaxed) >= limits.max_pins {
+            return false;
+        }
+        let created = created.min(now);
+        if limits.expired(created, now, now) {
+            return false;
+        }
+        let mut added = false;
+        let mut moved = None;
+        self.map
+            .entry(key)
+            .and_modify(|slot| {
+                // An expired pin not swept yet gives way.
+                if limits.expired(slot.created, slot.last_used.load(Ordering::Relaxed), now) {
+                    moved = Some(slot.backend);
+                    *slot = Slot::new(backend, created, now, now);
+                }
+            })
+            .or_insert_with(|| {
+                added = true;
+                Slot::new(backend, created, now, now)
+            });
+        if let Some(from) = moved {
+            self.forget(from, 1);
+            self.counter(backend).fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        if added {
+            self.len.fetch_add(1, Ordering::Relaxed);
+            self.counter(backend).fetch_add(1, Ordering::Relaxed);
+        }
+        added
+    }
+
+    /// Follows a move another instance made: a pin held here of `key` goes to `backend`
+    /// (`None`: it is dropped, its backend left). Keys not held here are left alone, so
+    /// news of other instances' sessions takes no memory. Returns whether a pin changed.
+    /// The store is not told.
+    pub fn follow(&self, key: PinKey, backend: Option<BackendId>, now: u32) -> bool {
+        match backend {
+            None => self.unpin(key).is_some(),
+            Some(backend) => {
+                let mut from = None;
+                if let Some(mut slot) = self.map.get_mut(&key)
+                    && slot.backend != backend
+                {
+                    from = Some(slot.backend);
+                    let last_used = slot.last_used.load(Ordering::Relaxed);
+                    *slot = Slot::new(backend, now, last_used, now);
+                }
+                let Some(from) = from else {
+                    return false;
+                };
+                self.forget(from, 1);
+                self.counter(backend).fetch_add(1, Ordering::Relaxed);
+                true
+            }
+        }
     }
 
     /// The pin of `key` without refreshing it.
@@ -389,11 +539,7 @@ impl AffinityTable {
             self.evict_stalest(self.low_watermark().min(max_pins.saturating_sub(1)), now);
         }
         let limits = self.limits();
-        let fresh = || Slot {
-            backend,
-            created: now,
-            last_used: AtomicU32::new(now),
-        };
+        let fresh = || Slot::new(backend, now, now, now);
         let mut outcome = Ok(PinOutcome::Created);
         self.map
             .entry(key)
@@ -422,6 +568,13 @@ impl AffinityTable {
                 self.counter(backend).fetch_add(1, Ordering::Relaxed);
             }
             Ok(PinOutcome::Refreshed) | Err(_) => return outcome,
+        }
+        if let Some(watch) = self.watch.get() {
+            let from = match outcome {
+                Ok(PinOutcome::Moved { from }) => Some(from),
+                _ => None,
+            };
+            watch.made(key, backend, now, from, limits.idle_timeout);
         }
         if self.recording.load(Ordering::Relaxed)
             && let Some((pins, made)) = self
@@ -473,11 +626,7 @@ impl AffinityTable {
         let (created, last_used) = (pin.created.min(now), pin.last_used.min(now));
         self.map.entry(key).or_insert_with(|| {
             added = true;
-            Slot {
-                backend: pin.backend,
-                created,
-                last_used: AtomicU32::new(last_used),
-            }
+            Slot::new(pin.backend, created, last_used, last_used)
         });
         if !added {
             return Restored::Present;

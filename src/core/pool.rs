@@ -240,6 +240,12 @@ impl Pool {
         self.backends.load()
     }
 
+    /// The handle the backend set is swapped through (shared with the pools this one
+    /// succeeds and is succeeded by): the shared store names a pin's backend through it.
+    pub fn backend_handle(&self) -> Arc<ArcSwap<BackendSet>> {
+        self.backends.clone()
+    }
+
     /// Swaps in a new set of these backends whole (their affinity cookies and the
     /// round-robin schedule rebuilt); requests in flight keep the set they loaded. Changes
     /// go through the registry, which makes them one at a time.

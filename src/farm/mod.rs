@@ -18,6 +18,7 @@ use crate::core::affinity::Removed;
 use crate::core::backend::{AdminState, Backend};
 use crate::core::registry::{ChangeError, Registry};
 use crate::shutdown::Signal;
+use crate::store::shared::SharedPins;
 use crate::store::state_file::StateFile;
 use crate::tls;
 use crate::upstream::Upstream;
@@ -37,6 +38,8 @@ pub struct Farm {
     certificates: Option<Arc<tls::Reloader>>,
     /// The state file the pins are kept in, if any.
     pub state: Option<Arc<StateFile>>,
+    /// The store pins are shared through, if any.
+    store: Option<Arc<SharedPins>>,
 }
 
 /// Why a reload changed nothing.
@@ -67,7 +70,13 @@ impl Farm {
             applied: tokio::sync::Mutex::new(config),
             certificates,
             state,
+            store: None,
         }
+    }
+
+    /// The same farm sharing the pins of the pools a reload adds through `store`.
+    pub fn with_store(self, store: Option<Arc<SharedPins>>) -> Self {
+        Farm { store, ..self }
     }
 
     /// What the admin API changed against the file applied last (blocking: for the
@@ -119,6 +128,10 @@ impl Farm {
         // the next reload names it again until it is restarted or the file reverts it.
         *applied = reload::running_after(&applied, config);
         drop(applied);
+        // Pools the reload added share their pins too.
+        if let Some(store) = &self.store {
+            store.attach(&self.registry);
+        }
         let mut changes = changes;
         for (pool, backend) in std::mem::take(&mut changes.left) {
             if let Some(process) = &backend.process {

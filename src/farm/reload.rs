@@ -389,6 +389,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "trusted_proxies",
         old.trusted_proxies != new.trusted_proxies,
     );
+    differs("[store]", old.store != new.store);
     differs(
         "tls.reload_check_interval",
         old.tls.as_ref().map(|t| t.reload_check_interval)
