@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use support::{HttpClient, Process, Reply, backend_entries, client, get, image, images, send};
+use support::{
+    HttpClient, Process, Reply, backend_entries, client, get, image, images, metric, send,
+};
 use tidegate::demo::{Image, ImageOptions, Tracking};
 
 /// The most any one test may take.
@@ -110,13 +112,6 @@ impl Load {
         }
         (failures, self.clicks.load(Ordering::Relaxed))
     }
-}
-
-/// The value of a metric series in a scrape (`name{labels}` as printed), or 0.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use support::{Process, client, h2c_client, try_send};
+use support::{Process, client, h2c_client, metric, try_send};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -64,13 +64,6 @@ fn config(backend: SocketAddr, extra: &str) -> String {
     format!(
         "{extra}[[pool]]\nname = \"app\"\naffinity = \"client-ip\"\n[[pool.backend]]\naddress = \"{backend}\"\n"
     )
-}
-
-/// The value of a metric series in a scrape (`name{labels}` as printed), or 0.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::Value;
-use support::{BIN, HttpClient, Process, TOKEN, TempDir, client, free_addr, get};
+use support::{BIN, HttpClient, Process, TOKEN, TempDir, client, free_addr, get, metric};
 
 /// The most any one test may take.
 const TEST_LIMIT: Duration = Duration::from_secs(45);
@@ -153,13 +153,6 @@ async fn gone(pid: i32, limit: Duration) {
         );
         tokio::time::sleep(POLL).await;
     }
-}
-
-/// One series' value in a `/metrics` text (0 when absent).
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// `{pool="app",backend="NAME"}`, and a third label if any.

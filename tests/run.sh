@@ -9,6 +9,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # tests/observability.rs renders the status page in headless Chromium.
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# tests/store.rs shares pins through a real Redis (each test starts its own on a free port).
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${need[*]}"
   if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi

@@ -1015,3 +1015,48 @@ impl Process {
         ctl(self.admin, args, env_token).await
     }
 }
+
+/// The value of a metric series in a `/metrics` text (`name{labels}` as printed), or 0.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A session as a Seaside 3 user holds it, in the links of its last page: that link, the
+/// image that served the page and the image's counter there.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub link: String,
+    pub image: String,
+    pub counter: u64,
+}
+
+impl Session {
+    /// A new session at `base`: its first page (the pin is learned from the page's links).
+    pub async fn open(client: &HttpClient, base: &str) -> Session {
+        let first = get(client, &format!("{base}/app")).await;
+        assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+        Session {
+            link: first.link().expect("a link"),
+            image: first.image(),
+            counter: first.counter(),
+        }
+    }
+
+    /// Its next click, at `base`: the reply, after checking it reached the session's image,
+    /// which still held it.
+    pub async fn click(&mut self, client: &HttpClient, base: &str) -> Reply {
+        let r = get(client, &format!("{base}{}", self.link)).await;
+        assert_eq!(
+            (r.status, r.image(), r.counter()),
+            (StatusCode::OK, self.image.clone(), self.counter + 1),
+            "{}{}: the session did not reach its image",
+            base,
+            self.link
+        );
+        self.counter += 1;
+        self.link = r.link().expect("a link");
+        r
+    }
+}
