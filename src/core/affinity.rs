@@ -844,6 +844,129 @@ mod tests {
         assert_eq!(t.pins_of(A), 1);
     }
 
+    /// What a watch was told.
+    #[derive(Default)]
+    struct Told(Mutex<Vec<String>>);
+
+    impl PinWatch for Told {
+        fn made(
+            &self,
+            key: PinKey,
+            backend: BackendId,
+            now: u32,
+            from: Option<BackendId>,
+            ttl: u32,
+        ) {
+            let key = if key == PinKey::of("s1") {
+                "s1"
+            } else {
+                "other"
+            };
+            self.0.lock().unwrap().push(format!(
+                "{key}->{} at {now} from {:?} ttl {ttl}",
+                backend.0,
+                from.map(|b| b.0)
+            ));
+        }
+        fn dropped(&self, keys: &[PinKey]) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("dropped {}", keys.len()));
+        }
+    }
+
+    #[test]
+    fn a_watch_is_told_of_pins_made_and_dropped_and_not_of_the_stores_own() {
+        let t = table(10);
+        let told = Arc::new(Told::default());
+        assert!(t.watch(told.clone()));
+        assert!(!t.watch(told.clone()), "one store for the table's life");
+        t.pin(PinKey::of("s1"), A, 1);
+        t.pin(PinKey::of("s1"), A, 2); // a use: nothing to tell
+        t.pin(PinKey::of("s1"), B, 3);
+        assert_eq!(
+            t.learn(PinKey::of("s1"), A, 4, |_| true),
+            Err(B),
+            "refused: nothing to tell"
+        );
+        // What the store itself brought is not told back to it.
+        assert!(t.adopt(PinKey::of("s2"), A, 0, 5));
+        assert!(t.follow(PinKey::of("s1"), Some(A), 6));
+        t.unpin_backend(A);
+        assert_eq!(
+            *told.0.lock().unwrap(),
+            [
+                "s1->1 at 1 from None ttl 100",
+                "s1->2 at 3 from Some(1) ttl 100",
+                "dropped 2",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_probe_finds_live_pins_and_says_when_the_store_is_due_once() {
+        let t = table(10);
+        let key = PinKey::of("s1");
+        assert_eq!(t.probe(key, 0, 25, 0), Probe::Absent);
+        t.pin(key, A, 10);
+        assert_eq!(t.probe(key, 20, 25, 0), Probe::Held);
+        assert_eq!(
+            t.probe(key, 35, 25, 0),
+            Probe::Due(A),
+            "25 s after it was told"
+        );
+        assert_eq!(
+            t.probe(key, 36, 25, 0),
+            Probe::Held,
+            "one request of many asks"
+        );
+        // The store came back at 40: every pin told before is due at its next use.
+        assert_eq!(t.probe(key, 41, 25, 40), Probe::Due(A));
+        assert_eq!(t.probe(key, 42, 25, 40), Probe::Held);
+        // An expired pin is absent, whatever the store says.
+        assert_eq!(t.probe(key, 41 + 100, 25, 0), Probe::Absent);
+    }
+
+    #[test]
+    fn an_adopted_pin_never_displaces_a_live_one_and_respects_the_bound() {
+        let t = table(2);
+        let key = PinKey::of("s1");
+        assert!(t.adopt(key, A, 5, 10));
+        assert_eq!(t.get(key).map(|p| (p.backend, p.created)), Some((A, 5)));
+        assert!(!t.adopt(key, B, 5, 11), "the live pin stays");
+        assert_eq!(t.lookup(key, 11), Some(A));
+        // Created in the future: taken as now. Past its lifetime: not adopted.
+        assert!(t.adopt(PinKey::of("s2"), B, 99, 12));
+        assert_eq!(t.get(PinKey::of("s2")).unwrap().created, 12);
+        assert!(!t.adopt(PinKey::of("s3"), B, 12, 2000), "table full");
+        t.unpin(PinKey::of("s2"));
+        assert!(!t.adopt(PinKey::of("s3"), B, 0, 1000), "past max_lifetime");
+        // An expired pin not swept yet gives way.
+        assert!(t.adopt(key, B, 200, 200));
+        assert_eq!((t.pins_of(A), t.pins_of(B), t.len()), (0, 1, 1));
+    }
+
+    #[test]
+    fn following_moves_only_pins_held_here() {
+        let t = table(10);
+        let key = PinKey::of("s1");
+        assert!(
+            !t.follow(key, Some(B), 1),
+            "not held: news of others takes no memory"
+        );
+        assert!(t.is_empty());
+        t.pin(key, A, 1);
+        assert!(!t.follow(key, Some(A), 2), "already there");
+        assert!(t.follow(key, Some(B), 3));
+        assert_eq!(
+            (t.lookup(key, 4), t.pins_of(A), t.pins_of(B)),
+            (Some(B), 0, 1)
+        );
+        assert!(t.follow(key, None, 5));
+        assert!(t.is_empty());
+    }
+
     #[test]
     fn a_restored_pin_from_the_future_is_taken_as_made_now() {
         let t = table(10);
