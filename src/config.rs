@@ -162,6 +162,9 @@ pub struct StoreFile {
     /// Writes waiting for the store at most; more are dropped and counted (default
     /// [`DEFAULT_STORE_MAX_PENDING`]).
     pub max_pending: Option<usize>,
+    /// PEM file of the CA that signed the store's certificate (`rediss://` only); default:
+    /// the system's trusted roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Milliseconds a lookup waits for the store unless `[store] timeout_ms` says otherwise.
@@ -183,6 +186,8 @@ pub struct StoreConfig {
     pub prefix: String,
     /// Writes that may wait.
     pub max_pending: usize,
+    /// The CA the store's certificate is checked against, if not the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Shows the URL without its password, and no secret.
@@ -194,6 +199,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("timeout", &self.timeout)
             .field("prefix", &self.prefix)
             .field("max_pending", &self.max_pending)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -211,13 +217,15 @@ pub fn redacted_url(url: &str) -> String {
 }
 
 impl StoreFile {
-    /// Checks `[store]`; `None` when it names no Redis.
-    pub fn validate(self) -> Result<Option<StoreConfig>, Invalid> {
+    /// Checks `[store]`; `None` when it names no Redis. A relative `ca_file` is taken from
+    /// `base`.
+    pub fn validate(self, base: &Path) -> Result<Option<StoreConfig>, Invalid> {
         let Some(url) = self.redis else {
             let set = self.secret.is_some()
                 || self.timeout_ms.is_some()
                 || self.prefix.is_some()
-                || self.max_pending.is_some();
+                || self.max_pending.is_some()
+                || self.ca_file.is_some();
             return if set {
                 Err(invalid("store.redis", "is required in [store]"))
             } else {
@@ -232,8 +240,15 @@ impl StoreFile {
             ),
             prefix: self.prefix.unwrap_or_else(|| "tidegate".to_string()),
             max_pending: self.max_pending.unwrap_or(DEFAULT_STORE_MAX_PENDING),
+            ca_file: self.ca_file.map(|f| base.join(f)),
         };
         store.check()?;
+        if store.ca_file.is_some() && !store.url.starts_with("rediss://") {
+            return Err(invalid(
+                "store.ca_file",
+                "is only used with a rediss:// URL",
+            ));
+        }
         Ok(Some(store))
     }
 }
@@ -247,6 +262,7 @@ impl StoreConfig {
             timeout: std::time::Duration::from_millis(DEFAULT_STORE_TIMEOUT_MS),
             prefix: "tidegate".to_string(),
             max_pending: DEFAULT_STORE_MAX_PENDING,
+            ca_file: None,
         };
         store.check()?;
         Ok(store)
@@ -1388,7 +1404,7 @@ impl FileConfig {
                     .collect::<Result<_, _>>()?,
             ),
             store: match self.store {
-                Some(store) => store.validate()?,
+                Some(store) => store.validate(base)?,
                 None => None,
             },
         })

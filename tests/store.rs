@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use support::{
-    HttpClient, Process, Session, TempDir, backend_entries, client, free_addr, get, images, metric,
+    HttpClient, Launch, Process, Session, TempDir, backend_entries, client, free_addr, get, images,
+    metric,
 };
 use tidegate::demo::{Image, Tracking};
 
@@ -29,26 +30,42 @@ struct Redis {
     child: Option<Child>,
     addr: SocketAddr,
     dir: TempDir,
+    /// Arguments beyond the port and persistence (TLS, a password).
+    extra: Vec<String>,
 }
 
 impl Redis {
     fn start() -> Redis {
-        let addr = free_addr();
+        Redis::start_with(&[])
+    }
+
+    /// With these arguments too; with `--tls-port` the port given is the TLS one.
+    fn start_with(extra: &[&str]) -> Redis {
         let mut redis = Redis {
             child: None,
-            addr,
+            addr: free_addr(),
             dir: TempDir::new("redis"),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         redis.restart();
         redis
     }
 
-    /// Starts it (again, empty) on its port and waits, bounded, until it answers PING.
+    /// Starts it (again, empty) on its port and waits, bounded, until it answers PING (or,
+    /// over TLS, accepts connections).
     fn restart(&mut self) {
+        let port = self.addr.port().to_string();
+        let tls = self.extra.iter().any(|a| a.starts_with("--tls"));
+        let ports = if tls {
+            ["--port", "0", "--tls-port", &port]
+        } else {
+            ["--port", &port, "--tls-port", "0"]
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.addr.port().to_string()])
+            .args(ports)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", &self.dir.arg("")])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -56,7 +73,11 @@ impl Redis {
             .expect("redis-server runs (tests/run.sh installs it)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.command("PING").as_deref() != Some("+PONG") {
+        let ready = || match tls {
+            true => TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok(),
+            false => self.command("PING").as_deref() == Some("+PONG"),
+        };
+        while !ready() {
             assert!(Instant::now() < deadline, "redis-server did not answer");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -476,6 +497,63 @@ async fn a_store_down_at_start_is_used_once_it_answers() {
         let mut shared = Session::open(&c, &a.base()).await;
         written(&a, &c, 1.0).await;
         shared.click(&c, &b.base()).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_are_shared_over_tls_with_the_password_from_the_environment() {
+    bounded("rediss", async {
+        let pki = support::pki::Pki::new();
+        let leaf = pki.leaf(&["127.0.0.1"], 2020, 2100);
+        let certs = TempDir::new("redis-tls");
+        for (name, pem) in [("ca.pem", &pki.pem), ("cert.pem", &leaf.cert), ("key.pem", &leaf.key)] {
+            certs.write(name, pem);
+        }
+        let redis = Redis::start_with(&[
+            "--tls-cert-file",
+            &certs.arg("cert.pem"),
+            "--tls-key-file",
+            &certs.arg("key.pem"),
+            "--tls-ca-cert-file",
+            &certs.arg("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "a-redis-password",
+        ]);
+        let imgs = images(2, Tracking::Links).await;
+        let text = || {
+            format!(
+                "listen = [\"127.0.0.1:0\"]\nadmin = \"127.0.0.1:0\"\n\
+                 [store]\nredis = \"rediss://{}/0\"\nca_file = {:?}\nsecret = \"a secret both instances share\"\n\
+                 [[pool]]\nname = \"app\"\n{}",
+                redis.addr,
+                certs.arg("ca.pem"),
+                backend_entries(&imgs),
+            )
+        };
+        let instance = |label: &str, password: Option<&str>| {
+            let launch = Launch::config(label, &text());
+            match password {
+                Some(p) => launch.env("REDIS_PASSWORD", p),
+                None => launch.env_remove("REDIS_PASSWORD"),
+            }
+        };
+        let a = instance("a", Some("a-redis-password")).start().await;
+        let b = instance("b", Some("a-redis-password")).start().await;
+        let c = client();
+        let mut s = Session::open(&c, &a.base()).await;
+        written(&a, &c, 1.0).await;
+        s.click(&c, &b.base()).await;
+        // Without the password the store refuses it, and it says why.
+        let refused = instance("c", None).start().await;
+        let log = refused
+            .log_shows("shared store not reachable at start", 1, Duration::from_secs(5))
+            .await;
+        assert!(log.to_lowercase().contains("auth"), "{log}");
+        let r = get(&c, &format!("{}/app", refused.base())).await;
+        assert_eq!(r.status, StatusCode::OK, "serving all the same");
     })
     .await;
 }

@@ -19,13 +19,14 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, date_time_ymd,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use support::Reply;
+use support::pki::{Leaf, Pki};
 use tidegate::config::Config;
 use tidegate::core::affinity::PinKey;
 use tidegate::demo::{Image, Tracking};
@@ -49,65 +50,6 @@ const ECHO_REQUEST: &[u8] = b"GET /echo HTTP/1.1\r\nHost: a.test\r\nConnection: 
 
 // ---------------------------------------------------------------------------------------
 // Certificates
-
-/// The test CA.
-struct Pki {
-    params: CertificateParams,
-    key: KeyPair,
-    pem: String,
-}
-
-/// A leaf issued by the test CA.
-struct Leaf {
-    cert: String,
-    key: String,
-    /// Unix seconds of its `notAfter`.
-    not_after: i64,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let key = KeyPair::generate().expect("CA key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "tidegate test CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = date_time_ymd(2020, 1, 1);
-        params.not_after = date_time_ymd(2100, 1, 1);
-        let pem = params.self_signed(&key).expect("CA certificate").pem();
-        Pki { params, key, pem }
-    }
-
-    /// A leaf for `names` (the first is also its CN), valid from Jan 1 of `from` to Jan 1
-    /// of `until`.
-    fn leaf(&self, names: &[&str], from: i32, until: i32) -> Leaf {
-        let key = KeyPair::generate().expect("leaf key");
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names.clone()).expect("leaf params");
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names[0].as_str());
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.not_before = date_time_ymd(from, 1, 1);
-        params.not_after = date_time_ymd(until, 1, 1);
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer).expect("leaf signed");
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-            not_after: date_time_ymd(until, 1, 1).unix_timestamp(),
-        }
-    }
-}
 
 /// The base64 body of the first PEM certificate in `text`, whitespace removed: what two
 /// prints of the same certificate share.

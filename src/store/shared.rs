@@ -305,7 +305,19 @@ impl SharedPins {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        let client = redis::Client::open(info).map_err(|e| failed(e.to_string()))?;
+        let client = match &config.ca_file {
+            None => redis::Client::open(info),
+            Some(file) => {
+                let root = std::fs::read(file)
+                    .map_err(|e| failed(format!("ca_file {}: {e}", file.display())))?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root),
+                };
+                redis::Client::build_with_tls(info, certificates)
+            }
+        }
+        .map_err(|e| failed(e.to_string()))?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(OPERATION_TIMEOUT))
             .set_number_of_retries(1)
@@ -344,9 +356,16 @@ impl SharedPins {
         });
         shared.probe().await;
         if !shared.is_up() {
+            let why = shared
+                .down_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|(_, why)| why.clone())
+                .unwrap_or_default();
             tracing::warn!(
                 store = %redacted_url(&config.url),
-                "shared store not reachable at start: serving from the local table, pins are shared once it answers"
+                "shared store not reachable at start ({why}): serving from the local table, pins are shared once it answers"
             );
         }
         Ok(shared)
@@ -478,13 +497,18 @@ impl SharedPins {
     }
 
     fn down(&self, reason: String) {
+        let mut down = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
         if self.up.swap(false, Ordering::Relaxed) {
             self.stats.degraded.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 "shared store degraded ({reason}): lookups skip it and pins stay local until it answers again"
             );
-            *self.down_since.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((Instant::now(), reason));
+            *down = Some((Instant::now(), reason));
+        } else if let Some((_, why)) = down.as_mut()
+            && why.is_empty()
+        {
+            // Not reached yet: the first reason is the one the start reports.
+            *why = reason;
         }
     }
 

@@ -4,6 +4,8 @@
 //! completion ([`run`], [`ctl`]), and its admin API called ([`Process::call`], [`Api`]).
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod pki;
+
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
