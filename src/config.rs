@@ -2147,6 +2147,69 @@ address = "127.0.0.1:9001"
     }
 
     #[test]
+    fn a_store_is_a_redis_url_with_checked_settings() {
+        let with = |table: &str| load(&format!("[store]\n{table}\n{MINIMAL}"));
+        let c =
+            with("redis = \"redis://:pw@10.0.0.5:6379/2\"\nsecret = \"0123456789abcdef\"").unwrap();
+        let store = c.store.unwrap();
+        assert_eq!(
+            (
+                store.timeout.as_millis(),
+                store.prefix.as_str(),
+                store.max_pending
+            ),
+            (20, "tidegate", DEFAULT_STORE_MAX_PENDING)
+        );
+        let shown = format!("{store:?}");
+        assert!(
+            !shown.contains("pw@") && !shown.contains("0123456789abcdef"),
+            "{shown}"
+        );
+        assert!(with("redis = \"valkeys://cache:6380\"").is_ok());
+        assert!(load(MINIMAL).unwrap().store.is_none());
+        for (table, said) in [
+            (
+                "timeout_ms = 5",
+                "key `store.redis`: is required in [store]",
+            ),
+            (
+                "redis = \"http://x:1\"",
+                "key `store.redis`: \"http://x:1/\" is not a redis://",
+            ),
+            ("redis = \"redis://:pw@x:notaport\"", "key `store.redis`"),
+            (
+                "redis = \"redis://x\"\nsecret = \"short\"",
+                "key `store.secret`: must be at least 16 bytes",
+            ),
+            (
+                "redis = \"redis://x\"\ntimeout_ms = 0",
+                "key `store.timeout_ms`",
+            ),
+            (
+                "redis = \"redis://x\"\nprefix = \"a b\"",
+                "key `store.prefix`",
+            ),
+            (
+                "redis = \"redis://x\"\nmax_pending = 0",
+                "key `store.max_pending`",
+            ),
+            (
+                "redis = \"redis://x\"\nca_file = \"ca.pem\"",
+                "key `store.ca_file`: is only used with a rediss:// URL",
+            ),
+            (
+                "redis = \"redis://x\"\nsecrets = \"x\"",
+                "unknown field `secrets`",
+            ),
+        ] {
+            let err = with(table).unwrap_err();
+            assert!(err.contains(said), "{table}: {err}");
+            assert!(err.contains("t.toml, line "), "the line is named: {err}");
+            assert!(!err.contains("pw"), "{err}");
+        }
+    }
+
+    #[test]
     fn trusted_proxies_are_networks() {
         let c = load(&format!(
             "trusted_proxies = [\"10.0.0.0/8\", \"2001:db8::1\"]\n{MINIMAL}"

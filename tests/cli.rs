@@ -212,6 +212,24 @@ async fn no_arguments_exit_2_with_a_helpful_message() {
 }
 
 #[tokio::test]
+async fn a_store_flag_that_is_no_redis_url_exits_2_naming_it() {
+    let out = run(&[
+        "--backend",
+        "127.0.0.1:9001",
+        "--store",
+        "http://:pw@cache:6379",
+    ])
+    .await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err:?}");
+    assert!(
+        err.contains("--store") && err.contains("is not a redis:// or rediss:// URL"),
+        "stderr: {err:?}"
+    );
+    assert!(!err.contains("pw"), "the password is not shown: {err:?}");
+}
+
+#[tokio::test]
 async fn config_together_with_backend_is_refused() {
     let dir = TempDir::new("conflict");
     dir.write("conflict.toml", GOOD);

@@ -445,9 +445,16 @@ async fn a_pin_for_a_backend_this_instance_lacks_is_a_counted_miss() {
     bounded("unknown backend", async {
         let redis = Redis::start();
         let imgs = images(2, Tracking::Links).await;
-        let a = Process::start(&body(&redis, &[&imgs[0], &imgs[1]], "")).await;
-        // B lacks the second image.
-        let b = Process::start(&body(&redis, &[&imgs[0]], "")).await;
+        // The pool the quick-start flags make is `default`: the same name at A.
+        let at_a = body(&redis, &[&imgs[0], &imgs[1]], "").replace("\"app\"", "\"default\"");
+        let a = Process::start(&at_a).await;
+        // B lacks the second image; it runs from the quick-start flags, with `--store` and
+        // the secret in the environment.
+        let b = Launch::flags("b", &[format!("{}={}", imgs[0].name(), imgs[0].addr)])
+            .args(&["--store", &redis.url()])
+            .env("TIDEGATE_STORE_SECRET", "a secret both instances share")
+            .start()
+            .await;
         let c = client();
         let mut s = Session::open(&c, &a.base()).await;
         while s.image != imgs[1].name() {
