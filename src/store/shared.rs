@@ -733,6 +733,9 @@ impl SharedPins {
     async fn follow(self: Arc<Self>, registry: Arc<Registry>, mut stop: Signal) {
         let mut backoff = Duration::from_millis(100);
         let mut first = true;
+        // Said once per spell of failures, while the store otherwise answers (a store that
+        // is down says so itself).
+        let mut said = false;
         loop {
             let subscribed = tokio::time::timeout(OPERATION_TIMEOUT, async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
@@ -745,7 +748,10 @@ impl SharedPins {
                     if !first {
                         self.since.store(clock::unix_now(), Ordering::Relaxed);
                     }
-                    first = false;
+                    if said {
+                        tracing::info!("shared store: following other instances' moves again");
+                    }
+                    (first, said) = (false, false);
                     backoff = Duration::from_millis(100);
                     let mut messages = pubsub.into_on_message();
                     loop {
@@ -758,8 +764,21 @@ impl SharedPins {
                         }
                     }
                 }
-                Ok(Err(e)) => tracing::debug!("shared store: cannot subscribe: {e}"),
-                Err(_) => tracing::debug!("shared store: no answer to SUBSCRIBE within 1s"),
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "no answer to SUBSCRIBE within 1s".to_string(),
+                    };
+                    if self.is_up() && !said {
+                        said = true;
+                        tracing::warn!(
+                            channel = %self.channel,
+                            "shared store: cannot follow other instances' moves ({why}); sessions they move reach this one's old backend until its pin is next refreshed"
+                        );
+                    } else {
+                        tracing::debug!("shared store: cannot subscribe: {why}");
+                    }
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
