@@ -112,6 +112,10 @@ impl Admin {
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: self.started.elapsed().as_secs(),
             connections_open: front.connections_open.load(Ordering::Relaxed),
+            store: self
+                .proxy
+                .store()
+                .map(|s| if s.is_up() { "up" } else { "degraded" }),
             pools: self
                 .proxy
                 .registry()
@@ -186,6 +190,8 @@ struct Status {
     version: &'static str,
     uptime_seconds: u64,
     connections_open: i64,
+    /// `up` or `degraded` when pins are shared through a store; absent otherwise.
+    store: Option<&'static str>,
     pools: Vec<PoolStatus>,
 }
 

@@ -184,6 +184,15 @@ async fn metric_reaches(p: &Process, c: &HttpClient, series: &str, at_least: f64
     }
 }
 
+/// The store's state as the status page shows it.
+async fn store_status(p: &Process, c: &HttpClient) -> String {
+    let text = get(c, &format!("http://{}/status.json", p.admin))
+        .await
+        .text();
+    let status: serde_json::Value = serde_json::from_str(&text).expect("status.json");
+    status["store"].as_str().unwrap_or("absent").to_string()
+}
+
 /// The writes an instance queued have reached the store.
 async fn written(p: &Process, c: &HttpClient, pins: f64) {
     metric_reaches(p, c, "tidegate_store_writes_total{kind=\"pin\"}", pins).await;
@@ -202,6 +211,7 @@ async fn a_session_learned_through_one_instance_is_routed_by_the_other() {
         }
         written(&a, &c, 6.0).await;
         assert_eq!(redis.keys(), 6, "one key per pin, nothing else");
+        assert_eq!(store_status(&b, &c).await, "up", "on the status page");
         // Every next click at B reaches the image that holds the session, and back at A.
         for s in &mut sessions {
             s.click(&c, &b.base()).await;
@@ -364,6 +374,7 @@ async fn redis_killed_under_load_fails_no_request() {
             assert_eq!(metric(&m, "tidegate_store_up"), 0.0);
             p.log_shows("shared store degraded", 1, Duration::from_secs(5))
                 .await;
+            assert_eq!(store_status(p, &c).await, "degraded");
         }
     })
     .await;
