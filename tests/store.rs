@@ -354,8 +354,12 @@ async fn redis_killed_under_load_fails_no_request() {
                         clicks += 1;
                         turn += 1;
                     }
-                    // New sessions keep starting too.
-                    let r = get(&c, &format!("{}/app", bases[turn % 2])).await;
+                    // New sessions keep starting too, and ids no instance knows (expired,
+                    // or forged) keep asking the store while it goes away.
+                    let r = get(&c, &format!("{}/app", bases[fresh % 2])).await;
+                    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+                    let unknown = format!("{}/app?_s=gone{fresh:012}", bases[(fresh + 1) % 2]);
+                    let r = get(&c, &unknown).await;
                     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
                     fresh += 1;
                 }
@@ -372,6 +376,11 @@ async fn redis_killed_under_load_fails_no_request() {
         for p in [&a, &b] {
             let m = p.metrics(&c).await;
             assert_eq!(metric(&m, "tidegate_store_up"), 0.0);
+            assert!(
+                metric(&m, "tidegate_store_lookups_total{outcome=\"missing\"}") > 0.0
+                    && metric(&m, "tidegate_store_lookups_total{outcome=\"skipped\"}") > 0.0,
+                "lookups before and during the outage:\n{m}"
+            );
             p.log_shows("shared store degraded", 1, Duration::from_secs(5))
                 .await;
             assert_eq!(store_status(p, &c).await, "degraded");
