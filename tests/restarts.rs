@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{Process, TempDir, backend_entries, client, get, images};
+use support::{Process, Session, TempDir, backend_entries, client, get, images};
 use tidegate::demo::Tracking;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -21,28 +21,13 @@ async fn bounded<F: std::future::Future<Output = ()>>(what: &str, body: F) {
         .unwrap_or_else(|_| panic!("{what} did not finish within {TEST_LIMIT:?}"));
 }
 
-/// A session: the link of its last page, its image and its counter there.
-struct Session {
-    link: String,
-    image: String,
-    counter: u64,
-}
-
 /// Opens `n` sessions on `base` (each a first page; the pin is learned from its links) and
-/// clicks each once.
+/// clicks each once, before the restart.
 async fn sessions(base: &str, n: usize) -> Vec<Session> {
     let c = client();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let first = get(&c, &format!("{base}/app")).await;
-        assert_eq!(first.status, StatusCode::OK, "{}", first.text());
-        let r = get(&c, &format!("{base}{}", first.link().expect("a link"))).await;
-        assert_eq!(r.image(), first.image(), "pinned before the restart");
-        out.push(Session {
-            link: r.link().expect("a link"),
-            image: r.image(),
-            counter: r.counter(),
-        });
+    let mut out = support::sessions(base, n).await;
+    for s in &mut out {
+        s.click(&c, base).await;
     }
     let images: std::collections::HashSet<_> = out.iter().map(|s| s.image.clone()).collect();
     assert!(images.len() > 1, "the sessions are spread over the images");
@@ -50,16 +35,10 @@ async fn sessions(base: &str, n: usize) -> Vec<Session> {
 }
 
 /// Each session's next click on `base` reaches its image, which still holds it.
-async fn all_kept(base: &str, sessions: &[Session]) {
+async fn all_kept(base: &str, sessions: &mut [Session]) {
     let c = client();
     for s in sessions {
-        let r = get(&c, &format!("{base}{}", s.link)).await;
-        assert_eq!(
-            (r.image(), r.counter()),
-            (s.image.clone(), s.counter + 1),
-            "{}: the session went to another image after the restart",
-            s.link
-        );
+        s.click(&c, base).await;
     }
 }
 
@@ -78,14 +57,14 @@ async fn pins_learned_from_pages_survive_a_graceful_restart() {
         let state = TempDir::new("state");
         let config = body(&state, &imgs, "");
         let mut p = Process::start(&config).await;
-        let kept = sessions(&p.base(), 6).await;
+        let mut kept = sessions(&p.base(), 6).await;
         assert!(p.terminate().await.success(), "a graceful stop exits 0");
         let again = Process::start(&config).await;
         let log = again
             .log_shows("pins restored from the state file", 1, TEST_LIMIT)
             .await;
         assert!(log.contains("restored=6"), "{log}");
-        all_kept(&again.base(), &kept).await;
+        all_kept(&again.base(), &mut kept).await;
     })
     .await;
 }
@@ -97,7 +76,7 @@ async fn pins_written_every_interval_survive_a_crash() {
         let state = TempDir::new("state-crash");
         let config = body(&state, &imgs, "state_interval = 1\n");
         let p = Process::start(&config).await;
-        let kept = sessions(&p.base(), 6).await;
+        let mut kept = sessions(&p.base(), 6).await;
         // Two intervals, then SIGKILL: no chance to write at the end.
         tokio::time::sleep(Duration::from_millis(2500)).await;
         drop(p);
@@ -105,7 +84,7 @@ async fn pins_written_every_interval_survive_a_crash() {
         again
             .log_shows("pins restored from the state file", 1, TEST_LIMIT)
             .await;
-        all_kept(&again.base(), &kept).await;
+        all_kept(&again.base(), &mut kept).await;
     })
     .await;
 }

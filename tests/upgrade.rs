@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::{
-    HttpClient, Launch, Process, TempDir, backend_entries, client, exited, get, images, run,
-    stderr, stdout, try_send,
+    HttpClient, Launch, Process, Session, TempDir, backend_entries, client, exited, get, images,
+    run, sessions, stderr, stdout, try_send,
 };
 use tidegate::demo::Tracking;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,30 +33,6 @@ fn body(state: &TempDir, backends: &str) -> String {
         "state_file = {:?}\nshutdown_timeout = 10\n[[pool]]\nname = \"app\"\n{backends}",
         state.arg("pins")
     )
-}
-
-/// A session: the link of its last page, its image and its counter there.
-#[derive(Clone)]
-struct Session {
-    link: String,
-    image: String,
-    counter: u64,
-}
-
-/// Opens `n` sessions on `base`; each pin is learned from the first page's links.
-async fn sessions(base: &str, n: usize) -> Vec<Session> {
-    let c = client();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let first = get(&c, &format!("{base}/app")).await;
-        assert_eq!(first.status, StatusCode::OK, "{}", first.text());
-        out.push(Session {
-            link: first.link().expect("a link"),
-            image: first.image(),
-            counter: first.counter(),
-        });
-    }
-    out
 }
 
 /// `tidegate --config FILE --upgrade` for the process `old`, on its addresses.
@@ -287,11 +263,7 @@ async fn a_session_begun_at_the_old_process_after_the_handover_stays_on_its_imag
                 "close",
                 "answered by the old process"
             );
-            begun.push(Session {
-                link: first.link().expect("a link"),
-                image: first.image(),
-                counter: first.counter(),
-            });
+            begun.push(Session::of(&first));
         }
         // A browser's think time later (far less than the linger), each clicks its link: on
         // a new connection, so at the new process, which must know the session already.

@@ -1025,6 +1025,16 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// `n` new sessions at `base` ([`Session::open`]).
+pub async fn sessions(base: &str, n: usize) -> Vec<Session> {
+    let c = client();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(Session::open(&c, base).await);
+    }
+    out
+}
+
 /// A session as a Seaside 3 user holds it, in the links of its last page: that link, the
 /// image that served the page and the image's counter there.
 #[derive(Clone, Debug)]
@@ -1035,15 +1045,20 @@ pub struct Session {
 }
 
 impl Session {
+    /// The session a page shows.
+    pub fn of(page: &Reply) -> Session {
+        Session {
+            link: page.link().expect("a link"),
+            image: page.image(),
+            counter: page.counter(),
+        }
+    }
+
     /// A new session at `base`: its first page (the pin is learned from the page's links).
     pub async fn open(client: &HttpClient, base: &str) -> Session {
         let first = get(client, &format!("{base}/app")).await;
         assert_eq!(first.status, StatusCode::OK, "{}", first.text());
-        Session {
-            link: first.link().expect("a link"),
-            image: first.image(),
-            counter: first.counter(),
-        }
+        Session::of(&first)
     }
 
     /// Its next click, at `base`: the reply, after checking it reached the session's image,
