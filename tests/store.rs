@@ -1,7 +1,8 @@
 //! Several tidegate instances as one front door, sharing their pins through a real
 //! `redis-server` (started by each test on a port of its own, stopped by its pid). Sessions
-//! here travel only in page links (Seaside 3), the kind no cookie can carry from one instance
-//! to the other.
+//! here travel only in page links (Seaside 3), the kind no session cookie carries from one
+//! instance to the other; the last test shows the stateless alternative, the affinity cookie,
+//! carrying a cookie-keeping client across instances without a store.
 
 mod support;
 
@@ -12,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use support::{
-    HttpClient, Launch, Process, Session, TempDir, backend_entries, client, free_addr, get, images,
-    metric,
+    Browser, HttpClient, Launch, Process, Session, TempDir, backend_entries, client, free_addr,
+    get, images, metric,
 };
 use tidegate::demo::{Image, Tracking};
 
@@ -581,6 +582,36 @@ async fn pins_are_shared_over_tls_with_the_password_from_the_environment() {
         assert!(log.to_lowercase().contains("auth"), "{log}");
         let r = get(&c, &format!("{}/app", refused.base())).await;
         assert_eq!(r.status, StatusCode::OK, "serving all the same");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_store_the_affinity_cookie_carries_a_cookie_keeping_client_across_instances() {
+    bounded("affinity cookie across instances", async {
+        let imgs = images(3, Tracking::Links).await;
+        let body = format!(
+            "[[pool]]\nname = \"app\"\n[pool.affinity_cookie]\nname = \"tg\"\n\
+             secret = \"a cookie secret both instances share\"\n{}",
+            backend_entries(&imgs)
+        );
+        let (a, b) = (Process::start(&body).await, Process::start(&body).await);
+        let mut spread = std::collections::HashSet::new();
+        for _ in 0..6 {
+            let mut browser = Browser::new(&a.base(), true);
+            let first = browser.open("/app").await;
+            spread.insert(first.image());
+            // The next clicks at the other instance, which never saw the session.
+            browser.base = b.base();
+            let next = browser.click().await;
+            assert_eq!(
+                (next.image(), next.counter()),
+                (first.image(), first.counter() + 1)
+            );
+            browser.base = a.base();
+            assert_eq!(browser.click().await.image(), first.image());
+        }
+        assert!(spread.len() > 1, "new sessions spread: {spread:?}");
     })
     .await;
 }
