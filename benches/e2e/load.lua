@@ -12,6 +12,9 @@
 --                stops the thread; without it (faster: no per-reply Lua), the caller stops
 --                wrk when the proxy reports the pins
 --   TG_PIPELINE  requests per write in the warm-up pass (default 1)
+--   TG_FRESH=1   every request a fresh id never sent before ("M", five digits of the start
+--                time, a ten-digit counter: 16 characters) with "X-Warm: 1", in the cookie:
+--                a local miss whose reply teaches a new pin (the http-miss variant)
 --
 -- The measured pass picks a random id per request. Up to 200,000 ids the requests are
 -- built once in init(); beyond that (the scale curve) each is built on the fly.
@@ -23,6 +26,7 @@ local warm = os.getenv("TG_WARM") == "1"
 local depth = tonumber(os.getenv("TG_PIPELINE") or "1")
 local extra = tonumber(os.getenv("TG_EXTRA") or "0")
 local done_file = os.getenv("TG_DONE_FILE")
+local fresh = os.getenv("TG_FRESH") == "1"
 
 local other_cookies = "_ga=GA1.1.1482931.1716200000; theme=dark; lang=en-GB"
 local fixed = "Host: localhost\r\n" ..
@@ -31,12 +35,15 @@ local fixed = "Host: localhost\r\n" ..
     "Accept-Language: en-GB,en;q=0.5\r\n" ..
     "Accept-Encoding: gzip, deflate\r\n"
 local tail = ""
-if warm then tail = tail .. "X-Warm: 1\r\n" end
+if warm or fresh then tail = tail .. "X-Warm: 1\r\n" end
 if close then tail = tail .. "Connection: close\r\n" end
 tail = tail .. "\r\n"
 
+local run_tag = os.time() % 100000
+
 local function build(i)
   local id = string.format("Kd83%012d", i)
+  if fresh then id = string.format("M%05d%010d", run_tag, i) end
   if mode == "query" then
     return "GET /app?_s=" .. id .. "&_k=aB3dE5fG HTTP/1.1\r\n" .. fixed ..
         "Cookie: " .. other_cookies .. "\r\n" .. tail
@@ -51,7 +58,7 @@ local got = 0
 
 function init(args)
   math.randomseed(os.time())
-  if not warm and n <= 200000 then
+  if not warm and not fresh and n <= 200000 then
     reqs = {}
     for i = 1, n do reqs[i] = build(i - 1) end
   end
@@ -65,6 +72,10 @@ function request()
       next_i = next_i + 1
     end
     return table.concat(parts)
+  end
+  if fresh then
+    next_i = next_i + 1
+    return build(next_i)
   end
   if reqs then return reqs[math.random(n)] end
   return build(math.random(0, n - 1))

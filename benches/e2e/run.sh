@@ -9,6 +9,9 @@
 #   benches/e2e/run.sh --check         # short tidegate-only pass showing the pins are used
 #   benches/e2e/run.sh --floor         # adds floor.c, a relay doing nothing but the system
 #                                      # calls, as a yardstick in the plain-HTTP variants
+#   benches/e2e/run.sh --store --proxies tidegate --variants "http-cookie http-miss"
+#                                      # tidegate with the shared pin store on (a redis-server
+#                                      # started here); benches/e2e/store-ab.sh pairs it with off
 #
 # Everything runs on 127.0.0.1. Each proxy is pinned to one CPU (--proxy-cpu, default 0) and
 # has exactly one worker; wrk and the three backends share another (--load-cpu, default 1).
@@ -43,6 +46,7 @@ OUT=""
 BUILD=1
 PERF=0
 FLOOR=0
+STORE=0
 
 usage() {
     sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
@@ -56,6 +60,14 @@ Options:
   --proxies "LIST"      subset of: $PROXIES
   --floor               also run floor.c (plain-HTTP variants only): the cost of the system
                         calls alone, with no proxy work, on this machine
+  --store               tidegate with the shared pin store on (--store redis://...): a
+                        redis-server started here on the load CPU (port base + 20, no
+                        persistence), emptied before each cell; tidegate's admin listener
+                        on; the cell waits (10 s at most) until the warm-up's pins are in
+                        Redis (a warning with the store's counters if some never arrive), and
+                        redis-server's CPU per request is recorded too. Variant http-miss (not in the default list): every
+                        request a fresh id never seen, with X-Warm, over keep-alive, so the
+                        store is asked each time and the reply's pin written through
   --variants "LIST"     subset of: $VARIANTS
   --scale               add the scale curve (tidegate only) after the matrix
   --scale-only          only the scale curve
@@ -92,6 +104,7 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0 ;;
         --perf) PERF=1 ;;
         --floor) FLOOR=1 ;;
+        --store) STORE=1 ;;
         --out) OUT=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -109,6 +122,7 @@ SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO=sudo
 missing=()
 [ "$PERF" = 1 ] && ! command -v perf >/dev/null && missing+=(linux-perf)
+[ "$STORE" = 1 ] && ! command -v redis-server >/dev/null && missing+=(redis-server)
 for tool in haproxy:haproxy nginx:nginx wrk:wrk openssl:openssl cc:gcc taskset:util-linux \
     pgrep:procps curl:curl; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
@@ -144,9 +158,10 @@ ADMIN_PORT=$((PORT_BASE + 2))
 B1=$((PORT_BASE + 11))
 B2=$((PORT_BASE + 12))
 B3=$((PORT_BASE + 13))
+REDIS_PORT=$((PORT_BASE + 20))
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in $HTTP_PORT $HTTPS_PORT $ADMIN_PORT $B1 $B2 $B3; do
+for p in $HTTP_PORT $HTTPS_PORT $ADMIN_PORT $B1 $B2 $B3 $REDIS_PORT; do
     port_open "$p" && die "port $p on 127.0.0.1 is in use (choose --port-base)"
 done
 
@@ -246,6 +261,17 @@ fi
 curl -s -D - -o /dev/null -H 'X-Warm: 1' "http://127.0.0.1:$B1/app?_s=CHECK0123456789a" |
     grep -qi '^set-cookie: _s=CHECK0123456789a' || die "the backends do not answer as expected"
 
+REDIS_PID=""
+redis() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
+if [ "$STORE" = 1 ]; then
+    taskset -c "$LOAD_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
+        --appendonly no --dir "$WORK" --daemonize no >"$WORK/redis.log" 2>&1 &
+    REDIS_PID=$!
+    STARTED+=("$REDIS_PID")
+    wait_port "$REDIS_PORT" || die "redis-server did not start: $(tail -5 "$WORK/redis.log")"
+    export TIDEGATE_STORE_SECRET="e2e benchmark store secret"
+fi
+
 # ------------------------------------------------------------------------------------------
 # Measuring
 
@@ -305,13 +331,14 @@ start_proxy() { # name [scale]
                     >"$log" 2>&1 &
             else
                 local admin=off
-                [ "$CHECK" = 1 ] && admin=127.0.0.1:$ADMIN_PORT
+                [ "$CHECK" = 1 ] || [ -n "$REDIS_PID" ] && admin=127.0.0.1:$ADMIN_PORT
                 RUST_LOG=warn taskset -c "$PROXY_CPU" "$TIDEGATE" \
                     --listen "127.0.0.1:$HTTP_PORT" --listen-tls "127.0.0.1:$HTTPS_PORT" \
                     --tls-cert "$CERT" --tls-key "$KEY" \
                     --backend "b1=127.0.0.1:$B1" --backend "b2=127.0.0.1:$B2" \
                     --backend "b3=127.0.0.1:$B3" --session-cookie _s --session-param _s \
-                    --threads 1 --admin "$admin" >"$log" 2>&1 &
+                    --threads 1 --admin "$admin" \
+                    ${REDIS_PID:+--store "redis://127.0.0.1:$REDIS_PORT/0"} >"$log" 2>&1 &
             fi
             ;;
         haproxy)
@@ -383,10 +410,11 @@ warm_up() { # ids [admin] -> prints seconds taken
 # One wrk pass of a variant. Sets WRK_OUT.
 WRK_OUT=""
 drive() { # variant seconds ids [tag]
-    local variant=$1 seconds=$2 n=$3 url mode=cookie close=0 preload=""
+    local variant=$1 seconds=$2 n=$3 url mode=cookie close=0 preload="" fresh=0
     url=http://127.0.0.1:$HTTP_PORT/
     case "$variant" in
         http-cookie) ;;
+        http-miss) fresh=1 ;;
         http-query) mode=query ;;
         http-close) close=1 ;;
         https) url=https://127.0.0.1:$HTTPS_PORT/ ;;
@@ -394,7 +422,7 @@ drive() { # variant seconds ids [tag]
         *) die "unknown variant $variant" ;;
     esac
     WRK_OUT=$WORK/wrk-${4:-run}.out
-    TG_MODE=$mode TG_IDS=$n TG_CLOSE=$close LD_PRELOAD=$preload \
+    TG_MODE=$mode TG_IDS=$n TG_CLOSE=$close TG_FRESH=$fresh LD_PRELOAD=$preload \
         taskset -c "$LOAD_CPU" "$WRK" -t1 -c"$CONNS" -d"${seconds}s" --timeout 5s --latency \
         -s "$HERE/load.lua" "$url" >"$WRK_OUT" 2>&1 &
     local wrk_pid=$!
@@ -417,9 +445,26 @@ parse_wrk() {
 
 # One cell: fresh proxy, warm-up, pre-run, measured run. Appends a line to $RAW.
 run_cell() { # run proxy variant
-    local run=$1 proxy=$2 variant=$3 t0 t1 reqs rps p50 p99 errs hwm cpu100k util
+    local run=$1 proxy=$2 variant=$3 t0 t1 reqs rps p50 p99 errs hwm cpu100k util r0=0 r1=0
+    local redis100k=nan
+    [ -n "$REDIS_PID" ] && [ "$proxy" = tidegate ] && { redis FLUSHALL >/dev/null || die "redis FLUSHALL failed"; }
     start_proxy "$proxy"
     warm_up "$IDS" >/dev/null
+    if [ -n "$REDIS_PID" ] && [ "$proxy" = tidegate ]; then
+        # The taught pins are in Redis before anything is measured (the writer batches them).
+        local keys=0
+        for _ in $(seq 1 100); do
+            keys=$(redis DBSIZE)
+            [ "${keys:-0}" -ge "$IDS" ] && break
+            sleep 0.1
+        done
+        if [ "${keys:-0}" -lt "$IDS" ]; then
+            # Measured all the same (the pins are in the local table, which hits use), but
+            # said, with what the store counted.
+            log "warning: only ${keys:-0} of the $IDS taught pins reached Redis: $(curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" |
+                grep -E '^tidegate_store_(up|lookups|writes|degraded)' | grep -v ' 0$' | paste -sd' ')"
+        fi
+    fi
     drive "$variant" "$WARMUP" "$IDS" pre
     local perf_pid="" stat_pid=""
     if [ "$PERF" = 1 ]; then
@@ -432,9 +477,11 @@ run_cell() { # run proxy variant
         stat_pid=$!
         STARTED+=("$stat_pid")
     fi
+    [ -n "$REDIS_PID" ] && read -r r0 _ < <(proc_ticks "$REDIS_PID")
     read -r t0 k0 < <(tree_ticks "$PROXY_PID")
     drive "$variant" "$DURATION" "$IDS" "$run-$proxy-$variant"
     read -r t1 k1 < <(tree_ticks "$PROXY_PID")
+    [ -n "$REDIS_PID" ] && read -r r1 _ < <(proc_ticks "$REDIS_PID")
     hwm=$(tree_status_kib VmHWM "$PROXY_PID")
     if [ -n "$perf_pid" ]; then
         wait "$perf_pid" 2>/dev/null || true
@@ -461,14 +508,16 @@ run_cell() { # run proxy variant
     read -r reqs rps p50 p99 errs < <(parse_wrk)
     if [ "${reqs:-0}" -gt 0 ]; then
         cpu100k=$(awk -v t=$((t1 - t0)) -v hz="$HZ" -v r="$reqs" 'BEGIN { printf "%.3f", t / hz / r * 100000 }')
+        [ -n "$REDIS_PID" ] && [ "$proxy" = tidegate ] &&
+            redis100k=$(awk -v t=$((r1 - r0)) -v hz="$HZ" -v r="$reqs" 'BEGIN { printf "%.3f", t / hz / r * 100000 }')
     else
         cpu100k=nan
     fi
     util=$(awk -v t=$((t1 - t0)) -v hz="$HZ" -v d="$DURATION" 'BEGIN { printf "%.0f", t / hz / d * 100 }')
     kernel=$(awk -v t=$((t1 - t0)) -v k=$((k1 - k0)) 'BEGIN { if (t > 0) printf "%.0f", k / t * 100; else print "nan" }')
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$variant" "$proxy" "$rps" "$cpu100k" \
-        "$util" "$p50" "$p99" "$((hwm / 1024))" "$errs" "$kernel" >>"$RAW"
-    log "run $run $variant $proxy: $rps req/s, $cpu100k CPU-s/100k, CPU $util%, p50 ${p50} ms, p99 ${p99} ms, peak RSS $((hwm / 1024)) MiB, errors $errs"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$variant" "$proxy" "$rps" "$cpu100k" \
+        "$util" "$p50" "$p99" "$((hwm / 1024))" "$errs" "$kernel" "$redis100k" >>"$RAW"
+    log "run $run $variant $proxy: $rps req/s, $cpu100k CPU-s/100k, CPU $util%, p50 ${p50} ms, p99 ${p99} ms, peak RSS $((hwm / 1024)) MiB, errors $errs${REDIS_PID:+, redis-server $redis100k CPU-s/100k}"
 }
 
 median() { # numbers on stdin -> median
@@ -492,6 +541,7 @@ machine() {
         (cd "$ROOT" && git diff --quiet HEAD -- src 2>/dev/null) || rev+=" (with local changes)"
     fi
     echo "- tidegate $rev"
+    [ -z "$REDIS_PID" ] || echo "- shared store on: $(redis-server --version | cut -d' ' -f1-3) on CPU $LOAD_CPU, no persistence"
 }
 
 # ------------------------------------------------------------------------------------------
@@ -511,6 +561,16 @@ report_matrix() {
                 "$(cell "$v" "$p" 8)" "$(cell "$v" "$p" 9)" "$(cell "$v" "$p" 10)"
         done
     done
+    if [ -n "$REDIS_PID" ]; then
+        echo
+        echo "### redis-server (the shared store of tidegate's cells), CPU-s per 100k requests"
+        echo
+        echo "| variant | redis-server CPU-s per 100k req |"
+        echo "| --- | ---: |"
+        for v in $VARIANTS; do
+            printf '| %s | %s |\n' "$v" "$(cell "$v" tidegate 12)"
+        done
+    fi
     case " $PROXIES " in *" tidegate "*) ;; *) return 0 ;; esac
     echo
     echo "### tidegate ÷ the better peer (CPU per request: lower is better)"
