@@ -336,10 +336,14 @@ async fn redis_killed_under_load_fails_no_request() {
         let mut sessions = Vec::new();
         for i in 0..8 {
             let at = if i % 2 == 0 { &a } else { &b };
-            let mut s = Session::open(&c, &at.base()).await;
+            sessions.push(Session::open(&c, &at.base()).await);
+        }
+        // Shared once the instance that learned it has written it (a moment later).
+        written(&a, &c, 4.0).await;
+        written(&b, &c, 4.0).await;
+        for s in &mut sessions {
             s.click(&c, &a.base()).await;
             s.click(&c, &b.base()).await;
-            sessions.push(s);
         }
         let bases = [a.base(), b.base()];
         let load = tokio::spawn({
