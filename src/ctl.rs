@@ -21,9 +21,10 @@ pub enum Command {
         /// The backend's name, its stable identity.
         name: String,
         /// Where it listens (IP:port).
+        #[arg(value_name = "ADDR")]
         address: String,
         /// Its share of new sessions (1-256).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, value_name = "N", default_value_t = 1)]
         weight: u32,
     },
     /// Drain a backend: no new sessions, its pinned sessions stay until they end.
@@ -64,6 +65,7 @@ pub enum Command {
         /// The backend.
         name: String,
         /// The new weight (1-256).
+        #[arg(value_name = "N")]
         weight: u32,
     },
     /// Re-read the configuration file and apply what changed (as SIGHUP does).

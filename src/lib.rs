@@ -36,6 +36,7 @@
 //! | [`metrics`] | Prometheus exposition of those counters |
 //! | [`admin`] | the admin listener: `/metrics`, `/status`, `/status.json`, `/healthz`, and the JSON API ([`admin::api`]) |
 //! | [`ctl`] | `tidegate ctl`: the admin API for people |
+//! | [`manual`] | the man page and shell completions, generated from the clap definition of the command line |
 //! | [`tls`] | rustls: certificates, SNI choice, reload |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -51,6 +52,7 @@ pub mod farm;
 pub mod learn;
 pub mod listener;
 pub mod log_output;
+pub mod manual;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
@@ -60,3 +62,11 @@ pub mod tap;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+
+/// The git commit this program was built from (its short hash), or `unknown` when it was
+/// built outside a git checkout (see `build.rs`).
+pub const COMMIT: &str = env!("TIDEGATE_COMMIT");
+
+/// The version and the commit, as `tidegate --version` prints them: `0.1.0 (abc1234)`, or
+/// `0.1.0 (unknown commit)`.
+pub const VERSION: &str = env!("TIDEGATE_VERSION");

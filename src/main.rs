@@ -1,10 +1,11 @@
 //! The `tidegate` command: parse the flags, load and validate the config, run.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tidegate::config::{
     AffinityMode, BackendFile, CertFile, Config, FileConfig, LogFormat, PolicyName, PoolFile,
     TlsFile,
@@ -12,10 +13,35 @@ use tidegate::config::{
 use tidegate::demo::{Image, ImageOptions};
 use tidegate::error::ConfigError;
 use tidegate::log_output::{self, Flusher};
+use tidegate::manual::Shell;
 
 /// A session-affinity load balancer for Seaside farms and other stateful HTTP apps.
+///
+/// tidegate keeps every request of a session on the backend that holds it: it reads the
+/// session id where the application puts it (a query or form field, a cookie, a
+/// `;jsessionid=` path parameter), learns each pin from what the backend sends back, and
+/// spreads new sessions over the backends.
+///
+/// It serves with a configuration file (--config FILE), or with one pool built from the
+/// quick-start options (--backend ADDR, repeatable). SIGHUP re-reads the configuration file and
+/// applies what changed; SIGTERM or Ctrl-C stops once the requests in flight have finished.
+/// The configuration reference, docs/configuration.md, is in /usr/share/doc/tidegate when
+/// installed from the package; `tidegate man` prints the manual page.
 #[derive(Parser, Debug)]
-#[command(name = "tidegate", version, about)]
+#[command(
+    name = "tidegate",
+    version = tidegate::VERSION,
+    override_usage = "tidegate --config FILE [OPTIONS]\n       \
+                      tidegate --backend [NAME=]ADDR... [QUICK-START OPTIONS] [OPTIONS]\n       \
+                      tidegate COMMAND",
+    after_help = "Examples:
+  tidegate --config /etc/tidegate/tidegate.toml
+  tidegate check --config /etc/tidegate/tidegate.toml
+  tidegate --backend 10.0.0.11:8080 --backend 10.0.0.12:8080
+  tidegate --listen 0.0.0.0:8080 --backend img1=10.0.0.11:8080 --backend img2=10.0.0.12:8080 \\
+           --policy least-sessions --session-cookie _s --session-cookie counter
+  tidegate demo"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -26,15 +52,26 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Validate a configuration file without serving.
+    ///
+    /// Parses and validates the file exactly as the server does and, when it has a [tls]
+    /// table, loads every certificate and key. Prints one line and exits 0 when the file is
+    /// valid; prints the error, naming the key and line, and exits 2 when it is not. Binds
+    /// nothing and contacts no backend.
+    #[command(after_help = "Example:\n  tidegate check --config /etc/tidegate/tidegate.toml")]
     Check {
         /// The configuration file.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
     /// Run three Seaside-like demo images and the balancer in front of them.
+    ///
+    /// Serves http://ADDR/app (HTTPS on port + 363 too, when run from the repository with its
+    /// development certificate in certs/), with the live status page and the admin API on
+    /// 127.0.0.1:9090 when that is free, and prints the tidegate ctl command line that
+    /// changes the farm while it serves. Ctrl-C stops it.
     Demo {
         /// Where the balancer listens.
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         /// Start with every image stopped: tidegate launches each (as a child process) when
         /// sessions need it, and stops it when its sessions are gone.
@@ -44,75 +81,98 @@ enum Command {
     /// Run one Seaside-like demo image on its own (what `demo --on-demand` launches).
     Image {
         /// Where the image listens.
-        #[arg(long)]
+        #[arg(long, value_name = "ADDR")]
         listen: SocketAddr,
         /// The name its pages show.
         #[arg(long, default_value = "image")]
         name: String,
     },
-    /// Replace the running tidegate with a new one started from the same program path and
-    /// arguments (after installing a new version, say): the new one takes over the
-    /// listening sockets and pins, the old one finishes its requests and exits. Exits 0
-    /// once the new one serves, 1 if it could not start (the old one keeps serving).
+    /// Replace the running tidegate with a new one, without refusing a connection.
+    ///
+    /// Asks the tidegate running on the control socket to start its successor from the same
+    /// program path and arguments (after installing a new version, say): the new one takes
+    /// over the listening sockets and pins, the old one finishes its requests and exits.
+    /// Exits 0 once the new one serves; 1 if it could not start (the old one keeps serving)
+    /// or nothing answers on the socket; 2 without a control socket to use.
+    #[command(after_help = "Examples:
+  tidegate upgrade --config /etc/tidegate/tidegate.toml
+  tidegate upgrade --control-socket /run/tidegate/control.sock")]
     Upgrade {
         /// The running tidegate's control socket.
-        #[arg(long = "control-socket", conflicts_with = "config")]
+        #[arg(
+            long = "control-socket",
+            value_name = "PATH",
+            conflicts_with = "config"
+        )]
         control_socket: Option<PathBuf>,
         /// Find the control socket in this configuration file (`control_socket`, or beside
         /// its `state_file`).
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Read and change a running farm through its admin API.
+    ///
+    /// One request to the admin listener per command, the answer printed as a line or a
+    /// table. Reading needs nothing; changes need the admin token the server was given
+    /// (admin_token_file, --admin-token-file or TIDEGATE_ADMIN_TOKEN): --token-file FILE, else
+    /// the TIDEGATE_ADMIN_TOKEN variable. The options go before the command. Exits 0 when the
+    /// change was made, 1 when the API refused it, 2 when the admin listener could not be
+    /// reached, the token could not be read, or the answer was not understood.
+    #[command(after_help = "Examples:
+  tidegate ctl pools
+  tidegate ctl --token-file /etc/tidegate/admin.token drain shop shop-2
+  tidegate ctl --token-file /etc/tidegate/admin.token add shop shop-4 10.0.0.14:8080 --weight 2
+  tidegate ctl --admin 10.0.9.1:9090 --token-file admin.token reload")]
     Ctl {
         /// The admin listener of the running tidegate.
-        #[arg(long, default_value = tidegate::config::DEFAULT_ADMIN)]
+        #[arg(long, value_name = "ADDR", default_value = tidegate::config::DEFAULT_ADMIN)]
         admin: SocketAddr,
         /// A file holding the admin token (default: the TIDEGATE_ADMIN_TOKEN variable).
-        #[arg(long = "token-file")]
+        #[arg(long = "token-file", value_name = "FILE")]
         token_file: Option<PathBuf>,
         #[command(subcommand)]
         action: tidegate::ctl::Command,
     },
+    /// Print the manual page (roff) on standard output.
+    ///
+    /// One page, tidegate(1), covering every command, generated from the same definitions as
+    /// --help. The Debian package installs it; from a build, read it with
+    /// `tidegate man | man -l -`.
+    #[command(after_help = "Example:\n  tidegate man > /usr/local/share/man/man1/tidegate.1")]
+    Man,
+    /// Print the shell completion script for bash, zsh or fish on standard output.
+    ///
+    /// The Debian package installs all three. From a build, install the one of your shell in
+    /// its completion directory, or load it into the running shell.
+    #[command(after_help = "Examples:
+  source <(tidegate completions bash)
+  tidegate completions bash > /usr/share/bash-completion/completions/tidegate
+  tidegate completions zsh > /usr/share/zsh/vendor-completions/_tidegate
+  tidegate completions fish > ~/.config/fish/completions/tidegate.fish")]
+    Completions {
+        /// bash, zsh or fish.
+        #[arg(value_enum, hide_possible_values = true)]
+        shell: Shell,
+    },
 }
 
+/// Options of the server. The quick-start ones build a single pool and cannot be combined
+/// with --config; the others go with either.
 #[derive(Args, Debug)]
 struct RunArgs {
     /// Read the configuration from this TOML file.
-    #[arg(long, conflicts_with_all = ["listen", "listen_tls", "tls_cert", "tls_key", "backend", "affinity", "session_cookie", "session_param", "policy", "admin", "log_format", "threads"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "listen_tls", "tls_cert", "tls_key", "backend", "affinity", "session_cookie", "session_param", "policy", "admin", "log_format", "threads"])]
     config: Option<PathBuf>,
-    /// Listen on this address (repeatable).
-    #[arg(long)]
-    listen: Vec<SocketAddr>,
-    /// Listen with TLS on this address (repeatable); needs --tls-cert and --tls-key.
-    #[arg(long = "listen-tls")]
-    listen_tls: Vec<SocketAddr>,
-    /// A PEM certificate chain (repeatable, paired in order with --tls-key; the first is the
-    /// default for clients without SNI).
-    #[arg(long = "tls-cert")]
-    tls_cert: Vec<PathBuf>,
-    /// The PEM private key of the --tls-cert at the same position.
-    #[arg(long = "tls-key")]
-    tls_key: Vec<PathBuf>,
-    /// The admin listener (`/metrics`, `/status`, `/healthz`, the `/api` that `tidegate ctl`
-    /// drives): an address, or `off` (default 127.0.0.1:9090).
-    #[arg(long)]
-    admin: Option<String>,
-    /// Log line format.
-    #[arg(long = "log-format", value_enum)]
-    log_format: Option<LogFormat>,
-    /// Worker threads (default: one per available core).
-    #[arg(long)]
-    threads: Option<usize>,
     /// A file holding the admin API's bearer token (wins over the file's
     /// `admin_token_file` and over TIDEGATE_ADMIN_TOKEN).
-    #[arg(long = "admin-token-file")]
+    #[arg(long = "admin-token-file", value_name = "FILE")]
     admin_token_file: Option<PathBuf>,
     /// A file the pins are kept in across restarts (wins over the file's `state_file`).
-    #[arg(long = "state-file")]
+    #[arg(long = "state-file", value_name = "FILE")]
     state_file: Option<PathBuf>,
-    /// The Unix socket upgrades go through (wins over the file's `control_socket`).
-    #[arg(long = "control-socket")]
+    /// The Unix socket upgrades go through (wins over the file's `control_socket`; default:
+    /// the state file's path plus `.sock`).
+    #[arg(long = "control-socket", value_name = "PATH")]
     control_socket: Option<PathBuf>,
     /// Share pins with other instances through this Redis: `redis://host:port/db`, or
     /// `rediss://` for TLS (wins over the file's `[store] redis`; its other keys apply).
@@ -123,22 +183,49 @@ struct RunArgs {
     /// refused connection. If this one cannot start, the running one keeps serving.
     #[arg(long)]
     upgrade: bool,
-    /// A backend, `ADDR` or `NAME=ADDR` (repeatable).
-    #[arg(long)]
+
+    /// A backend, `ADDR` or `NAME=ADDR` (repeatable; at least one without --config).
+    #[arg(long, value_name = "[NAME=]ADDR", help_heading = QUICK_START)]
     backend: Vec<String>,
-    /// How clients stay on their backend.
-    #[arg(long, value_enum)]
+    /// Listen on this address (repeatable; default 127.0.0.1:8080 without --listen-tls).
+    #[arg(long, value_name = "ADDR", help_heading = QUICK_START)]
+    listen: Vec<SocketAddr>,
+    /// Listen with TLS on this address (repeatable); needs --tls-cert and --tls-key.
+    #[arg(long = "listen-tls", value_name = "ADDR", help_heading = QUICK_START)]
+    listen_tls: Vec<SocketAddr>,
+    /// A PEM certificate chain (repeatable, paired in order with --tls-key; the first is the
+    /// default for clients without SNI).
+    #[arg(long = "tls-cert", value_name = "FILE", help_heading = QUICK_START)]
+    tls_cert: Vec<PathBuf>,
+    /// The PEM private key of the --tls-cert at the same position.
+    #[arg(long = "tls-key", value_name = "FILE", help_heading = QUICK_START)]
+    tls_key: Vec<PathBuf>,
+    /// How clients stay on their backend (default: session).
+    #[arg(long, value_enum, value_name = "MODE", help_heading = QUICK_START)]
     affinity: Option<AffinityMode>,
-    /// How new sessions are spread.
-    #[arg(long, value_enum)]
+    /// How new sessions are spread (default: round-robin).
+    #[arg(long, value_enum, value_name = "POLICY", help_heading = QUICK_START)]
     policy: Option<PolicyName>,
     /// A cookie carrying the session id (repeatable; default `_s`).
-    #[arg(long = "session-cookie")]
+    #[arg(long = "session-cookie", value_name = "NAME", help_heading = QUICK_START)]
     session_cookie: Vec<String>,
     /// The query and form field carrying the session id (default `_s`).
-    #[arg(long = "session-param")]
+    #[arg(long = "session-param", value_name = "NAME", help_heading = QUICK_START)]
     session_param: Option<String>,
+    /// The admin listener (`/metrics`, `/status`, `/healthz`, the `/api` that `tidegate ctl`
+    /// drives): an address, or `off` (default 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR|off", help_heading = QUICK_START)]
+    admin: Option<String>,
+    /// Log line format (default: text).
+    #[arg(long = "log-format", value_enum, value_name = "FORMAT", help_heading = QUICK_START)]
+    log_format: Option<LogFormat>,
+    /// Worker threads (default: one per available core).
+    #[arg(long, value_name = "N", help_heading = QUICK_START)]
+    threads: Option<usize>,
 }
+
+/// The heading of the options that build a pool from the command line.
+const QUICK_START: &str = "Quick-start options (one pool, not with --config)";
 
 impl RunArgs {
     /// The quick-start flags as a one-pool file config, validated like a file.
@@ -235,6 +322,10 @@ fn main() -> ExitCode {
     // rustls' crypto provider, chosen once for the whole process: aws-lc-rs.
     tidegate::tls::provider();
     match cli.command {
+        Some(Command::Man) => print_bytes(&tidegate::manual::man_page(Cli::command())),
+        Some(Command::Completions { shell }) => {
+            print_bytes(&tidegate::manual::completions(shell, Cli::command()))
+        }
         Some(Command::Check { config }) => match check(&config) {
             Ok(c) => {
                 let backends: usize = c.pools.iter().map(|p| p.backends.len()).sum();
@@ -423,6 +514,20 @@ fn init_logs(format: LogFormat) -> Flusher {
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
     flusher
+}
+
+/// Writes generated text (the manual, a completion script) to standard output. A reader that
+/// stops early (`tidegate man | head`) is no failure.
+fn print_bytes(text: &[u8]) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidegate: cannot write to standard output: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Validates a config file and, when it has TLS, loads its certificates.

@@ -826,7 +826,14 @@ impl Collector for Exposition {
             None,
             MetricType::Gauge,
         )?;
-        gauge(&mut m, &[("version", env!("CARGO_PKG_VERSION"))], 1)?;
+        gauge(
+            &mut m,
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", crate::COMMIT),
+            ],
+            1,
+        )?;
         Ok(())
     }
 }

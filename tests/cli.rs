@@ -7,7 +7,9 @@ use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use support::{BIN, Launch, START_LIMIT, TempDir, client, get, images, run, stderr, stdout};
+use support::{
+    BIN, Launch, START_LIMIT, TempDir, client, exited, get, images, run, stderr, stdout,
+};
 use tidegate::demo::Tracking;
 use tokio::process::Command;
 
@@ -291,4 +293,157 @@ exec "$0" --listen 127.0.0.1:0 --backend 127.0.0.1:9 --admin off"#;
             "{text}"
         );
     }
+}
+
+/// The commands `tidegate [COMMAND] --help` lists (without `help`), so that a new command is
+/// checked without this test being told.
+async fn commands_of(args: &[&str]) -> Vec<String> {
+    let mut help = args.to_vec();
+    help.push("--help");
+    let text = exited(&run(&help).await, 0, &format!("{help:?}"));
+    text.lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn version_names_the_version_and_the_commit() {
+    let out = exited(&run(&["--version"]).await, 0, "--version");
+    let line = out.trim();
+    let commit = line
+        .strip_prefix(&format!("tidegate {} (", env!("CARGO_PKG_VERSION")))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("`tidegate VERSION (COMMIT)`: {line:?}"));
+    assert!(
+        commit == "unknown commit"
+            || (commit.len() >= 7 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "a short commit hash or `unknown commit`: {line:?}"
+    );
+    // Built from a git checkout of this crate (as here and in CI): the commit checked out.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let top = git(&["rev-parse", "--show-toplevel"])
+        .and_then(|t| std::path::Path::new(&t).canonicalize().ok());
+    if top.is_some() && top == dir.canonicalize().ok() {
+        let head = git(&["rev-parse", "--short", "HEAD"]).expect("git names HEAD");
+        assert_eq!(commit, head, "the commit checked out: {line:?}");
+    }
+}
+
+#[tokio::test]
+async fn man_prints_one_roff_page_with_every_command_and_option() {
+    let page = exited(&run(&["man"]).await, 0, "man");
+    assert!(
+        page.lines().any(|l| l.starts_with(".TH TIDEGATE 1 ")),
+        "a roff page titled TIDEGATE(1): {}",
+        &page[..page.len().min(300)]
+    );
+    for section in [
+        "NAME",
+        "SYNOPSIS",
+        "DESCRIPTION",
+        "OPTIONS",
+        "COMMANDS",
+        "EXIT STATUS",
+        "ENVIRONMENT",
+    ] {
+        assert!(
+            page.lines()
+                .any(|l| l == format!(".SH {section}") || l == format!(".SH \"{section}\"")),
+            "no section {section}"
+        );
+    }
+    assert!(
+        page.contains(env!("CARGO_PKG_VERSION")),
+        "the page names its version"
+    );
+    let top = commands_of(&[]).await;
+    for expected in ["check", "ctl", "upgrade", "man", "completions"] {
+        assert!(
+            top.iter().any(|c| c == expected),
+            "--help lists {expected}: {top:?}"
+        );
+    }
+    let ctl = commands_of(&["ctl"]).await;
+    assert!(
+        ctl.iter().any(|c| c == "drain"),
+        "ctl --help lists drain: {ctl:?}"
+    );
+    let every = top
+        .iter()
+        .map(|c| vec![c.as_str()])
+        .chain(ctl.iter().map(|c| vec!["ctl", c.as_str()]));
+    for words in every {
+        let heading = format!(".SS \"tidegate {}\"", words.join(" "));
+        assert!(page.contains(&heading), "no {heading} in the page");
+        // Its help works, and every option it lists is in the page (roff writes `-` as `\-`).
+        let mut args = words.clone();
+        args.push("--help");
+        let help = exited(&run(&args).await, 0, &format!("{args:?}"));
+        for option in help
+            .split_whitespace()
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(|w| w.trim_end_matches([',', '.', ')', ';']))
+            .filter(|w| !["--help", "--version"].contains(w))
+        {
+            let option = option.split(['=', '[', '<']).next().unwrap_or(option);
+            assert!(
+                page.contains(&option.replace('-', "\\-")),
+                "`tidegate {}` help names {option}, the page does not",
+                words.join(" ")
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn completions_load_in_bash_and_exist_for_zsh_and_fish() {
+    let script = exited(&run(&["completions", "bash"]).await, 0, "completions bash");
+    assert!(
+        script.contains("_tidegate()"),
+        "a completion function: {script:.200}"
+    );
+    // bash itself takes it: sourced, `tidegate` completes with the function.
+    let loaded = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("source <(\"$0\" completions bash) && complete -p tidegate")
+        .arg(BIN)
+        .output()
+        .expect("bash runs");
+    let said = String::from_utf8_lossy(&loaded.stdout);
+    assert!(
+        loaded.status.success() && said.contains("-F _tidegate tidegate"),
+        "bash: exit {:?}, {said:?}, {}",
+        loaded.status,
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    let zsh = exited(&run(&["completions", "zsh"]).await, 0, "completions zsh");
+    assert!(zsh.starts_with("#compdef tidegate"), "{zsh:.200}");
+    let fish = exited(&run(&["completions", "fish"]).await, 0, "completions fish");
+    assert!(fish.contains("complete -c tidegate"), "{fish:.200}");
+}
+
+#[tokio::test]
+async fn completions_for_an_unknown_shell_exit_2_naming_the_known_ones() {
+    let out = run(&["completions", "tcsh"]).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err:?}");
+    assert!(
+        err.contains("tcsh") && err.contains("bash, zsh, fish"),
+        "stderr: {err:?}"
+    );
+    assert!(stdout(&out).is_empty(), "nothing on stdout");
 }

@@ -449,7 +449,10 @@ async fn metrics_count_known_traffic_exactly() {
         assert_eq!(
             m.one(
                 "tidegate_build_info",
-                &[("version", env!("CARGO_PKG_VERSION"))]
+                &[
+                    ("version", env!("CARGO_PKG_VERSION")),
+                    ("commit", tidegate::COMMIT)
+                ]
             ),
             1.0
         );
