@@ -12,7 +12,7 @@
 //! the end it sends all its pins once more, and exits. A new process that fails to start (a bad config, a
 //! bad certificate) closes the connection instead: the old one never stopped serving.
 //!
-//! `tidegate upgrade` (what systemd's `ExecReload` runs) asks the running process to start
+//! `tidegate upgrade` (what an administrator, or the package's postinst, runs) asks the running process to start
 //! its own successor — the binary at the path it was started from, with its own arguments
 //! and `--upgrade` — and answers with how that went.
 //!
