@@ -25,6 +25,7 @@
 //! | [`upstream`] | pooled keep-alive client to backends; the peeked request body |
 //! | [`listener`] | accepting connections within the limit, HTTP/1.1 and h2c, client timeouts, graceful shutdown |
 //! | [`server`] | assembling a running balancer; SIGHUP; the open-files limit |
+//! | [`notify`] | telling systemd (`sd_notify`): ready, stopping, the successor's pid after an upgrade |
 //! | [`farm`] | what acts on backends: reload as a difference, the health prober, the launcher of images on demand ([`farm::launch`]), housekeeping (pins, drains, idle images, history) |
 //! | [`store`] | the state file: pins written periodically and at shutdown, read back at start |
 //! | [`tap`] | watching a body stream past (byte counts, the page learner) |
@@ -54,6 +55,7 @@ pub mod listener;
 pub mod log_output;
 pub mod manual;
 pub mod metrics;
+pub mod notify;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;

@@ -585,6 +585,8 @@ async fn serve(
     use tidegate::upgrade::{self, UpgradeError};
     #[cfg(unix)]
     tidegate::server::raise_open_files_limit(&config);
+    // Under systemd (`Type=notify`): told once every listener serves, and at the stop.
+    options.notifier = tidegate::notify::Notifier::from_env().map(std::sync::Arc::new);
     let takeover = if upgrade {
         let path = options
             .control_socket
@@ -619,6 +621,10 @@ async fn serve(
         if let Some(handoff) = running.handoff() {
             handoff.open();
         }
+        // No READY=1: the process this one replaced names it to the service manager
+        // (MAINPID=) now that it serves.
+    } else {
+        running.ready();
     }
     running.run_until(shutdown_signal()).await;
     Ok(())

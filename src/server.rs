@@ -18,6 +18,7 @@ use crate::core::registry::Registry;
 use crate::farm::{self, Farm, ReloadError};
 use crate::listener;
 use crate::listener::TlsFront;
+use crate::notify::Notifier;
 use crate::proxy::Proxy;
 use crate::shutdown::{self, Signal, Trigger};
 use crate::store::shared::SharedPins;
@@ -40,6 +41,7 @@ pub struct Running {
     farm: Arc<Farm>,
     proxy: Arc<Proxy>,
     handoff: Option<Arc<Handoff>>,
+    notifier: Option<Arc<Notifier>>,
     shutdown: Trigger,
     tasks: JoinSet<()>,
 }
@@ -157,6 +159,8 @@ pub struct Options {
     /// What the admin API changed in the farm of a process before this one (`--upgrade`),
     /// kept where the file did not change the same thing.
     pub farm_changes: Vec<crate::farm::carry::BackendChange>,
+    /// The service manager's notification socket (`NOTIFY_SOCKET`), if it listens.
+    pub notifier: Option<Arc<Notifier>>,
 }
 
 /// Binds every listener and starts serving (a configuration that came from no file).
@@ -230,6 +234,7 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
             &inherited,
             options.successor_command.clone(),
             options.pins.is_some(),
+            options.notifier.clone(),
         )?),
         None => None,
     };
@@ -428,6 +433,7 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         farm,
         proxy,
         handoff,
+        notifier: options.notifier,
         shutdown,
         tasks,
     })
@@ -516,7 +522,24 @@ impl Running {
         self.handoff.as_ref()
     }
 
+    /// Tells the service manager (`READY=1`) that every listener is bound and serves. Not
+    /// for a process that took over from another: that one names it (`MAINPID=`) instead.
+    pub fn ready(&self) {
+        if let Some(notifier) = &self.notifier {
+            let listeners = self.addrs.len() + self.tls_addrs.len() + self.redirect_addrs.len();
+            notifier.ready(&format!(
+                "serving on {listeners} listeners{}",
+                match self.admin_addr {
+                    Some(admin) => format!(", admin on {admin}"),
+                    None => String::new(),
+                }
+            ));
+        }
+    }
+
     /// Runs until `signal` resolves or a new tidegate took over, then shuts down gracefully.
+    /// A signal is told to the service manager (`STOPPING=1`); a handover is not, as the new
+    /// process is the service's main one by then.
     pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
         let handoff = self.handoff.clone();
         let handed_over = async {
@@ -526,7 +549,12 @@ impl Running {
             }
         };
         tokio::select! {
-            () = signal => tracing::info!("shutting down"),
+            () = signal => {
+                tracing::info!("shutting down");
+                if let Some(notifier) = &self.notifier {
+                    notifier.stopping();
+                }
+            }
             () = handed_over => {
                 tracing::info!("shutting down: a new tidegate took over");
                 self.proxy.hand_over();

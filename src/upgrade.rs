@@ -12,7 +12,7 @@
 //! the end it sends all its pins once more, and exits. A new process that fails to start (a bad config, a
 //! bad certificate) closes the connection instead: the old one never stopped serving.
 //!
-//! `tidegate upgrade` (what systemd's `ExecReload` runs) asks the running process to start
+//! `tidegate upgrade` (what an administrator, or the package's postinst, runs) asks the running process to start
 //! its own successor — the binary at the path it was started from, with its own arguments
 //! and `--upgrade` — and answers with how that went.
 //!
@@ -58,6 +58,7 @@ use crate::core::registry::Registry;
 use crate::core::snapshot;
 use crate::farm::Farm;
 use crate::farm::carry::BackendChange;
+use crate::notify::Notifier;
 use crate::shutdown::Signal;
 use crate::store::state_file;
 
@@ -462,6 +463,8 @@ pub struct Handoff {
     successor_command: Option<(PathBuf, Vec<OsString>)>,
     /// The farm, once built: what its admin API changed goes to the successor.
     farm: std::sync::OnceLock<Arc<Farm>>,
+    /// The service manager, told the successor's pid (`MAINPID=`) once it serves.
+    notifier: Option<Arc<Notifier>>,
 }
 
 impl std::fmt::Debug for Handoff {
@@ -473,13 +476,15 @@ impl std::fmt::Debug for Handoff {
 impl Handoff {
     /// Binds the control socket at `path` (or takes over the old process's), only for this
     /// user; a stale socket file nobody answers on is replaced. `command` is the program and
-    /// arguments a `SPAWN` starts (with `--upgrade` added).
+    /// arguments a `SPAWN` starts (with `--upgrade` added); `notifier` is told a successor's
+    /// pid once it serves.
     pub fn bind(
         path: &Path,
         registry: Arc<Registry>,
         inherited: &Inherited,
         command: Option<(PathBuf, Vec<OsString>)>,
         upgrading: bool,
+        notifier: Option<Arc<Notifier>>,
     ) -> Result<(Arc<Handoff>, tokio::net::UnixListener), UpgradeError> {
         let fail = |reason: String| UpgradeError::Control {
             path: path.to_path_buf(),
@@ -526,6 +531,7 @@ impl Handoff {
             handed_over: watch::channel(false).0,
             successor_command: command,
             farm: std::sync::OnceLock::new(),
+            notifier,
         });
         handoff.keep(
             Kind::Control,
@@ -737,6 +743,11 @@ fn hand_over(
             *handoff.relay.lock().unwrap_or_else(|e| e.into_inner()) =
                 Relay::start(handoff.registry.clone(), &stream, bell);
             *handoff.successor.lock().unwrap_or_else(|e| e.into_inner()) = Some((pid, stream));
+            // The service manager follows the successor from now on (before `tidegate
+            // upgrade` hears of it: what it reports is then true of the service too).
+            if let Some(notifier) = handoff.notifier.as_ref().filter(|_| pid != 0) {
+                notifier.successor(pid);
+            }
             // Told before the shutdown begins: the process may end soon after.
             if let Some(spawner) = handoff
                 .spawner

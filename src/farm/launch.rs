@@ -222,6 +222,9 @@ fn spawn(spec: &LaunchSpec, argv: &[String]) -> std::io::Result<Child> {
         .args(&argv[1..])
         // The admin token is tidegate's, not the image's.
         .env_remove("TIDEGATE_ADMIN_TOKEN")
+        // systemd's notifications are tidegate's: an image that speaks sd_notify must not
+        // take them for its own.
+        .env_remove(crate::notify::NOTIFY_SOCKET)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
