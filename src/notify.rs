@@ -138,7 +138,7 @@ impl Notifier {
     /// The successor `pid` serves: it is the service's main process now.
     pub fn successor(&self, pid: u32) {
         self.send(&format!(
-            "MAINPID={pid}\nSTATUS=upgraded: process {pid} serves, process {} finishes its requests and exits\n",
+            "MAINPID={pid}\nSTATUS=serving (upgraded from process {})\n",
             std::process::id()
         ));
     }

@@ -955,39 +955,86 @@ async fn spawn_successor(handoff: &Arc<Handoff>, Spawn(stream): Spawn) {
         );
         return;
     };
-    let mut command = tokio::process::Command::new(program);
+    // Started in the background of a shell that exits at once, so that the successor is not
+    // this process's child: it is handed to the init process (under systemd, PID 1), which
+    // reaps it. As this process's child, systemd (told its pid with `MAINPID=`) could not
+    // wait for it: a stop killed it outright, and a death while this process finished its
+    // requests went unseen. Its output goes where this process's log goes.
+    let mut command = tokio::process::Command::new("/bin/sh");
     command
+        .arg("-c")
+        .arg(r#""$0" "$@" </dev/null >&2 & echo $!"#)
+        .arg(program)
         .args(args.iter().filter(|a| a.as_os_str() != "--upgrade"))
         .arg("--upgrade")
-        .stdin(std::process::Stdio::null());
-    let mut child = match command.spawn() {
-        Ok(c) => c,
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    // Kept before the start: the successor may take over before the shell is even reaped,
+    // and the handover answers the requester.
+    *handoff.spawner.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+    let failed = |why: String| {
+        if let Some(stream) = handoff
+            .spawner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            answer(stream, why);
+        }
+    };
+    let started = match command.output().await {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().parse().ok(),
+        Ok(_) => None,
         Err(e) => {
-            answer(stream, format!("cannot start {}: {e}", program.display()));
+            failed(format!(
+                "cannot start {} through /bin/sh: {e}",
+                program.display()
+            ));
             return;
         }
     };
-    let pid = child.id().unwrap_or(0);
-    *handoff.spawner.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+    let Some(pid) = started else {
+        failed(format!("cannot start {}", program.display()));
+        return;
+    };
     tracing::info!(successor = pid, program = %program.display(), "upgrade: successor started");
     let failure = tokio::select! {
-        status = child.wait() => match status {
-            Ok(s) => format!("the new tidegate (pid {pid}) exited with {s} before it served; its log says why"),
-            Err(e) => format!("the new tidegate (pid {pid}): {e}"),
-        },
+        () = exited(pid) => format!("the new tidegate (pid {pid}) exited before it served; its log says why"),
         () = handoff.handed_over() => return,
         () = tokio::time::sleep(READY_TIMEOUT + REQUEST_TIMEOUT) => {
             format!("the new tidegate (pid {pid}) did not take over in time")
         }
     };
     tracing::warn!(successor = pid, "upgrade failed, still serving: {failure}");
-    if let Some(stream) = handoff
-        .spawner
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
-        answer(stream, failure);
+    failed(failure);
+}
+
+/// Resolves once process `pid`, which is not a child of this one, has exited: it is gone
+/// from `/proc`, or a zombie there (its parent has not reaped it yet). Looked at every 100 ms
+/// (without `/proc`, whether a signal could reach it).
+async fn exited(pid: u32) {
+    let Some(target) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    let proc = std::path::Path::new("/proc/self").exists();
+    loop {
+        let alive = if proc {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // `pid (comm) S ...`: the state follows the last `)`.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+            })
+        } else {
+            rustix::process::test_kill_process(target).is_ok()
+        };
+        if !alive {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -141,6 +141,19 @@ async fn ready_once_serving_stopping_at_sigterm_and_the_successor_named_after_an
         let (said, from) = manager.next();
         assert!(said.starts_with(&format!("MAINPID={new}\n")), "{said:?}");
         assert_eq!(from, old.pid(), "MAINPID= comes from the main process");
+        // Not the old process's child: the service manager (PID 1, or whoever reaps orphans)
+        // is its parent, so it can wait for it, stop it and see it die.
+        let stat = std::fs::read_to_string(format!("/proc/{new}/stat")).expect("its /proc");
+        let parent: u32 = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|p| p.parse().ok())
+            .expect("a parent pid");
+        assert_ne!(
+            parent,
+            old.pid(),
+            "the successor is the old process's child"
+        );
         assert!(
             old.exited_within(Duration::from_secs(20)).await.success(),
             "the old process exits 0"
