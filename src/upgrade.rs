@@ -983,9 +983,16 @@ async fn spawn_successor(handoff: &Arc<Handoff>, Spawn(stream): Spawn) {
             answer(stream, why);
         }
     };
-    let started = match command.output().await {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().parse().ok(),
-        Ok(_) => None,
+    // Not `output()`, which would pipe standard error too: the successor would log into a
+    // pipe nobody reads, and the shell's output would end only when the successor does.
+    let shell = command.spawn();
+    let started = match shell {
+        Ok(shell) => match shell.wait_with_output().await {
+            Ok(out) if out.status.success() => {
+                String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+            }
+            _ => None,
+        },
         Err(e) => {
             failed(format!(
                 "cannot start {} through /bin/sh: {e}",

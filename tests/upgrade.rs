@@ -398,6 +398,12 @@ async fn tidegate_upgrade_starts_the_successor_and_waits_until_it_serves() {
         let _successor = Reaped(pid);
         assert_ne!(pid, old.pid());
         assert!(old.exited_within(Duration::from_secs(20)).await.success());
+        // The successor logs where the old process logged (the service's journal): here, its
+        // log file; and the old one said it started it.
+        let log = old
+            .log_shows("listening (HTTP/1.1, h2c)", 2, Duration::from_secs(5))
+            .await;
+        assert!(log.contains("upgrade: successor started"), "{log}");
         let c = client();
         for s in &kept {
             let r = get(&c, &format!("{}{}", old.base(), s.link)).await;
