@@ -607,16 +607,20 @@ async fn serve(
     let running = tidegate::server::start_with(&config, options)
         .await
         .map_err(|e| e.to_string())?;
+    let mut running = running;
     if let Some(takeover) = takeover {
         let registry = running.registry();
         let told = tokio::task::spawn_blocking(move || takeover.serving(registry))
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
-        if let Err(e) = told {
-            // The running one gave up waiting and serves on: this one leaves it be.
-            running.abandon().await;
-            return Err(format!("--upgrade: {e}"));
+        match told {
+            Ok(predecessor) => running.follows(predecessor),
+            Err(e) => {
+                // The running one gave up waiting and serves on: this one leaves it be.
+                running.abandon().await;
+                return Err(format!("--upgrade: {e}"));
+            }
         }
         if let Some(handoff) = running.handoff() {
             handoff.open();

@@ -44,6 +44,10 @@ pub struct Running {
     notifier: Option<Arc<Notifier>>,
     shutdown: Trigger,
     tasks: JoinSet<()>,
+    /// The tidegate this one took over from, while it finishes its requests.
+    predecessor: Option<upgrade::Predecessor>,
+    /// How long a stop lets requests in flight finish.
+    shutdown_timeout: std::time::Duration,
 }
 
 /// Why the balancer could not start.
@@ -436,6 +440,8 @@ pub async fn start_with(config: &Config, options: Options) -> Result<Running, St
         notifier: options.notifier,
         shutdown,
         tasks,
+        predecessor: None,
+        shutdown_timeout: config.shutdown_timeout,
     })
 }
 
@@ -563,6 +569,13 @@ impl Running {
         self.shutdown().await;
     }
 
+    /// Follows `predecessor`, the tidegate this one took over from: a stop waits for it to
+    /// finish its requests (a service manager stopping this one, its main process, kills
+    /// what is left of the service once it exits).
+    pub fn follows(&mut self, predecessor: upgrade::Predecessor) {
+        self.predecessor = Some(predecessor);
+    }
+
     /// Stops serving without touching the state file or the images: an upgrade that the
     /// running tidegate gave up on (it serves on, and they are its own).
     pub async fn abandon(mut self) {
@@ -576,6 +589,15 @@ impl Running {
     pub async fn shutdown(mut self) {
         self.shutdown.fire();
         while self.tasks.join_next().await.is_some() {}
+        // Its last pins come before this one's state file is written.
+        if let Some(mut predecessor) = self.predecessor.take()
+            && !predecessor.done()
+        {
+            tracing::info!(
+                "waiting for the tidegate this one took over from to finish its requests (at most shutdown_timeout)"
+            );
+            let _ = tokio::time::timeout(self.shutdown_timeout, predecessor.finished()).await;
+        }
         if let Some(handoff) = self.handoff.clone()
             && tokio::task::spawn_blocking(move || handoff.finish())
                 .await

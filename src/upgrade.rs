@@ -394,7 +394,7 @@ impl Takeover {
     /// Tells the old process this one serves: it stops accepting and finishes its requests.
     /// The pins it makes meanwhile arrive as it makes them, and all of them once more when it
     /// is done; each is added to `registry` (a pin made here since wins).
-    pub fn serving(self, registry: Arc<Registry>) -> Result<(), UpgradeError> {
+    pub fn serving(self, registry: Arc<Registry>) -> Result<Predecessor, UpgradeError> {
         self.inherited.log_unused();
         let mut conversation = self.conversation;
         conversation
@@ -402,9 +402,13 @@ impl Takeover {
             .write_all(b"READY\n")
             .map_err(protocol)?;
         tracing::info!(control = %self.path.display(), "serving: the previous tidegate stops accepting and finishes its requests");
+        // Dropped when the thread ends: the previous tidegate sent its last pins (it exits
+        // then) or hung up.
+        let (finished, finishing) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name("upgrade-pins".into())
             .spawn(move || {
+                let _finished = finished;
                 // No bound: the old process takes up to its shutdown_timeout.
                 let _ = conversation.get_ref().set_read_timeout(None);
                 let what = "pins the previous tidegate learned while it finished";
@@ -442,7 +446,26 @@ impl Takeover {
                 }
             })
             .map_err(protocol)?;
-        Ok(())
+        Ok(Predecessor(finishing))
+    }
+}
+
+/// The tidegate this one took over from, while it finishes its requests.
+#[derive(Debug)]
+pub struct Predecessor(tokio::sync::oneshot::Receiver<()>);
+
+impl Predecessor {
+    /// Whether it is done: its last pins came (it exits then), or it hung up.
+    pub fn done(&mut self) -> bool {
+        !matches!(
+            self.0.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        )
+    }
+
+    /// Resolves once it is done.
+    pub async fn finished(self) {
+        let _ = self.0.await;
     }
 }
 

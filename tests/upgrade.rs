@@ -237,6 +237,45 @@ async fn pins_the_old_process_learns_while_it_finishes_reach_the_new_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_right_after_an_upgrade_waits_for_the_old_process_to_finish_its_requests() {
+    bounded("stop while the old one finishes", async {
+        let imgs = images(1, Tracking::Links).await;
+        let slow = slow_first_page(Duration::from_millis(2000)).await;
+        let state = TempDir::new("upgrade-stop");
+        let backends = format!(
+            "[[pool.backend]]\nname = \"slow\"\naddress = \"{slow}\"\n{}",
+            backend_entries(&imgs)
+        );
+        let mut old = Process::start(&body(&state, &backends)).await;
+        let url = format!("{}/app", old.base());
+        let in_flight = tokio::spawn(async move { get(&client(), &url).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut new = successor(&old, "upgrade-stop-new").await;
+        // Stopped at once, as `systemctl stop` stops the main process: it waits for the old
+        // one, which systemd would kill with the rest of the service once the new one exits.
+        assert!(new.terminate().await.success());
+        assert!(
+            old.exited_within(Duration::from_millis(200))
+                .await
+                .success(),
+            "the old process had finished when the new one exited"
+        );
+        let first = in_flight.await.unwrap();
+        assert_eq!(
+            (first.status, first.image()),
+            (StatusCode::OK, "slow".into())
+        );
+        let log = new.log();
+        assert!(
+            log.contains("waiting for the tidegate this one took over from")
+                && log.contains("pins the previous tidegate learned while it finished restored=1"),
+            "{log}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_begun_at_the_old_process_after_the_handover_stays_on_its_image_at_its_next_click()
  {
     bounded("session begun while the old one finishes", async {
