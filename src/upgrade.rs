@@ -437,6 +437,16 @@ impl Takeover {
                         break Ok(());
                     }
                 };
+                if outcome.is_ok() {
+                    // It exits after its last pins: its end of the connection closes then (a
+                    // service manager stopping this process kills what is left of the
+                    // service once this one exits, so this one outlives it).
+                    let _ = conversation
+                        .get_ref()
+                        .set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut rest = [0u8; 64];
+                    while matches!(conversation.read(&mut rest), Ok(n) if n > 0) {}
+                }
                 match outcome {
                     Ok(()) => log_put_back(counts, what),
                     Err(e) => tracing::warn!(
@@ -629,6 +639,10 @@ impl Handoff {
                 "upgrade done, but the last pins could not be handed over: {e}"
             ),
         }
+        // Left open until this process ends: the successor waits for it to close before it
+        // exits, if it is being stopped, so that this process's last words (its log lines,
+        // flushed at the very end) are out before a service manager kills what is left.
+        std::mem::forget(stream);
         true
     }
 
