@@ -198,22 +198,39 @@ async fn slow_first_page(delay: Duration) -> std::net::SocketAddr {
     addr
 }
 
+/// An upgrade while the old process answers a first page that takes `delay` (a new
+/// session on the `slow` backend, whose pin it learns while it finishes): the old process,
+/// the request in flight, the new process, and the state directory they share.
+async fn upgraded_during_a_slow_request(
+    delay: Duration,
+    label: &str,
+) -> (
+    Process,
+    tokio::task::JoinHandle<support::Reply>,
+    Process,
+    TempDir,
+) {
+    let imgs = images(1, Tracking::Links).await;
+    let slow = slow_first_page(delay).await;
+    let state = TempDir::new(label);
+    let backends = format!(
+        "[[pool.backend]]\nname = \"slow\"\naddress = \"{slow}\"\n{}",
+        backend_entries(&imgs)
+    );
+    let old = Process::start(&body(&state, &backends)).await;
+    // Round robin: the first new session goes to the first backend, `slow`.
+    let url = format!("{}/app", old.base());
+    let in_flight = tokio::spawn(async move { get(&client(), &url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new = successor(&old, &format!("{label}-new")).await;
+    (old, in_flight, new, state)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pins_the_old_process_learns_while_it_finishes_reach_the_new_one() {
     bounded("pins learned while finishing", async {
-        let imgs = images(1, Tracking::Links).await;
-        let slow = slow_first_page(Duration::from_millis(1500)).await;
-        let state = TempDir::new("upgrade-late");
-        let backends = format!(
-            "[[pool.backend]]\nname = \"slow\"\naddress = \"{slow}\"\n{}",
-            backend_entries(&imgs)
-        );
-        let mut old = Process::start(&body(&state, &backends)).await;
-        // Round robin: the first new session goes to the first backend, `slow`.
-        let url = format!("{}/app", old.base());
-        let in_flight = tokio::spawn(async move { get(&client(), &url).await });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let new = successor(&old, "upgrade-late-new").await;
+        let (mut old, in_flight, new, _state) =
+            upgraded_during_a_slow_request(Duration::from_millis(1500), "upgrade-late").await;
         let first = in_flight.await.unwrap();
         assert_eq!(first.image(), "slow", "answered by the old tidegate");
         assert!(old.exited_within(Duration::from_secs(20)).await.success());
@@ -239,18 +256,8 @@ async fn pins_the_old_process_learns_while_it_finishes_reach_the_new_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_right_after_an_upgrade_waits_for_the_old_process_to_finish_its_requests() {
     bounded("stop while the old one finishes", async {
-        let imgs = images(1, Tracking::Links).await;
-        let slow = slow_first_page(Duration::from_millis(2000)).await;
-        let state = TempDir::new("upgrade-stop");
-        let backends = format!(
-            "[[pool.backend]]\nname = \"slow\"\naddress = \"{slow}\"\n{}",
-            backend_entries(&imgs)
-        );
-        let mut old = Process::start(&body(&state, &backends)).await;
-        let url = format!("{}/app", old.base());
-        let in_flight = tokio::spawn(async move { get(&client(), &url).await });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut new = successor(&old, "upgrade-stop-new").await;
+        let (mut old, in_flight, mut new, _state) =
+            upgraded_during_a_slow_request(Duration::from_millis(2000), "upgrade-stop").await;
         // Stopped at once, as `systemctl stop` stops the main process: it waits for the old
         // one, which systemd would kill with the rest of the service once the new one exits.
         assert!(new.terminate().await.success());
