@@ -138,6 +138,7 @@ async fn ready_once_serving_stopping_at_sigterm_and_the_successor_named_after_an
             .and_then(|s| s.split(')').next())
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("the new pid in {told:?}"));
+        let _successor = support::Reaped(new);
         let (said, from) = manager.next();
         assert!(said.starts_with(&format!("MAINPID={new}\n")), "{said:?}");
         assert_eq!(from, old.pid(), "MAINPID= comes from the main process");

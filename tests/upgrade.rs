@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::{
-    HttpClient, Launch, Process, Session, TempDir, backend_entries, client, exited, get, images,
-    run, sessions, stderr, stdout, try_send,
+    HttpClient, Launch, Process, Reaped, Session, TempDir, backend_entries, client, exited, get,
+    images, run, sessions, stderr, stdout, try_send,
 };
 use tidegate::demo::Tracking;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -412,17 +412,6 @@ async fn an_upgrade_with_nothing_to_take_over_says_so() {
         assert!(said.contains("no control socket"), "{said}");
     })
     .await;
-}
-
-/// Ends the process `pid` (a successor the test did not start itself) when dropped.
-struct Reaped(u32);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

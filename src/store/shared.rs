@@ -259,8 +259,9 @@ pub struct SharedPins {
     prefix: Box<str>,
     channel: String,
     timeout: Duration,
-    /// This process, in the messages it publishes (it skips its own).
-    instance: u64,
+    /// This process (random hex), the first line of the messages it publishes: it skips
+    /// its own.
+    instance: Box<str>,
     writes: mpsc::Sender<Write>,
     asking: Semaphore,
     up: AtomicBool,
@@ -344,7 +345,7 @@ impl SharedPins {
             prefix: config.prefix.clone().into(),
             channel: format!("{}:moves", config.prefix),
             timeout: config.timeout,
-            instance: rand::random(),
+            instance: format!("{:x}", rand::random::<u64>()).into(),
             writes,
             asking: Semaphore::new(LOOKUPS_IN_FLIGHT),
             up: AtomicBool::new(false),
@@ -588,7 +589,8 @@ impl SharedPins {
 
     async fn send(&self, batch: &[Write], registry: &Registry) {
         let mut pipe = redis::pipe();
-        let mut news = format!("{:x}\n", self.instance);
+        let mut news = format!("{}\n", self.instance);
+        let header = news.len();
         let mut checks: Vec<(Arc<str>, PinKey, Box<str>, u32)> = Vec::new();
         let mut kinds = [0u64; 5];
         for w in batch.iter() {
@@ -637,7 +639,7 @@ impl SharedPins {
                 }
             }
         }
-        if news.lines().count() > 1 {
+        if news.len() > header {
             pipe.cmd("PUBLISH").arg(&self.channel).arg(&news).ignore();
         }
         let mut conn = self.conn.clone();
@@ -795,8 +797,7 @@ impl SharedPins {
             return;
         };
         let mut lines = text.lines();
-        let own = format!("{:x}", self.instance);
-        if lines.next().is_none_or(|sender| sender == own) {
+        if lines.next().is_none_or(|sender| sender == &*self.instance) {
             return;
         }
         let now = clock::unix_now();

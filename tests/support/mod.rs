@@ -1077,3 +1077,15 @@ impl Session {
         r
     }
 }
+
+/// Ends the process `pid` when dropped, also when the test fails first: a successor
+/// `tidegate upgrade` started, which is no child of the test (nor of anyone it could wait for).
+pub struct Reaped(pub u32);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+}
