@@ -533,7 +533,8 @@ pub async fn serve(
                         Some(_) => 1,
                         None => 2,
                     };
-                    proxy.front.handshake(version, alpn);
+                    let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                    proxy.front.handshake(version, alpn, resumed);
                     let conn = ClientConn::new(peer, Some(tls.hsts), lease);
                     let protocol = match alpn {
                         0 => Protocol::Http2,

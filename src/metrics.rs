@@ -646,6 +646,13 @@ impl Collector for Exposition {
                 )?;
             }
         }
+        let mut m = e.encode_descriptor(
+            "tidegate_tls_resumed_handshakes",
+            "Completed TLS handshakes that resumed an earlier session (ticket or session id)",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, &[], front.resumed_handshakes())?;
         let failures = CLIENT_ERROR_KINDS
             .iter()
             .position(|k| *k == "tls-handshake")

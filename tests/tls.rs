@@ -90,6 +90,8 @@ struct Setup<'a> {
     /// `true`: `[[tls.certificate]]` c first, then ab.
     c_first: bool,
     images: usize,
+    /// An admin listener on a free port (its metrics), else none.
+    admin: bool,
 }
 
 impl Default for Setup<'_> {
@@ -99,19 +101,26 @@ impl Default for Setup<'_> {
             pool: "",
             c_first: false,
             images: 2,
+            admin: false,
         }
     }
 }
 
-/// The config text: a plain and a TLS listener on 127.0.0.1 (free ports), no admin listener,
-/// certificate paths relative to the config file.
-fn config_text(tls: &str, certs: &[(&str, &str)], pool: &str, backends: &str) -> String {
+/// The config text: a plain and a TLS listener on 127.0.0.1 (free ports), the admin listener
+/// `admin` (`off`, or an address), certificate paths relative to the config file.
+fn config_text(
+    admin: &str,
+    tls: &str,
+    certs: &[(&str, &str)],
+    pool: &str,
+    backends: &str,
+) -> String {
     let certs: String = certs
         .iter()
         .map(|(c, k)| format!("[[tls.certificate]]\ncert = \"{c}\"\nkey = \"{k}\"\n"))
         .collect();
     format!(
-        "admin = \"off\"\nlisten = [\"127.0.0.1:0\"]\nlisten_tls = [\"127.0.0.1:0\"]\n[tls]\n{tls}\n{certs}\
+        "admin = \"{admin}\"\nlisten = [\"127.0.0.1:0\"]\nlisten_tls = [\"127.0.0.1:0\"]\n[tls]\n{tls}\n{certs}\
          [[pool]]\nname = \"app\"\n{pool}\n{backends}"
     )
 }
@@ -143,6 +152,7 @@ async fn farm(label: &str, setup: Setup<'_>) -> Farm {
         [("ab.pem", "ab.key"), ("c.pem", "c.key")]
     };
     let text = config_text(
+        if setup.admin { "127.0.0.1:0" } else { "off" },
         setup.tls,
         &certs,
         setup.pool,
@@ -653,7 +663,14 @@ async fn sni_chooses_the_exact_name_then_the_wildcard_then_the_first_certificate
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_resume_with_tls12_and_tls13() {
-    let f = farm("resume", Setup::default()).await;
+    let f = farm(
+        "resume",
+        Setup {
+            admin: true,
+            ..Setup::default()
+        },
+    )
+    .await;
     for (flag, protocol) in [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")] {
         let session = f.dir.arg(&format!("session{flag}.pem"));
         let common = [flag, "-servername", "a.test", "-ign_eof"];
@@ -689,6 +706,25 @@ async fn sessions_resume_with_tls12_and_tls13() {
         );
         assert!(second.contains("HTTP/1.1 200"), "{second}");
     }
+    // The metrics tell resumed handshakes from full ones: 4 handshakes, 2 resumed.
+    let admin = f.running.admin_addr().expect("admin listener");
+    let metrics = curl(&[format!("http://{admin}/metrics")])
+        .await
+        .expect("metrics answered")
+        .body;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(value("tidegate_tls_handshakes_total"), 4.0, "{metrics}");
+    assert_eq!(
+        value("tidegate_tls_resumed_handshakes_total"),
+        2.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1132,6 +1168,7 @@ async fn check_refuses_bad_certificate_files_naming_the_file_and_the_reason() {
         dir.write(
             &file,
             &config_text(
+                "off",
                 "",
                 &[(cert, key)],
                 "",
@@ -1167,6 +1204,7 @@ async fn a_private_key_other_users_may_read_is_a_warning_at_check() {
     dir.write(
         "tidegate.toml",
         &config_text(
+            "off",
             "",
             &[("a.pem", "a.key")],
             "",
@@ -1212,6 +1250,7 @@ async fn expired_certificate_is_a_warning_at_check_and_still_served() {
     dir.write("old.key", &old.key);
     let image = support::image(tidegate::demo::ImageOptions::new("image-1")).await;
     let text = config_text(
+        "off",
         "",
         &[("old.pem", "old.key")],
         "",
@@ -1606,6 +1645,7 @@ async fn the_development_certificate_is_served_and_trusted_for_localhost() {
     let dir = support::TempDir::new("development-certificate");
     let image = support::image(tidegate::demo::ImageOptions::new("image-1")).await;
     let text = config_text(
+        "off",
         "",
         &[(
             &certs.join("localhost.pem").display().to_string(),

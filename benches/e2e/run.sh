@@ -9,6 +9,9 @@
 #   benches/e2e/run.sh --check         # short tidegate-only pass showing the pins are used
 #   benches/e2e/run.sh --floor         # adds floor.c, a relay doing nothing but the system
 #                                      # calls, as a yardstick in the plain-HTTP variants
+#   benches/e2e/run.sh --log           # every proxy with its request log on, to a file
+#   benches/e2e/run.sh --proxies "tidegate tidegate+log" --variants http-cookie
+#                                      # a proxy name ending in +log: that proxy, log on
 #   benches/e2e/run.sh --store --proxies tidegate --variants "http-cookie http-miss"
 #                                      # tidegate with the shared pin store on (a redis-server
 #                                      # started here); benches/e2e/store-ab.sh pairs it with off
@@ -29,7 +32,10 @@ ROOT=$(cd "$HERE/../.." && pwd)
 DURATION=10
 WARMUP=2
 RUNS=1
-CONNS=64
+CONNS=50
+# h2-cookie: this many HTTP/2 connections (one h2load each, its own session id in the
+# cookie, as a browser tab's), sharing $CONNS streams in flight.
+H2_CLIENTS=5
 IDS=10000
 PORT_BASE=${TG_PORT_BASE:-27100}
 PROXY_CPU=0
@@ -37,7 +43,7 @@ LOAD_CPU=1
 CERT_TYPE=ec
 BODY_BYTES=512
 PROXIES="tidegate haproxy nginx"
-VARIANTS="http-cookie http-query http-close https https-handshake"
+VARIANTS="http-cookie http-query http-close https-cookie https-resume https-full h2-cookie"
 SCALE=0
 MATRIX=1
 CHECK=0
@@ -47,6 +53,7 @@ BUILD=1
 PERF=0
 FLOOR=0
 STORE=0
+LOGS=0
 
 usage() {
     sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
@@ -69,6 +76,13 @@ Options:
                         request a fresh id never seen, with X-Warm, over keep-alive, so the
                         store is asked each time and the reply's pin written through
   --variants "LIST"     subset of: $VARIANTS
+                        (the older names https and https-handshake mean https-cookie and
+                        https-full)
+  --log                 every proxy with its request log on, written to a file: tidegate's
+                        access log (RUST_LOG=info), HAProxy \`log stdout\` with \`option
+                        httplog\`, nginx \`access_log ... buffer=64k\`; a proxy name ending in
+                        "+log" in --proxies turns it on for that proxy alone (so one run can
+                        interleave tidegate with and without it)
   --scale               add the scale curve (tidegate only) after the matrix
   --scale-only          only the scale curve
   --scale-sizes "LIST"  live pin counts for the scale curve (default: $SCALE_SIZES)
@@ -105,6 +119,7 @@ while [ $# -gt 0 ]; do
         --perf) PERF=1 ;;
         --floor) FLOOR=1 ;;
         --store) STORE=1 ;;
+        --log) LOGS=1 ;;
         --out) OUT=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -115,6 +130,28 @@ done
 log() { printf '[e2e %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# The older variant names still work.
+normalised=""
+for v in $VARIANTS; do
+    case "$v" in
+        https) v=https-cookie ;;
+        https-handshake) v=https-full ;;
+    esac
+    normalised+="${normalised:+ }$v"
+done
+VARIANTS=$normalised
+if [ "$LOGS" = 1 ]; then
+    logged=""
+    for p in $PROXIES; do
+        case "$p" in *+log|floor*) ;; *) p+=+log ;; esac
+        logged+="${logged:+ }$p"
+    done
+    PROXIES=$logged
+fi
+# The suffix of the proxies the comparison tables read: "+log" with --log.
+SUFFIX=""
+[ "$LOGS" = 1 ] && SUFFIX=+log
+
 # ------------------------------------------------------------------------------------------
 # Tools
 
@@ -123,6 +160,7 @@ SUDO=""
 missing=()
 [ "$PERF" = 1 ] && ! command -v perf >/dev/null && missing+=(linux-perf)
 [ "$STORE" = 1 ] && ! command -v redis-server >/dev/null && missing+=(redis-server)
+[[ " $VARIANTS " == *" h2-cookie "* ]] && ! command -v h2load >/dev/null && missing+=(nghttp2-client)
 for tool in haproxy:haproxy nginx:nginx wrk:wrk openssl:openssl cc:gcc taskset:util-linux \
     pgrep:procps curl:curl; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
@@ -215,7 +253,7 @@ render() { # template output: replaces @NAME@ with the shell variable NAME
     local template=$1 out=$2 text name
     text=$(cat "$template")
     for name in WORK B1 B2 B3 HTTP_PORT HTTPS_PORT ADMIN_PORT CERT KEY COMBINED BODY \
-        STICK_SIZE MAX_PINS; do
+        STICK_SIZE MAX_PINS HAPROXY_LOG_GLOBAL HAPROXY_LOG_DEFAULTS NGINX_ACCESS_LOG; do
         text=${text//@$name@/${!name:-}}
     done
     printf '%s\n' "$text" >"$out"
@@ -321,8 +359,35 @@ pins_now() { # live pins in tidegate, from its admin listener
 }
 
 PROXY_PID=""
-start_proxy() { # name [scale]
-    local name=$1 log=$WORK/$1.log
+# The request log of the proxy last started, if it has one on (counted after each cell).
+ACCESS_FILE=""
+start_proxy() { # name[+log] [scale]
+    local name=${1%+log} log=$WORK/${1%+log}.log level=warn
+    # Used by render() through ${!name}.
+    # shellcheck disable=SC2034
+    HAPROXY_LOG_GLOBAL="" HAPROXY_LOG_DEFAULTS="" NGINX_ACCESS_LOG="access_log off;"
+    ACCESS_FILE=""
+    if [ "$1" != "$name" ]; then
+        # The request log on, each proxy writing it to a file as it would in production:
+        # tidegate and HAProxy to their standard output or error, redirected to a file
+        # (HAProxy writes a line per request; tidegate batches them), nginx to its own
+        # file through a 64 KiB buffer.
+        case "$name" in
+            tidegate) level=info; ACCESS_FILE=$log ;;
+            haproxy)
+                # shellcheck disable=SC2034
+                HAPROXY_LOG_GLOBAL="log stdout format raw local0 info"
+                # shellcheck disable=SC2034
+                HAPROXY_LOG_DEFAULTS=$'log global\n    option httplog'
+                ACCESS_FILE=$log ;;
+            nginx)
+                # shellcheck disable=SC2034
+                NGINX_ACCESS_LOG="access_log $WORK/nginx-access.log combined buffer=64k flush=1s;"
+                ACCESS_FILE=$WORK/nginx-access.log ;;
+            *) die "$name has no request log" ;;
+        esac
+        rm -f "$ACCESS_FILE"
+    fi
     case "$name" in
         tidegate)
             if [ "${2:-}" = scale ]; then
@@ -332,7 +397,7 @@ start_proxy() { # name [scale]
             else
                 local admin=off
                 [ "$CHECK" = 1 ] || [ -n "$REDIS_PID" ] && admin=127.0.0.1:$ADMIN_PORT
-                RUST_LOG=warn taskset -c "$PROXY_CPU" "$TIDEGATE" \
+                RUST_LOG=$level taskset -c "$PROXY_CPU" "$TIDEGATE" \
                     --listen "127.0.0.1:$HTTP_PORT" --listen-tls "127.0.0.1:$HTTPS_PORT" \
                     --tls-cert "$CERT" --tls-key "$KEY" \
                     --backend "b1=127.0.0.1:$B1" --backend "b2=127.0.0.1:$B2" \
@@ -417,8 +482,12 @@ drive() { # variant seconds ids [tag]
         http-miss) fresh=1 ;;
         http-query) mode=query ;;
         http-close) close=1 ;;
-        https) url=https://127.0.0.1:$HTTPS_PORT/ ;;
-        https-handshake) url=https://127.0.0.1:$HTTPS_PORT/; close=1; preload=$WORK/noresume.so ;;
+        https-cookie) url=https://127.0.0.1:$HTTPS_PORT/ ;;
+        # wrk offers the previous connection's session when it reconnects (SSL_clear keeps
+        # it): a returning visitor's resumed handshake.
+        https-resume) url=https://127.0.0.1:$HTTPS_PORT/; close=1 ;;
+        https-full) url=https://127.0.0.1:$HTTPS_PORT/; close=1; preload=$WORK/noresume.so ;;
+        h2-cookie) drive_h2 "$seconds" "${4:-run}"; return ;;
         *) die "unknown variant $variant" ;;
     esac
     WRK_OUT=$WORK/wrk-${4:-run}.out
@@ -429,6 +498,38 @@ drive() { # variant seconds ids [tag]
     STARTED+=("$wrk_pid")
     wait "$wrk_pid" || true
     forget_pid "$wrk_pid"
+}
+
+# HTTP/2 over TLS: $H2_CLIENTS h2load processes of one connection each, the $CONNS streams
+# shared among them, each connection with its own session id in the cookie (as a browser
+# tab's: ids the warm-up taught), the same headers as load.lua's. Their summaries and
+# per-request latencies are written to $WRK_OUT in wrk's words, for parse_wrk.
+drive_h2() { # seconds tag
+    local seconds=$1 tag=$2 i pids=() streams=$(( (CONNS + H2_CLIENTS - 1) / H2_CLIENTS ))
+    WRK_OUT=$WORK/wrk-$tag.out
+    for i in $(seq 0 $((H2_CLIENTS - 1))); do
+        taskset -c "$LOAD_CPU" h2load -t1 -c1 -m"$streams" -D "$seconds" \
+            --log-file="$WORK/h2-$tag-$i.tsv" \
+            -H "user-agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0" \
+            -H "accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8" \
+            -H "accept-language: en-GB,en;q=0.5" -H "accept-encoding: gzip, deflate" \
+            -H "cookie: _ga=GA1.1.1482931.1716200000; theme=dark; lang=en-GB; _s=$(printf 'Kd83%012d' "$i")" \
+            "https://127.0.0.1:$HTTPS_PORT/app?_k=aB3dE5fG" >"$WORK/h2-$tag-$i.out" 2>&1 &
+        pids+=($!)
+        STARTED+=("$!")
+    done
+    for i in "${pids[@]}"; do wait "$i" || true; forget_pid "$i"; done
+    {
+        cat "$WORK"/h2-"$tag"-*.out | awk -v d="$seconds" '
+            /^requests:/ { done += $6; failed += $10 + $12 + $14 }
+            /^status codes:/ { bad += $5 + $7 + $9 }
+            END { printf "  %d requests in %ss\nRequests/sec: %.2f\n", done, d, done / d
+                  if (failed + bad > 0) printf "  Non-2xx or Socket errors: %d\n", failed + bad }'
+        cat "$WORK"/h2-"$tag"-*.tsv | cut -f3 | sort -n | awk '{ v[NR] = $1 } END {
+            if (NR == 0) exit
+            printf "     50%%    %.3fms\n     99%%    %.3fms\n", v[int(NR * 0.50) + 1] / 1000, v[int(NR * 0.99) + 1] / 1000 }'
+    } >"$WRK_OUT"
+    rm -f "$WORK"/h2-"$tag"-*.tsv
 }
 
 # Parses $WRK_OUT: "requests rps p50_ms p99_ms errors"
@@ -478,10 +579,14 @@ run_cell() { # run proxy variant
         STARTED+=("$stat_pid")
     fi
     [ -n "$REDIS_PID" ] && read -r r0 _ < <(proc_ticks "$REDIS_PID")
+    local lines0=0 lines1=0 per_req=""
+    # nginx's buffered lines trail by up to a second: both counts are taken a second later.
+    [ -n "$ACCESS_FILE" ] && { sleep 1.1; lines0=$(wc -l <"$ACCESS_FILE" 2>/dev/null || echo 0); }
     read -r t0 k0 < <(tree_ticks "$PROXY_PID")
     drive "$variant" "$DURATION" "$IDS" "$run-$proxy-$variant"
     read -r t1 k1 < <(tree_ticks "$PROXY_PID")
     [ -n "$REDIS_PID" ] && read -r r1 _ < <(proc_ticks "$REDIS_PID")
+    [ -n "$ACCESS_FILE" ] && { sleep 1.1; lines1=$(wc -l <"$ACCESS_FILE" 2>/dev/null || echo 0); }
     hwm=$(tree_status_kib VmHWM "$PROXY_PID")
     if [ -n "$perf_pid" ]; then
         wait "$perf_pid" 2>/dev/null || true
@@ -506,6 +611,11 @@ run_cell() { # run proxy variant
     fi
     stop_proxy
     read -r reqs rps p50 p99 errs < <(parse_wrk)
+    if [ -n "$ACCESS_FILE" ]; then
+        # Proof the request log was on: about one line per measured request.
+        per_req=$(awk -v l=$((lines1 - lines0)) -v r="${reqs:-0}" 'BEGIN { if (r > 0) printf "%.2f", l / r }')
+        rm -f "$ACCESS_FILE"
+    fi
     if [ "${reqs:-0}" -gt 0 ]; then
         cpu100k=$(awk -v t=$((t1 - t0)) -v hz="$HZ" -v r="$reqs" 'BEGIN { printf "%.3f", t / hz / r * 100000 }')
         [ -n "$REDIS_PID" ] && [ "$proxy" = tidegate ] &&
@@ -517,7 +627,7 @@ run_cell() { # run proxy variant
     kernel=$(awk -v t=$((t1 - t0)) -v k=$((k1 - k0)) 'BEGIN { if (t > 0) printf "%.0f", k / t * 100; else print "nan" }')
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$variant" "$proxy" "$rps" "$cpu100k" \
         "$util" "$p50" "$p99" "$((hwm / 1024))" "$errs" "$kernel" "$redis100k" >>"$RAW"
-    log "run $run $variant $proxy: $rps req/s, $cpu100k CPU-s/100k, CPU $util%, p50 ${p50} ms, p99 ${p99} ms, peak RSS $((hwm / 1024)) MiB, errors $errs${REDIS_PID:+, redis-server $redis100k CPU-s/100k}"
+    log "run $run $variant $proxy: $rps req/s, $cpu100k CPU-s/100k, CPU $util%, p50 ${p50} ms, p99 ${p99} ms, peak RSS $((hwm / 1024)) MiB, errors $errs${REDIS_PID:+, redis-server $redis100k CPU-s/100k}${per_req:+, log lines per request $per_req}"
 }
 
 median() { # numbers on stdin -> median
@@ -555,7 +665,7 @@ report_matrix() {
     echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     for v in $VARIANTS; do
         for p in $PROXIES; do
-            [ "$p" = floor ] && [[ "$v" == https* ]] && continue
+            [[ "$p" == floor* ]] && [[ "$v" != http-* ]] && continue
             printf '| %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %s |\n' "$v" "$p" "$(cell "$v" "$p" 4)" \
                 "$(cell "$v" "$p" 5)" "$(cell "$v" "$p" 11)" "$(cell "$v" "$p" 6)" "$(cell "$v" "$p" 7)" \
                 "$(cell "$v" "$p" 8)" "$(cell "$v" "$p" 9)" "$(cell "$v" "$p" 10)"
@@ -571,36 +681,59 @@ report_matrix() {
             printf '| %s | %s |\n' "$v" "$(cell "$v" tidegate 12)"
         done
     fi
-    case " $PROXIES " in *" tidegate "*) ;; *) return 0 ;; esac
+    local TG=tidegate$SUFFIX HP=haproxy$SUFFIX NG=nginx$SUFFIX
+    if [[ " $PROXIES " == *" tidegate "* ]] && [[ " $PROXIES " == *" tidegate+log "* ]]; then
+        echo
+        echo "### The access log: tidegate with it on ÷ off (CPU per request)"
+        echo
+        echo "| variant | off CPU-s/100k | on CPU-s/100k | on ÷ off | run by run |"
+        echo "| --- | ---: | ---: | ---: | --- |"
+        for v in $VARIANTS; do
+            local byrun
+            byrun=$(awk -F'\t' -v v="$v" '$2 == v && $3 == "tidegate" { off[$1] = $5 }
+                $2 == v && $3 == "tidegate+log" { on[$1] = $5; if ($1 > m) m = $1 }
+                END { for (r = 1; r <= m; r++) if (off[r] > 0) printf "%s%.2f", (r > 1 ? " / " : ""), on[r] / off[r] }' "$RAW")
+            awk -v v="$v" -v off="$(cell "$v" tidegate 5)" -v on="$(cell "$v" tidegate+log 5)" -v b="$byrun" \
+                'BEGIN { printf "| %s | %s | %s | %s | %s |\n", v, off, on, (off + 0 > 0 ? sprintf("%.2f", on / off) : "n/a"), b }'
+        done
+    fi
+    case " $PROXIES " in *" $TG "*) ;; *) return 0 ;; esac
     echo
-    echo "### tidegate ÷ the better peer (CPU per request: lower is better)"
+    echo "### tidegate ÷ the better peer (CPU per request: lower is better)${SUFFIX:+, request logs on}"
     echo
-    echo "| variant | tidegate CPU-s/100k | HAProxy | nginx | tidegate ÷ better peer | p99 tidegate ÷ better peer | req/s tidegate ÷ better peer |"
-    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    echo "Targets (issue 15): ≤ 0.80 on keep-alive (http-cookie, http-query, https-cookie, h2-cookie), ≤ 0.90 on http-close and https-resume, ≤ 0.50 × nginx on https-full; p99 ≤ 1.00."
+    echo
+    echo "| variant | tidegate CPU-s/100k | HAProxy | nginx | tidegate ÷ better peer | target | p99 tidegate ÷ better peer | req/s tidegate ÷ better peer |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     for v in $VARIANTS; do
         local tg hp ng tg99 hp99 ng99 tgr hpr ngr
-        tg=$(cell "$v" tidegate 5); hp=$(cell "$v" haproxy 5); ng=$(cell "$v" nginx 5)
-        tg99=$(cell "$v" tidegate 8); hp99=$(cell "$v" haproxy 8); ng99=$(cell "$v" nginx 8)
-        tgr=$(cell "$v" tidegate 4); hpr=$(cell "$v" haproxy 4); ngr=$(cell "$v" nginx 4)
+        tg=$(cell "$v" "$TG" 5); hp=$(cell "$v" "$HP" 5); ng=$(cell "$v" "$NG" 5)
+        tg99=$(cell "$v" "$TG" 8); hp99=$(cell "$v" "$HP" 8); ng99=$(cell "$v" "$NG" 8)
+        tgr=$(cell "$v" "$TG" 4); hpr=$(cell "$v" "$HP" 4); ngr=$(cell "$v" "$NG" 4)
         awk -v v="$v" -v tg="$tg" -v hp="$hp" -v ng="$ng" -v t99="$tg99" -v h99="$hp99" \
             -v n99="$ng99" -v tr="$tgr" -v hr="$hpr" -v nr="$ngr" 'BEGIN {
             best = (hp != "nan" && (ng == "nan" || hp + 0 <= ng + 0)) ? hp : ng
             b99 = (h99 != "nan" && (n99 == "nan" || h99 + 0 <= n99 + 0)) ? h99 : n99
             br = (hr != "nan" && (nr == "nan" || hr + 0 >= nr + 0)) ? hr : nr
+            target = "0.80"
+            if (v == "http-close" || v == "https-resume") target = "0.90"
+            if (v == "https-full") { target = "0.50 × nginx"; if (ng != "nan") best = ng }
+            if (v == "http-miss") target = "—"
             r = (best + 0 > 0) ? sprintf("%.2f", tg / best) : "n/a"
             r99 = (b99 + 0 > 0) ? sprintf("%.2f", t99 / b99) : "n/a"
             rr = (br + 0 > 0) ? sprintf("%.2f", tr / br) : "n/a"
-            printf "| %s | %s | %s | %s | %s | %s | %s |\n", v, tg, hp, ng, r, r99, rr }'
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", v, tg, hp, ng, r, target, r99, rr }'
     done
     if [ "$RUNS" -gt 1 ]; then
         echo
-        echo "tidegate ÷ better peer, run by run:"
-        awk -F'\t' '{ c[$1 "\t" $2 "\t" $3] = $5; if (!($2 in seen)) { seen[$2] = 1; order[++n] = $2 }
+        echo "tidegate ÷ better peer (https-full: ÷ nginx), run by run:"
+        awk -F'\t' -v tg="$TG" -v hp="$HP" -v ng="$NG" '{ c[$1 "\t" $2 "\t" $3] = $5; if (!($2 in seen)) { seen[$2] = 1; order[++n] = $2 }
                        if ($1 > runs) runs = $1 }
             END { for (i = 1; i <= n; i++) { v = order[i]; line = "- " v ":"
                     for (r = 1; r <= runs; r++) {
-                        t = c[r "\t" v "\ttidegate"]; h = c[r "\t" v "\thaproxy"]; g = c[r "\t" v "\tnginx"]
+                        t = c[r "\t" v "\t" tg]; h = c[r "\t" v "\t" hp]; g = c[r "\t" v "\t" ng]
                         b = (h != "" && (g == "" || h + 0 <= g + 0)) ? h : g
+                        if (v == "https-full" && g != "") b = g
                         line = line ((t != "" && b + 0 > 0) ? sprintf(" %.2f", t / b) : " n/a") }
                     print line } }' "$RAW"
     fi
@@ -611,19 +744,20 @@ report_matrix() {
         echo "| variant | floor CPU-s/100k | floor kernel % | floor ÷ better peer | tidegate ÷ floor | 0.8 × better peer ÷ floor |"
         echo "| --- | ---: | ---: | ---: | ---: | ---: |"
         for v in $VARIANTS; do
-            [[ "$v" == https* ]] && continue
+            [[ "$v" != http-* ]] && continue
             awk -v v="$v" -v fl="$(cell "$v" floor 5)" -v fk="$(cell "$v" floor 11)" \
-                -v tg="$(cell "$v" tidegate 5)" -v hp="$(cell "$v" haproxy 5)" \
-                -v ng="$(cell "$v" nginx 5)" 'BEGIN {
+                -v tg="$(cell "$v" "$TG" 5)" -v hp="$(cell "$v" "$HP" 5)" \
+                -v ng="$(cell "$v" "$NG" 5)" 'BEGIN {
                 best = (hp != "nan" && (ng == "nan" || hp + 0 <= ng + 0)) ? hp : ng
                 if (fl + 0 <= 0 || best + 0 <= 0) { printf "| %s | %s | %s | n/a | n/a | n/a |\n", v, fl, fk; exit }
                 printf "| %s | %s | %s | %.2f | %.2f | %.2f |\n", v, fl, fk, fl / best, tg / fl, 0.8 * best / fl }'
         done
     fi
-    if [[ " $VARIANTS " == *" https-handshake "* ]]; then
-        local tg ng
-        tg=$(cell https-handshake tidegate 5); ng=$(cell https-handshake nginx 5)
-        awk -v tg="$tg" -v ng="$ng" 'BEGIN { if (ng + 0 > 0) printf "\nFull handshake: tidegate ÷ nginx = %.2f\n", tg / ng }'
+    if [[ " $VARIANTS " == *" https-full "* ]] && [[ " $VARIANTS " == *" https-resume "* ]]; then
+        echo
+        echo "Resumed ÷ full handshake, CPU per request: $(for p in "$TG" "$HP" "$NG"; do
+            awk -v p="${p%+log}" -v r="$(cell https-resume "$p" 5)" -v f="$(cell https-full "$p" 5)" \
+                'BEGIN { if (f + 0 > 0) printf "%s %.2f; ", p, r / f }'; done)"
     fi
 }
 
@@ -731,7 +865,7 @@ if [ "$MATRIX" = 1 ]; then
         for v in $VARIANTS; do
             for p in "${order[@]}"; do
                 # The floor relay speaks plain HTTP only.
-                [ "$p" = floor ] && [[ "$v" == https* ]] && continue
+                [[ "$p" == floor* ]] && [[ "$v" != http-* ]] && continue
                 run_cell "$run" "$p" "$v"
             done
         done

@@ -244,14 +244,25 @@ pub struct FrontStats {
     pub connections_total: AtomicU64,
     /// Completed TLS handshakes by version and ALPN (`version * 3 + alpn`).
     tls_handshakes: [AtomicU64; 6],
+    /// Of those, the handshakes that resumed an earlier session (ticket or session id).
+    tls_resumed: AtomicU64,
     /// Client errors by kind, in [`CLIENT_ERROR_KINDS`] order.
     client_errors: [AtomicU64; CLIENT_ERROR_KINDS.len()],
 }
 
 impl FrontStats {
     /// Counts a completed handshake; `version` indexes [`TLS_VERSIONS`], `alpn` [`TLS_ALPN`].
-    pub fn handshake(&self, version: usize, alpn: usize) {
+    /// `resumed` when the client resumed an earlier session.
+    pub fn handshake(&self, version: usize, alpn: usize, resumed: bool) {
         self.tls_handshakes[version.min(1) * 3 + alpn.min(2)].fetch_add(1, Ordering::Relaxed);
+        if resumed {
+            self.tls_resumed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Handshakes that resumed an earlier session so far.
+    pub fn resumed_handshakes(&self) -> u64 {
+        self.tls_resumed.load(Ordering::Relaxed)
     }
 
     /// Handshakes of this version and ALPN so far.
