@@ -504,6 +504,8 @@ fn init_logs(format: LogFormat) -> Flusher {
     // Written in batches by a thread of its own (see `log_output`); the flusher writes
     // what is left when the process ends.
     let (output, flusher) = log_output::buffered(std::io::stderr());
+    // The access log's lines are formatted by the writer thread, in the same format.
+    log_output::install_access_log(output.access_log(format));
     // Colours only on a terminal: a log file or journal gets plain text.
     let logs = tracing_subscriber::fmt()
         .with_writer(output)

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{
@@ -38,6 +38,7 @@ use crate::error::{ProxyError, UpstreamFailure};
 use crate::farm::health;
 use crate::farm::launch::{self, NotReady};
 use crate::learn::{Learner, PageLearner, PageTap, Told};
+use crate::log_output::{self, AccessEntry};
 use crate::store::shared::SharedPins;
 use crate::upstream::{
     self, CountBytesIn, PeekError, RequestBody, SendError, ToBackend, Tunnel, UpBody, Upstream,
@@ -422,22 +423,6 @@ struct Access {
     session: Option<u32>,
 }
 
-/// A path as the access log shows it: without path parameters (`;jsessionid=KEY`), which
-/// may carry session ids.
-struct LoggedPath<'a>(&'a str);
-
-impl std::fmt::Display for LoggedPath<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, segment) in self.0.split('/').enumerate() {
-            if i > 0 {
-                f.write_str("/")?;
-            }
-            f.write_str(segment.split(';').next().unwrap_or(""))?;
-        }
-        Ok(())
-    }
-}
-
 /// A session as the access log shows it: its keyed hash in hex, or `-`.
 struct LoggedSession(Option<u32>);
 
@@ -467,7 +452,9 @@ fn session_hash(id: &str) -> u32 {
 
 impl Trace {
     fn begin(req: &Request<Incoming>) -> Self {
-        let access = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(|| Access {
+        let access = (log_output::access_log().is_some()
+            && tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO))
+        .then(|| Access {
             method: req.method().clone(),
             host: req.headers().get(HOST).cloned().or_else(|| {
                 req.uri()
@@ -530,21 +517,23 @@ impl Drop for Trace {
         if let Some(p) = &self.pool {
             p.stats.replied(self.status);
         }
-        let Some(a) = &self.access else { return };
-        let host = a.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-");
-        tracing::info!(
-            target: ACCESS_LOG,
-            method = %a.method,
-            host,
-            path = %LoggedPath(a.path.path()),
-            status = self.status,
-            ms = took.as_micros() as f64 / 1000.0,
-            pool = self.pool.as_ref().map_or("-", |p| &*p.name),
-            backend = self.backend.as_ref().map_or("-", |b| &*b.name),
-            decision = self.decision.map_or("-", Decision::as_str),
-            learned = self.learned.map_or("-", LearnSource::as_str),
-            session = %LoggedSession(a.session),
-        );
+        let (Some(a), Some(log)) = (&self.access, log_output::access_log()) else {
+            return;
+        };
+        // Handed over unformatted: the log's own thread writes the line.
+        log.log(&AccessEntry {
+            at: SystemTime::now(),
+            method: a.method.as_str(),
+            host: a.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),
+            path: a.path.path(),
+            status: self.status,
+            micros: took.as_micros() as u64,
+            pool: self.pool.as_ref().map_or("-", |p| &*p.name),
+            backend: self.backend.as_ref().map_or("-", |b| &*b.name),
+            decision: self.decision.map_or("-", Decision::as_str),
+            learned: self.learned.map_or("-", LearnSource::as_str),
+            session: a.session,
+        });
     }
 }
 
@@ -1465,15 +1454,6 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-end-to-end"));
-    }
-
-    #[test]
-    fn logged_paths_lose_their_parameters() {
-        assert_eq!(
-            LoggedPath("/app;jsessionid=KEY/x;y=1").to_string(),
-            "/app/x"
-        );
-        assert_eq!(LoggedPath("/plain/path").to_string(), "/plain/path");
     }
 
     #[test]

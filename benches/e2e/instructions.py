@@ -30,6 +30,10 @@ tidegate, the cross-check of store-memory.py). With the store on, tidegate also 
 once a second (its health probe); a measured run lasts longer than the warm-up alone, so those
 PINGs are not wholly subtracted: a few instructions per request at 20 000 requests.
 
+`--log new` (or `both`) runs the new binary (or both) with its access log on (`RUST_LOG=info`,
+standard error to a file): given the same binary twice, what the access log costs, on the
+request path and on the thread that writes the log out (callgrind counts every thread).
+
 `--keep DIR` keeps each run's callgrind output in DIR, named by binary, store side and variant,
 for `callgrind_annotate` (where the instructions went; the warm-up-alone run is there too).
 
@@ -160,7 +164,7 @@ def store_counts(m):
     return {k: v for k, v in m.items() if k.startswith(("tidegate_store_lookups_total", "tidegate_store_writes_total"))}
 
 
-def run(binary, work, backends, variant, requests, ids, admin_on=False, store=None, keep=None):
+def run(binary, work, backends, variant, requests, ids, admin_on=False, store=None, keep=None, log=False):
     """Total instructions of one process: warm-up, then `requests` requests of `variant`.
     With `store` (a redis-server port) the store is on, and what it did is returned too."""
     port = free_port()
@@ -181,13 +185,15 @@ def run(binary, work, backends, variant, requests, ids, admin_on=False, store=No
         redis_command(store, "FLUSHALL")
         empty = used_memory(store)
     out = os.path.join(work, f"callgrind.{os.getpid()}.{port}")
-    env = dict(os.environ, RUST_LOG="warn")
+    env = dict(os.environ, RUST_LOG="info" if log else "warn")
+    log_file = open(os.path.join(work, "tidegate.log"), "wb")
     p = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary, "--config", config],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log_file,
         env=env,
     )
+    log_file.close()
     did = {}
     try:
         wait_port(port, proc=p)
@@ -227,17 +233,17 @@ def run(binary, work, backends, variant, requests, ids, admin_on=False, store=No
     text = open(out).read()
     if keep:
         # For callgrind_annotate: named by side and variant (0 requests: the warm-up alone).
-        shutil.move(out, os.path.join(keep, f"callgrind.{keep_name(binary, store, variant if requests else 'warm-up')}"))
+        shutil.move(out, os.path.join(keep, f"callgrind.{keep_name(binary, store, variant if requests else 'warm-up', log)}"))
     else:
         os.remove(out)
     m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
     return int(m.group(1)), did
 
 
-def keep_name(binary, store, variant):
+def keep_name(binary, store, variant, log):
     """A file name for one run's callgrind output."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.relpath(binary))
-    return f"{name}.{'store-on' if store else 'store-off'}.{variant}"
+    return f"{name}.{'store-on' if store else 'store-off'}.{'log-on' if log else 'log-off'}.{variant}"
 
 
 def main():
@@ -252,6 +258,12 @@ def main():
         choices=("off", "new", "both"),
         default="off",
         help="which side runs with a [store] pointing at a redis-server started here (default off)",
+    )
+    ap.add_argument(
+        "--log",
+        choices=("off", "new", "both"),
+        default="off",
+        help="which side runs with its access log on (RUST_LOG=info, to a file; default off)",
     )
     ap.add_argument("--keep", metavar="DIR", help="keep each run's callgrind output in DIR (for callgrind_annotate)")
     a = ap.parse_args()
@@ -299,19 +311,27 @@ def main():
             "old": (a.old, redis_port if a.store == "both" else None),
             "new": (a.new, redis_port if a.store != "off" else None),
         }
-        label = {s: (" (store on)" if port else " (store off)") if a.store != "off" else "" for s, (_, port) in sides.items()}
+        logged = {"old": a.log == "both", "new": a.log != "off"}
+        label = {
+            s: ((" (store on)" if port else " (store off)") if a.store != "off" else "")
+            + ((" (log on)" if logged[s] else " (log off)") if a.log != "off" else "")
+            for s, (_, port) in sides.items()
+        }
         admin_on = a.store != "off"
         what = f"; store: redis-server {version} on 127.0.0.1" if redis_port else ""
         print(f"### Instructions per request (callgrind; {a.requests} requests after {a.ids} pins taught; warm-up alone subtracted{what})\n")
         print(f"- old: {a.old}{label['old']}\n- new: {a.new}{label['new']}\n")
         print(f"| variant | old{label['old']} | new{label['new']} | new ÷ old |")
         print("| --- | ---: | ---: | ---: |")
-        base = {s: run(b, work, ports, "http-cookie", 0, a.ids, admin_on, st, a.keep)[0] for s, (b, st) in sides.items()}
+        base = {
+            s: run(b, work, ports, "http-cookie", 0, a.ids, admin_on, st, a.keep, logged[s])[0]
+            for s, (b, st) in sides.items()
+        }
         notes = []
         for v in a.variants.split():
             per = {}
             for s, (b, st) in sides.items():
-                total, did = run(b, work, ports, v, a.requests, a.ids, admin_on, st, a.keep)
+                total, did = run(b, work, ports, v, a.requests, a.ids, admin_on, st, a.keep, logged[s])
                 per[s] = (total - base[s]) / a.requests
                 if st:
                     counts = ", ".join(f"{k.replace('tidegate_store_', '').replace('_total', '')} {n:.0f}" for k, n in sorted(did.items()))
