@@ -52,6 +52,7 @@ OUT=""
 BUILD=1
 PERF=0
 FLOOR=0
+FLOOR_URING=0
 STORE=0
 LOGS=0
 
@@ -67,6 +68,8 @@ Options:
   --proxies "LIST"      subset of: $PROXIES
   --floor               also run floor.c (plain-HTTP variants only): the cost of the system
                         calls alone, with no proxy work, on this machine
+  --floor-uring         also run floor_uring.c ("floor-uring", plain HTTP only): the same
+                        relay on io_uring (liburing-dev, installed if missing)
   --store               tidegate with the shared pin store on (--store redis://...): a
                         redis-server started here on the load CPU (port base + 20, no
                         persistence), emptied before each cell; tidegate's admin listener
@@ -118,6 +121,7 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0 ;;
         --perf) PERF=1 ;;
         --floor) FLOOR=1 ;;
+        --floor-uring) FLOOR_URING=1 ;;
         --store) STORE=1 ;;
         --log) LOGS=1 ;;
         --out) OUT=$2; shift ;;
@@ -161,6 +165,7 @@ missing=()
 [ "$PERF" = 1 ] && ! command -v perf >/dev/null && missing+=(linux-perf)
 [ "$STORE" = 1 ] && ! command -v redis-server >/dev/null && missing+=(redis-server)
 [[ " $VARIANTS " == *" h2-cookie "* ]] && ! command -v h2load >/dev/null && missing+=(nghttp2-client)
+[ "$FLOOR_URING" = 1 ] && [ ! -e /usr/include/liburing.h ] && missing+=(liburing-dev)
 for tool in haproxy:haproxy nginx:nginx wrk:wrk openssl:openssl cc:gcc taskset:util-linux \
     pgrep:procps curl:curl; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
@@ -279,6 +284,10 @@ cc -shared -fPIC -O2 -o "$WORK/noresume.so" "$HERE/noresume.c" -ldl
 if [ "$FLOOR" = 1 ]; then
     cc -O2 -o "$WORK/floor" "$HERE/floor.c"
     case " $PROXIES " in *" floor "*) ;; *) PROXIES="$PROXIES floor" ;; esac
+fi
+if [ "$FLOOR_URING" = 1 ]; then
+    cc -O2 -o "$WORK/floor-uring" "$HERE/floor_uring.c" -luring
+    case " $PROXIES " in *" floor-uring "*) ;; *) PROXIES="$PROXIES floor-uring" ;; esac
 fi
 
 BODY="<!DOCTYPE html><html><head><title>Seaside</title></head><body>"
@@ -415,8 +424,8 @@ start_proxy() { # name[+log] [scale]
             taskset -c "$PROXY_CPU" "$NGINX" -e "$WORK/nginx-proxy.err" -p "$WORK" \
                 -c "$WORK/nginx-proxy.conf" >"$log" 2>&1 &
             ;;
-        floor)
-            taskset -c "$PROXY_CPU" "$WORK/floor" "$HTTP_PORT" "$B1" "$B2" "$B3" >"$log" 2>&1 &
+        floor|floor-uring)
+            taskset -c "$PROXY_CPU" "$WORK/$name" "$HTTP_PORT" "$B1" "$B2" "$B3" >"$log" 2>&1 &
             ;;
         *) die "unknown proxy $name" ;;
     esac
@@ -425,7 +434,7 @@ start_proxy() { # name[+log] [scale]
     wait_port "$HTTP_PORT" || die "$name did not start: $(tail -5 "$log")"
     if [ "$name" = tidegate ] && [ "${2:-}" = scale ]; then
         wait_port "$ADMIN_PORT" || die "tidegate's admin listener did not start: $(tail -5 "$log")"
-    elif [ "$name" != floor ]; then
+    elif [[ "$name" != floor* ]]; then
         wait_port "$HTTPS_PORT" || die "$name TLS did not start: $(tail -5 "$log")"
     fi
 }
@@ -658,7 +667,7 @@ machine() {
 # The matrix
 
 report_matrix() {
-    local v p
+    local v p label
     echo "### Cells (median of $RUNS run(s); $DURATION s each, $CONNS connections, $IDS session ids)"
     echo
     echo "| variant | proxy | req/s | CPU-s per 100k req | kernel % | proxy CPU % | p50 ms | p99 ms | peak RSS MiB | errors |"
@@ -695,6 +704,21 @@ report_matrix() {
                 END { for (r = 1; r <= m; r++) if (off[r] > 0) printf "%s%.2f", (r > 1 ? " / " : ""), on[r] / off[r] }' "$RAW")
             awk -v v="$v" -v off="$(cell "$v" tidegate 5)" -v on="$(cell "$v" tidegate+log 5)" -v b="$byrun" \
                 'BEGIN { printf "| %s | %s | %s | %s | %s |\n", v, off, on, (off + 0 > 0 ? sprintf("%.2f", on / off) : "n/a"), b }'
+        done
+    fi
+    if [[ " $PROXIES " == *" floor "* && " $PROXIES " == *" floor-uring "* ]]; then
+        echo
+        echo "### floor-uring ÷ floor (CPU-s per 100k requests; run by run in brackets)"
+        echo
+        echo "| variant | floor | floor-uring | floor-uring ÷ floor |"
+        echo "| --- | ---: | ---: | ---: |"
+        for v in $VARIANTS; do
+            [[ "$v" != http-* ]] && continue
+            awk -F'\t' -v v="$v" -v fl="$(cell "$v" floor 5)" -v fu="$(cell "$v" floor-uring 5)" '
+                $2 == v && $3 == "floor" { a[$1] = $5 } $2 == v && $3 == "floor-uring" { b[$1] = $5 }
+                END { runs = ""; for (r = 1; r in a || r in b; r++)
+                        runs = runs sprintf("%s%.2f", r > 1 ? " " : "", (a[r] + 0 > 0) ? b[r] / a[r] : 0)
+                      printf "| %s | %s | %s | %.2f (%s) |\n", v, fl, fu, (fl + 0 > 0) ? fu / fl : 0, runs }' "$RAW"
         done
     fi
     case " $PROXIES " in *" $TG "*) ;; *) return 0 ;; esac
@@ -737,20 +761,24 @@ report_matrix() {
                         line = line ((t != "" && b + 0 > 0) ? sprintf(" %.2f", t / b) : " n/a") }
                     print line } }' "$RAW"
     fi
-    if [[ " $PROXIES " == *" floor "* ]]; then
+    if [[ " $PROXIES " == *" floor"* ]]; then
         echo
-        echo "### The floor: system calls alone (floor.c) against the proxies"
+        echo "### The floor: system calls alone (floor.c; floor_uring.c: on io_uring) against the proxies"
         echo
         echo "| variant | floor CPU-s/100k | floor kernel % | floor ÷ better peer | tidegate ÷ floor | 0.8 × better peer ÷ floor |"
         echo "| --- | ---: | ---: | ---: | ---: | ---: |"
         for v in $VARIANTS; do
-            [[ "$v" != http-* ]] && continue
-            awk -v v="$v" -v fl="$(cell "$v" floor 5)" -v fk="$(cell "$v" floor 11)" \
-                -v tg="$(cell "$v" "$TG" 5)" -v hp="$(cell "$v" "$HP" 5)" \
-                -v ng="$(cell "$v" "$NG" 5)" 'BEGIN {
-                best = (hp != "nan" && (ng == "nan" || hp + 0 <= ng + 0)) ? hp : ng
-                if (fl + 0 <= 0 || best + 0 <= 0) { printf "| %s | %s | %s | n/a | n/a | n/a |\n", v, fl, fk; exit }
-                printf "| %s | %s | %s | %.2f | %.2f | %.2f |\n", v, fl, fk, fl / best, tg / fl, 0.8 * best / fl }'
+            for f in floor floor-uring; do
+                [[ "$v" != http-* ]] || [[ " $PROXIES " != *" $f "* ]] && continue
+                label=$v
+                [ "$f" = floor ] || label="$v ($f)"
+                awk -v v="$label" -v fl="$(cell "$v" $f 5)" -v fk="$(cell "$v" $f 11)" \
+                    -v tg="$(cell "$v" "$TG" 5)" -v hp="$(cell "$v" "$HP" 5)" \
+                    -v ng="$(cell "$v" "$NG" 5)" 'BEGIN {
+                    best = (hp != "nan" && (ng == "nan" || hp + 0 <= ng + 0)) ? hp : ng
+                    if (fl + 0 <= 0 || best + 0 <= 0) { printf "| %s | %s | %s | n/a | n/a | n/a |\n", v, fl, fk; exit }
+                    printf "| %s | %s | %s | %.2f | %.2f | %.2f |\n", v, fl, fk, fl / best, tg / fl, 0.8 * best / fl }'
+            done
         done
     fi
     if [[ " $VARIANTS " == *" https-full "* ]] && [[ " $VARIANTS " == *" https-resume "* ]]; then
