@@ -533,7 +533,7 @@ fn write_ms(out: &mut Vec<u8>, micros: u64, format: LogFormat) {
         return;
     }
     let mut width = 3;
-    while frac % 10 == 0 {
+    while frac.is_multiple_of(10) {
         frac /= 10;
         width -= 1;
     }
