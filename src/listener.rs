@@ -101,6 +101,9 @@ impl Protocols {
     /// for `client_timeout` while no request waits on its backend — idle, or its replies not
     /// taken — is shut down gracefully (a `GOAWAY`; a peer that still has not moved is
     /// dropped after another `client_timeout`).
+    ///
+    /// The HTTP/2 state is large and lives on the heap: a connection's task starts small,
+    /// which matters where each request opens a connection (a task is copied when spawned).
     async fn serve<I>(
         &self,
         io: I,
@@ -108,13 +111,33 @@ impl Protocols {
         conn: ClientConn,
         proxy: Arc<Proxy>,
         watcher: Watcher,
-        mut stop: Signal,
+        stop: Signal,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let conn = Arc::new(conn);
-        if let Protocol::Http1 = protocol {
+        match protocol {
+            Protocol::Http1 => self.serve_http1(io, conn, proxy, watcher, stop).await,
+            Protocol::Http2 | Protocol::Either => {
+                Box::pin(self.serve_any(io, conn, proxy, watcher, stop)).await
+            }
+        }
+    }
+
+    /// [`Protocols::serve`] for a connection known to speak HTTP/1.1.
+    async fn serve_http1<I>(
+        &self,
+        io: I,
+        conn: Arc<ClientConn>,
+        proxy: Arc<Proxy>,
+        watcher: Watcher,
+        mut stop: Signal,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        {
             let io = TokioIo::new(WriteBound::new(io, self.client_timeout, None));
             let handing_over = proxy.clone();
             let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
@@ -138,8 +161,22 @@ impl Protocols {
                 }
             }
             connection.as_mut().graceful_shutdown();
-            return Ok(connection.await?);
+            Ok(connection.await?)
         }
+    }
+
+    /// [`Protocols::serve`] for a connection that speaks HTTP/2, or may.
+    async fn serve_any<I>(
+        &self,
+        io: I,
+        conn: Arc<ClientConn>,
+        proxy: Arc<Proxy>,
+        watcher: Watcher,
+        mut stop: Signal,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let _drain = watcher;
         let activity = Activity::new();
         // A backlog of reply the client drains counts as the connection moving.
@@ -406,6 +443,58 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WriteBound<I> {
     }
 }
 
+/// A TLS connection: its handshake (bounded by [`HANDSHAKE_TIMEOUT`]), then its requests.
+/// `None` when the handshake failed or timed out (counted and logged here).
+#[allow(clippy::too_many_arguments)]
+async fn serve_tls(
+    stream: TcpStream,
+    tls: TlsFront,
+    peer: SocketAddr,
+    lease: Lease,
+    protocols: &Protocols,
+    proxy: Arc<Proxy>,
+    watcher: Watcher,
+    stop: Signal,
+) -> Option<Result<(), Box<dyn std::error::Error + Send + Sync>>> {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await;
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            proxy.front.client_error("tls-handshake");
+            tracing::debug!(client = %peer, "TLS handshake failed: {e}");
+            return None;
+        }
+        Err(_) => {
+            proxy.front.client_error("tls-handshake");
+            tracing::debug!(client = %peer, "TLS handshake timed out");
+            return None;
+        }
+    };
+    let (_, session) = stream.get_ref();
+    let version = match session.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => 1,
+        _ => 0,
+    };
+    let alpn = match session.alpn_protocol() {
+        Some(b"h2") => 0,
+        Some(_) => 1,
+        None => 2,
+    };
+    let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    proxy.front.handshake(version, alpn, resumed);
+    let conn = ClientConn::new(peer, Some(tls.hsts), lease);
+    let protocol = match alpn {
+        0 => Protocol::Http2,
+        1 => Protocol::Http1,
+        _ => Protocol::Either,
+    };
+    Some(
+        protocols
+            .serve(stream, protocol, conn, proxy, watcher, stop)
+            .await,
+    )
+}
+
 /// The next connection, or `None` once `shutdown` fires. A failed accept (out of
 /// descriptors and the like) is logged and retried after a pause rather than spun on.
 pub(crate) async fn accept(
@@ -492,7 +581,7 @@ pub async fn serve(
         let protocols = protocols.clone();
         let tls = tls.clone();
         let stop = shutdown.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let lease = Lease::new(proxy.clone(), slot);
             let ended = match tls {
                 None => {
@@ -507,49 +596,24 @@ pub async fn serve(
                         .serve(io, protocol, conn, proxy, watcher, stop)
                         .await
                 }
+                // Boxed: the TLS state is large, and a plain connection's task need not
+                // carry room for it (a task is copied when it is spawned).
                 Some(tls) => {
-                    let handshake =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await;
-                    let stream = match handshake {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            proxy.front.client_error("tls-handshake");
-                            tracing::debug!(client = %peer, "TLS handshake failed: {e}");
-                            return;
-                        }
-                        Err(_) => {
-                            proxy.front.client_error("tls-handshake");
-                            tracing::debug!(client = %peer, "TLS handshake timed out");
-                            return;
-                        }
+                    let Some(ended) = Box::pin(serve_tls(
+                        stream, tls, peer, lease, &protocols, proxy, watcher, stop,
+                    ))
+                    .await
+                    else {
+                        return;
                     };
-                    let (_, session) = stream.get_ref();
-                    let version = match session.protocol_version() {
-                        Some(rustls::ProtocolVersion::TLSv1_3) => 1,
-                        _ => 0,
-                    };
-                    let alpn = match session.alpn_protocol() {
-                        Some(b"h2") => 0,
-                        Some(_) => 1,
-                        None => 2,
-                    };
-                    let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-                    proxy.front.handshake(version, alpn, resumed);
-                    let conn = ClientConn::new(peer, Some(tls.hsts), lease);
-                    let protocol = match alpn {
-                        0 => Protocol::Http2,
-                        1 => Protocol::Http1,
-                        _ => Protocol::Either,
-                    };
-                    protocols
-                        .serve(stream, protocol, conn, proxy, watcher, stop)
-                        .await
+                    ended
                 }
             };
             if let Err(e) = ended {
                 tracing::debug!(client = %peer, "connection ended: {e}");
             }
-        });
+        };
+        tokio::spawn(task);
     }
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown())
