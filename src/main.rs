@@ -501,6 +501,15 @@ fn store_settings(
 fn init_logs(format: LogFormat) -> Flusher {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // rustls warns of every handshake whose client names an IP address in SNI (wrk, some
+    // health checkers and scripts do): a client's quirk, not the operator's problem, and a
+    // line per connection. Its errors still show; `RUST_LOG=rustls=warn` brings them back.
+    let filter = match "rustls=error".parse() {
+        Ok(quiet) if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rustls")) => {
+            filter.add_directive(quiet)
+        }
+        _ => filter,
+    };
     // Written in batches by a thread of its own (see `log_output`); the flusher writes
     // what is left when the process ends.
     let (output, flusher) = log_output::buffered(std::io::stderr());

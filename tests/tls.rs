@@ -1013,6 +1013,12 @@ async fn sighup_makes_the_binary_reload_its_certificates() {
         served_leaf(port, Some("a.test")).await.0,
         first_pem(&first.cert).unwrap()
     );
+    // A client naming an IP address in SNI (wrk, some health checkers) is served the first
+    // certificate, and logs nothing at the default level (checked at the end).
+    assert_eq!(
+        served_leaf(port, Some("127.0.0.1")).await.0,
+        first_pem(&first.cert).unwrap()
+    );
 
     let hup = async || {
         let out = run("kill", &["-HUP".to_string(), pid.clone()], b"").await;
@@ -1089,6 +1095,11 @@ async fn sighup_makes_the_binary_reload_its_certificates() {
         dir.read("tidegate.log")
     );
     assert_eq!(served_leaf(port, Some("a.test")).await.0, want);
+    let log = dir.read("tidegate.log");
+    assert!(
+        !log.contains("rustls"),
+        "no line per handshake from rustls (an IP address in SNI):\n{log}"
+    );
     let _ = child.start_kill();
     let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
 }
