@@ -137,32 +137,30 @@ impl Protocols {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        {
-            let io = TokioIo::new(WriteBound::new(io, self.client_timeout, None));
-            let handing_over = proxy.clone();
-            let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
-            let connection = self.http1.serve_connection(io, service).with_upgrades();
-            let _drain = watcher;
-            let mut connection = std::pin::pin!(connection);
+        let io = TokioIo::new(WriteBound::new(io, self.client_timeout, None));
+        let handing_over = proxy.clone();
+        let service = service_fn(move |req| proxy.clone().serve(req, conn.clone()));
+        let connection = self.http1.serve_connection(io, service).with_upgrades();
+        let _drain = watcher;
+        let mut connection = std::pin::pin!(connection);
+        tokio::select! {
+            biased;
+            ended = connection.as_mut() => return Ok(ended?),
+            () = stop.wait() => {}
+        }
+        if handing_over.handing_over() {
+            // The client's next request gets a reply that closes the connection (the
+            // one after goes to the new tidegate); one that stays idle is closed after
+            // the linger.
+            let linger = tokio::time::sleep(self.linger);
             tokio::select! {
                 biased;
                 ended = connection.as_mut() => return Ok(ended?),
-                () = stop.wait() => {}
+                () = linger => {}
             }
-            if handing_over.handing_over() {
-                // The client's next request gets a reply that closes the connection (the
-                // one after goes to the new tidegate); one that stays idle is closed after
-                // the linger.
-                let linger = tokio::time::sleep(self.linger);
-                tokio::select! {
-                    biased;
-                    ended = connection.as_mut() => return Ok(ended?),
-                    () = linger => {}
-                }
-            }
-            connection.as_mut().graceful_shutdown();
-            Ok(connection.await?)
         }
+        connection.as_mut().graceful_shutdown();
+        Ok(connection.await?)
     }
 
     /// [`Protocols::serve`] for a connection that speaks HTTP/2, or may.

@@ -392,7 +392,7 @@ pub fn format_access(out: &mut Vec<u8>, entry: &AccessEntry<'_>, format: LogForm
             out.extend_from_slice(b"  INFO tidegate::access: method=");
             out.extend_from_slice(entry.method.as_bytes());
             out.extend_from_slice(b" host=");
-            debug_str(out, entry.host);
+            quoted(out, entry.host, LogFormat::Text);
             out.extend_from_slice(b" path=");
             write_path(out, entry.path);
             out.extend_from_slice(b" status=");
@@ -406,7 +406,7 @@ pub fn format_access(out: &mut Vec<u8>, entry: &AccessEntry<'_>, format: LogForm
                 (b" learned=", entry.learned),
             ] {
                 out.extend_from_slice(name);
-                debug_str(out, value);
+                quoted(out, value, LogFormat::Text);
             }
             out.extend_from_slice(b" session=");
             write_session(out, entry.session);
@@ -416,9 +416,9 @@ pub fn format_access(out: &mut Vec<u8>, entry: &AccessEntry<'_>, format: LogForm
             out.extend_from_slice(b"{\"timestamp\":\"");
             write_timestamp(out, entry.at);
             out.extend_from_slice(b"\",\"level\":\"INFO\",\"method\":");
-            json_str(out, entry.method);
+            quoted(out, entry.method, LogFormat::Json);
             out.extend_from_slice(b",\"host\":");
-            json_str(out, entry.host);
+            quoted(out, entry.host, LogFormat::Json);
             out.extend_from_slice(b",\"path\":");
             if plain(entry.path) {
                 out.push(b'"');
@@ -428,7 +428,11 @@ pub fn format_access(out: &mut Vec<u8>, entry: &AccessEntry<'_>, format: LogForm
                 let mut path = Vec::with_capacity(entry.path.len());
                 write_path(&mut path, entry.path);
                 // Cut at ASCII '/' and ';' only: still UTF-8.
-                json_str(out, std::str::from_utf8(&path).unwrap_or("-"));
+                quoted(
+                    out,
+                    std::str::from_utf8(&path).unwrap_or("-"),
+                    LogFormat::Json,
+                );
             }
             out.extend_from_slice(b",\"status\":");
             write_u64(out, u64::from(entry.status));
@@ -441,7 +445,7 @@ pub fn format_access(out: &mut Vec<u8>, entry: &AccessEntry<'_>, format: LogForm
                 (b",\"learned\":", entry.learned),
             ] {
                 out.extend_from_slice(name);
-                json_str(out, value);
+                quoted(out, value, LogFormat::Json);
             }
             out.extend_from_slice(b",\"session\":\"");
             write_session(out, entry.session);
@@ -477,26 +481,18 @@ fn plain(s: &str) -> bool {
         .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
 
-/// `s` as `{:?}` writes it (how the subscriber shows a string field).
-fn debug_str(out: &mut Vec<u8>, s: &str) {
+/// `s` quoted as the subscriber writes a string field: `{:?}` in text, a JSON string in JSON.
+fn quoted(out: &mut Vec<u8>, s: &str, format: LogFormat) {
     if plain(s) {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
-    } else {
-        let _ = write!(out, "{s:?}");
+        return;
     }
-}
-
-/// `s` as a JSON string.
-fn json_str(out: &mut Vec<u8>, s: &str) {
-    if plain(s) {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    } else {
-        let _ = serde_json::to_writer(&mut *out, s);
-    }
+    let _ = match format {
+        LogFormat::Text => write!(out, "{s:?}"),
+        LogFormat::Json => serde_json::to_writer(&mut *out, s).map_err(std::io::Error::other),
+    };
 }
 
 fn write_u64(out: &mut Vec<u8>, mut n: u64) {
