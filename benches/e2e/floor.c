@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -172,6 +173,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s LISTEN_PORT BACKEND_PORT...\n", argv[0]);
         return 2;
     }
+    // A client that resets its connection must not end the relay mid-run.
+    signal(SIGPIPE, SIG_IGN);
     for (int i = 2; i < argc; i++) {
         backends[n_backends].sin_family = AF_INET;
         backends[n_backends].sin_port = htons(atoi(argv[i]));

@@ -57,7 +57,8 @@ STORE=0
 LOGS=0
 
 usage() {
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    # The header comment, up to the first line that is not one.
+    awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'
     cat <<EOF
 
 Options:
@@ -185,7 +186,10 @@ if [ "$BUILD" = 1 ]; then
     (cd "$ROOT" && cargo build --release --quiet --bin tidegate)
 fi
 TIDEGATE=$TARGET/release/tidegate
-[ -x "$TIDEGATE" ] || die "no tidegate binary at $TIDEGATE"
+# Needed only when tidegate is measured (the floors alone run without it).
+if [[ " $PROXIES " == *" tidegate"* ]] || [ "$SCALE" = 1 ] || [ "$CHECK" = 1 ]; then
+    [ -x "$TIDEGATE" ] || die "no tidegate binary at $TIDEGATE"
+fi
 
 NCPU=$(nproc)
 if [ "$NCPU" -lt 2 ] || [ "$PROXY_CPU" -ge "$NCPU" ] || [ "$LOAD_CPU" -ge "$NCPU" ]; then
