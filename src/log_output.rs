@@ -495,8 +495,13 @@ fn quoted(out: &mut Vec<u8>, s: &str, format: LogFormat) {
     };
 }
 
-fn write_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
+fn write_u64(out: &mut Vec<u8>, n: u64) {
+    write_padded(out, n, 1);
+}
+
+/// `n` in decimal, with leading zeros to at least `width` digits (at most 20).
+fn write_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
     let mut at = digits.len();
     loop {
         at -= 1;
@@ -506,7 +511,7 @@ fn write_u64(out: &mut Vec<u8>, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(&digits[at.min(digits.len() - width.min(20))..]);
 }
 
 /// `micros` in milliseconds as `{:?}` (text) or JSON write `micros as f64 / 1000.0`: the
@@ -533,10 +538,7 @@ fn write_ms(out: &mut Vec<u8>, micros: u64, format: LogFormat) {
         frac /= 10;
         width -= 1;
     }
-    let start = out.len();
-    write_u64(out, frac);
-    let pad = width - (out.len() - start);
-    out.splice(start..start, std::iter::repeat_n(b'0', pad));
+    write_padded(out, frac, width);
 }
 
 /// `at` as the log subscriber writes it: RFC 3339 in UTC with microseconds. The date and
@@ -573,11 +575,7 @@ fn write_timestamp(out: &mut Vec<u8>, at: SystemTime) {
     }
     out.extend_from_slice(&text);
     out.push(b'.');
-    let micros = since.subsec_micros();
-    let start = out.len();
-    write_u64(out, u64::from(micros));
-    let pad = 6 - (out.len() - start);
-    out.splice(start..start, std::iter::repeat_n(b'0', pad));
+    write_padded(out, u64::from(since.subsec_micros()), 6);
     out.push(b'Z');
 }
 
