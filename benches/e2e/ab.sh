@@ -34,6 +34,8 @@ while [ $# -gt 0 ]; do
 done
 
 log() { printf '[ab %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=pairs.sh
+. "$HERE/pairs.sh"
 
 AB=$ROOT/target/ab
 mkdir -p "$AB"
@@ -71,20 +73,16 @@ cell() { # side pair -> runs one pass, appends "variant side pair cpu" lines
     awk -F'\t' -v s="$side" -v p="$pair" '$3 ~ /^tidegate/ { printf "%s\t%s\t%s\t%s\n", $2, s, p, $5 }' \
         "${out%.md}.cells.tsv" | tee -a "$RESULTS" >&2
 }
-for pair in $(seq 1 "$PAIRS"); do
-    if [ $((pair % 2)) = 1 ]; then cell old "$pair"; cell new "$pair"; else cell new "$pair"; cell old "$pair"; fi
-done
+alternate "$PAIRS" old new
 
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 echo "### A/B: tidegate $NEW against $OLD, CPU-s per 100k requests (median of $PAIRS alternating pairs, $DURATION s cells${EXTRA[*]:+, ${EXTRA[*]}})"
 echo
 echo "| variant | $OLD | $NEW | new ÷ old | pairs (old/new) |"
 echo "| --- | ---: | ---: | ---: | --- |"
 for v in $VARIANTS; do
-    o=$(awk -F'\t' -v v="$v" '$1 == v && $2 == "old" { print $4 }' "$RESULTS" | median)
-    n=$(awk -F'\t' -v v="$v" '$1 == v && $2 == "new" { print $4 }' "$RESULTS" | median)
-    pairs=$(awk -F'\t' -v v="$v" '$1 == v { c[$3 "\t" $2] = $4; if ($3 > m) m = $3 }
-        END { for (p = 1; p <= m; p++) printf "%s%s/%s", (p > 1 ? ", " : ""), c[p "\told"], c[p "\tnew"] }' "$RESULTS")
+    o=$(side_median "$RESULTS" "$v" old)
+    n=$(side_median "$RESULTS" "$v" new)
+    pairs=$(pair_list "$RESULTS" "$v" old new)
     awk -v v="$v" -v o="$o" -v n="$n" -v pairs="$pairs" \
         'BEGIN { printf "| %s | %.3f | %.3f | %.3f | %s |\n", v, o, n, (o > 0 ? n / o : 0), pairs }'
 done

@@ -33,6 +33,8 @@ while [ $# -gt 0 ]; do
 done
 
 log() { printf '[store-ab %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=pairs.sh
+. "$HERE/pairs.sh"
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 if [ "$BUILD" = 1 ]; then
@@ -55,21 +57,17 @@ cell() { # side pair -> runs one pass, appends "variant side pair tidegate-cpu r
         "${out%.md}.cells.tsv" | tee -a "$RESULTS" >&2
 }
 START=$(date +%H:%M)
-for pair in $(seq 1 "$PAIRS"); do
-    if [ $((pair % 2)) = 1 ]; then cell off "$pair"; cell on "$pair"; else cell on "$pair"; cell off "$pair"; fi
-done
+alternate "$PAIRS" off on
 
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 echo "### The shared store's cost: tidegate $REV, store off and on, CPU-s per 100k requests (median of $PAIRS alternating pairs, $DURATION s cells, $START–$(date +%H:%M))"
 echo
 echo "| variant | off | on | on ÷ off | pairs (off/on) | redis-server (on) | pairs (redis-server) |"
 echo "| --- | ---: | ---: | ---: | --- | ---: | --- |"
 for v in $VARIANTS; do
-    o=$(awk -F'\t' -v v="$v" '$1 == v && $2 == "off" { print $4 }' "$RESULTS" | median)
-    n=$(awk -F'\t' -v v="$v" '$1 == v && $2 == "on" { print $4 }' "$RESULTS" | median)
-    r=$(awk -F'\t' -v v="$v" '$1 == v && $2 == "on" { print $5 }' "$RESULTS" | median)
-    pairs=$(awk -F'\t' -v v="$v" '$1 == v { c[$3 "\t" $2] = $4; if ($3 > m) m = $3 }
-        END { for (p = 1; p <= m; p++) printf "%s%s/%s", (p > 1 ? ", " : ""), c[p "\toff"], c[p "\ton"] }' "$RESULTS")
+    o=$(side_median "$RESULTS" "$v" off)
+    n=$(side_median "$RESULTS" "$v" on)
+    r=$(side_median "$RESULTS" "$v" on 5)
+    pairs=$(pair_list "$RESULTS" "$v" off on)
     rpairs=$(awk -F'\t' -v v="$v" '$1 == v && $2 == "on" { printf "%s%s", (n++ ? ", " : ""), $5 }' "$RESULTS")
     awk -v v="$v" -v o="$o" -v n="$n" -v r="$r" -v pairs="$pairs" -v rpairs="$rpairs" \
         'BEGIN { printf "| %s | %.3f | %.3f | %.3f | %s | %.3f | %s |\n", v, o, n, (o > 0 ? n / o : 0), pairs, r, rpairs }'
